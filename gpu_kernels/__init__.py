@@ -1,0 +1,10 @@
+"""Low-bit weight kernels: Triton on CUDA tensors, PyTorch references on everything else.
+
+Each op lives in its own file with its Triton kernel, its launcher and a `<op>_ref` in plain
+PyTorch. The public functions below pick the implementation from the tensors' device, so the
+library calls one name and never branches on hardware itself.
+"""
+
+from gpu_kernels.materialize_gptq import materialize_gptq, materialize_gptq_ref, unpack_bits_ref
+
+__all__ = ["materialize_gptq", "materialize_gptq_ref", "unpack_bits_ref"]
