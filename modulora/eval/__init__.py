@@ -1,0 +1,1 @@
+"""Evaluation: perplexity over fixed windows (`perplexity.py`) and task metrics (`tasks.py`)."""
