@@ -5,6 +5,16 @@ PyTorch. The public functions below pick the implementation from the tensors' de
 library calls one name and never branches on hardware itself.
 """
 
+from gpu_kernels.materialize_gguf import materialize_gguf, materialize_gguf_ref
 from gpu_kernels.materialize_gptq import materialize_gptq, materialize_gptq_ref, unpack_bits_ref
+from gpu_kernels.materialize_nf4 import materialize_nf4, materialize_nf4_ref
 
-__all__ = ["materialize_gptq", "materialize_gptq_ref", "unpack_bits_ref"]
+__all__ = [
+    "materialize_gguf",
+    "materialize_gguf_ref",
+    "materialize_gptq",
+    "materialize_gptq_ref",
+    "materialize_nf4",
+    "materialize_nf4_ref",
+    "unpack_bits_ref",
+]
