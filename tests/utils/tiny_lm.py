@@ -1,0 +1,62 @@
+"""Tiny stand-ins for a real LLaMA-family model: a byte-level BPE tokenizer with a ChatML template
+and a randomly initialized 2-layer `LlamaForCausalLM` with grouped-query attention."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from modulora.data import DEFAULT_CHAT_TEMPLATE
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Question: Who wrote Hamlet?\nType: human",
+    "Below is an instruction that describes a task.",
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "user assistant system hello world numbers 0123456789 location entity description abbreviation",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@functools.cache
+def _tokenizer_json() -> str:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    return tokenizer.to_str()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A ~400-token byte-level BPE tokenizer: EOS `<|im_end|>`, pad `<|endoftext|>`, ChatML template."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
+
+
+def tiny_llama(vocab_size: int = 400, seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer LLaMA (hidden 64, 4 query heads, 2 key/value heads), float32, eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
