@@ -1,0 +1,109 @@
+"""Database operations used by the routes and the CLI: keyword-only, session first.
+
+Lists are newest first (OpenAI's order) and paged by an exclusive `after` cursor, the public id of
+the last item of the previous page; an unknown cursor gives an empty page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from api.db.models import ApiKey, Checkpoint, Event, File, Job, Model, User
+
+KEY_PREFIX = "mlk-"
+Row = TypeVar("Row", File, Job, Event, Checkpoint, Model)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------- users, keys
+
+
+def create_api_key(*, session: Session, user_name: str) -> str:
+    """Create the user if new and return a fresh key; only its hash is stored."""
+    user = session.scalar(select(User).where(User.name == user_name))
+    if user is None:
+        user = User(name=user_name)
+        session.add(user)
+        session.flush()
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(user_id=user.id, key_hash=hash_key(key), prefix=key[:10]))
+    session.commit()
+    return key
+
+
+def user_for_key(*, session: Session, key: str) -> User | None:
+    return session.scalar(select(User).join(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+
+
+# ---------------------------------------------------------------------------------------- paging
+
+
+def page(
+    *, session: Session, stmt: Select[tuple[Row]], model: type[Row], after_pk: int | None, limit: int
+) -> tuple[list[Row], bool]:
+    """Rows of `stmt` newest first, strictly older than `after_pk`; (rows, has_more)."""
+    if after_pk is not None:
+        stmt = stmt.where(model.pk < after_pk)
+    rows = list(session.scalars(stmt.order_by(model.pk.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cursor_pk(*, session: Session, model: type[File | Job | Checkpoint | Model], after: str | None) -> int | None:
+    if after is None:
+        return None
+    pk = session.scalar(select(model.pk).where(model.id == after))
+    return pk if pk is not None else 0  # unknown cursor: nothing is older than pk 0
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def get_file(*, session: Session, user_id: str, file_id: str) -> File | None:
+    return session.scalar(select(File).where(File.id == file_id, File.user_id == user_id))
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+
+def get_job(*, session: Session, user_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.user_id == user_id))
+
+
+def job_by_idempotency_key(*, session: Session, user_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.user_id == user_id, Job.idempotency_key == key))
+
+
+def event_cursor(after: str | None) -> int | None:
+    if after is None:
+        return None
+    try:
+        return int(after.removeprefix("ftevent-"))
+    except ValueError:
+        return 0
+
+
+def events_after(*, session: Session, job_id: str, after_pk: int, type: str | None = None) -> list[Event]:
+    """Events newer than `after_pk`, oldest first (for the live stream)."""
+    stmt = select(Event).where(Event.job_id == job_id, Event.pk > after_pk)
+    if type is not None:
+        stmt = stmt.where(Event.type == type)
+    return list(session.scalars(stmt.order_by(Event.pk)))
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def visible_model(*, session: Session, user_id: str, model_id: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.id == model_id, Model.user_id == user_id))
+
+
+def user_models(*, session: Session, user_id: str) -> list[Model]:
+    return list(session.scalars(select(Model).where(Model.user_id == user_id).order_by(Model.pk)))

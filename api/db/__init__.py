@@ -1,0 +1,1 @@
+"""Database: tables, sessions and job events. Imports no FastAPI, so the worker can use it."""

@@ -1,0 +1,41 @@
+"""The one error shape: `{"error": {"message", "type", "param", "code"}}` (OpenAI's, so the SDK
+raises the right exception class). Routes raise `APIError`; `api.main` renders it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.details = details or {}
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error | self.details}
+
+
+def not_found(kind: str, id: str, param: str | None = None) -> APIError:
+    # Another user's object is reported exactly like a missing one: ids do not leak.
+    return APIError(404, f"No {kind} with id {id!r}", param=param, code=f"{kind}_not_found")
+
+
+def bad_request(
+    message: str, *, param: str | None = None, code: str = "invalid_value", details: dict[str, Any] | None = None
+) -> APIError:
+    return APIError(400, message, param=param, code=code, details=details)

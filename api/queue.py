@@ -1,0 +1,29 @@
+"""Send training to the workers by task name (the API never imports the worker's code)."""
+
+from __future__ import annotations
+
+import functools
+
+from celery import Celery
+
+from modulora.settings import get_settings
+
+TRAIN_TASK = "modulora.train"
+
+
+def broker_options() -> dict[str, object]:
+    """Transport options shared by the API's client and the worker (see worker/celery_app.py)."""
+    return {"visibility_timeout": get_settings().visibility_timeout_s}
+
+
+@functools.cache
+def _client(broker_url: str) -> Celery:
+    client = Celery("modulora-api", broker=broker_url)
+    client.conf.broker_transport_options = broker_options()
+    client.conf.broker_connection_retry_on_startup = True
+    return client
+
+
+def enqueue_training(job_id: str) -> None:
+    settings = get_settings()
+    _client(settings.resolved_broker_url).send_task(TRAIN_TASK, args=[job_id], queue=settings.job_queue)

@@ -1,0 +1,1 @@
+"""One module per resource; `api.main` includes every module here that defines `router`."""

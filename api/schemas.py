@@ -1,0 +1,234 @@
+"""Request and response bodies, shaped like OpenAI's files / fine-tuning / models objects.
+
+Our extras (quantization, LoRA, sequence length, step limit) ride inside `hyperparameters`, which
+the stock SDK passes through untouched. `"auto"` is resolved at job creation (`resolve`), so the
+stored job and every response carry concrete numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+T = TypeVar("T")
+
+QUANT_METHODS = ("rtn", "optq", "nf4", "gguf")
+BASE_LEARNING_RATE = 2e-4
+"""learning_rate_multiplier scales this (the usual LoRA learning rate)."""
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+class FileReport(BaseModel):
+    format: str | None = None
+    rows: int = 0
+    token_stats: dict[str, Any] | None = None
+    warnings: list[str] = []
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    report: FileReport
+
+
+class DeletedObject(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# ----------------------------------------------------------------------------------------- jobs
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three (each a number or "auto") plus ModuLoRA's extras."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    quantization: str = "optq"
+    bits: int = 4
+    group_size: int = 128
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str | list[str] = "all-linear"
+    max_seq_len: int | Literal["auto"] = "auto"
+    micro_batch_size: int | Literal["auto"] = "auto"
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: n_epochs decides)."""
+    checkpoint_every: int | Literal["auto"] = "auto"
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in QUANT_METHODS:
+            raise ValueError(f"quantization: {value!r} is not one of {list(QUANT_METHODS)}")
+        return value
+
+    @field_validator("bits")
+    @classmethod
+    def _known_bits(cls, value: int) -> int:
+        if value not in (2, 3, 4, 8):
+            raise ValueError(f"bits: {value} is not one of [2, 3, 4, 8]")
+        return value
+
+    @field_validator("n_epochs", "batch_size", "lora_r", "max_seq_len", "micro_batch_size", "max_steps",
+                     "checkpoint_every")
+    @classmethod
+    def _positive_int(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"must be a positive integer or 'auto', got {value}")
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _positive_float(cls, value: float | str) -> float | str:
+        if isinstance(value, float | int) and value <= 0:
+            raise ValueError(f"must be positive or 'auto', got {value}")
+        return value
+
+    @field_validator("lora_dropout")
+    @classmethod
+    def _dropout_range(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    def resolve(self, train_rows: int) -> dict[str, Any]:
+        """Replace every "auto" with a concrete value (the job stores only these)."""
+        batch = self.batch_size if self.batch_size != "auto" else max(1, min(8, train_rows // 10 or 1))
+        micro = self.micro_batch_size if self.micro_batch_size != "auto" else min(batch, 4)
+        if batch % micro:
+            raise ValueError(f"micro_batch_size: {micro} must divide batch_size {batch}")
+        resolved = self.model_dump()
+        resolved.update(
+            n_epochs=self.n_epochs if self.n_epochs != "auto" else 3,
+            batch_size=batch,
+            micro_batch_size=micro,
+            learning_rate_multiplier=(
+                float(self.learning_rate_multiplier) if self.learning_rate_multiplier != "auto" else 1.0
+            ),
+            max_seq_len=self.max_seq_len if self.max_seq_len != "auto" else 512,
+        )
+        steps_per_epoch = -(-train_rows // batch)
+        total = resolved["n_epochs"] * steps_per_epoch
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        resolved["checkpoint_every"] = (
+            self.checkpoint_every if self.checkpoint_every != "auto" else max(1, total // 10)
+        )
+        return resolved
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: dict[str, Any] | None = None
+
+
+class JobCreate(BaseModel):
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and len(value) > 16:
+            raise ValueError(f"at most 16 key/value pairs, got {len(value)}")
+        return value
+
+    def requested_hyperparameters(self) -> Hyperparameters:
+        """`method.supervised.hyperparameters` wins over the deprecated top-level field."""
+        if self.method and self.method.supervised and "hyperparameters" in self.method.supervised:
+            return Hyperparameters.model_validate(self.method.supervised["hyperparameters"])
+        return self.hyperparameters or Hyperparameters()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    hyperparameters: dict[str, Any]
+    training_file: str
+    validation_file: str | None
+    result_files: list[str] = []
+    trained_tokens: int | None
+    seed: int
+    estimated_finish: int | None
+    error: JobError | None
+    metadata: dict[str, str] | None
+    integrations: list[dict[str, Any]] | None = None
+    method: dict[str, Any]
+    user_provided_suffix: str | None = None
+    estimated_memory_bytes: int | None = None
+    validation_loss: float | None = None
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None = None
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    parent: str | None = None
+    root: str | None = None
