@@ -1,0 +1,140 @@
+"""A resident base model run step by step over a static, slot-addressed KV cache.
+
+`Decoder` reuses a Hugging Face LLaMA-family model's modules (embedding, norms, rotary embedding,
+projections, MLP, head), so its numerics are the model's own, but owns the attention cache: one
+row per sequence, `k_cache`/`v_cache` [layers, rows, kv_heads, max_seq_len, head_dim]. Each row
+has its own length, which is what continuous batching needs: a request is prefilled into a free
+row while the others wait, then joins the next decode step at its own position.
+
+Every targeted linear is wrapped in a `MultiLoraLinear` sharing the decoder's `LoraPlan`, so one
+copy of the base serves any number of adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from api.inference.multi_lora import LoraPlan, MultiLoraLinear
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Decoder:
+    """Prefill and decode for one resident base; `rows` sequences at most, `max_seq_len` tokens each."""
+
+    def __init__(self, model: nn.Module, rows: int, max_seq_len: int) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type: {config.model_type!r} is not servable; supported: {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.model = model.eval()
+        self.config = config
+        self.rows, self.max_seq_len = rows, max_seq_len
+        self.embed = model.get_input_embeddings()
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.plan = LoraPlan()
+        self.lora_layers: dict[str, MultiLoraLinear] = {}
+        for name, module in list(model.named_modules()):
+            parent_name, _, leaf = name.rpartition(".")
+            if leaf in LORA_TARGETS and hasattr(module, "in_features"):
+                wrapped = MultiLoraLinear(module, self.plan, self.dtype, self.device)
+                setattr(model.get_submodule(parent_name), leaf, wrapped)
+                self.lora_layers[name] = wrapped
+        self.layers = model.model.layers
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        shape = (len(self.layers), rows, self.n_kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def base_bytes(self) -> int:
+        """Bytes of the base's own weights (packed buffers, norms, embeddings), adapters excluded."""
+        seen: set[int] = set()
+        total = 0
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if name.endswith(("lora_A", "lora_B")) or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())  # tied embeddings count once
+            total += tensor.numel() * tensor.element_size()
+        return total
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, rows: list[int], start: list[int], slots: list[int]) -> torch.Tensor:
+        """Run tokens [batch, T] for cache rows `rows` whose sequences already hold `start` tokens.
+
+        Writes the new keys/values at positions start..start+T-1 of each row and returns the logits
+        of the last token of each row, float32 [batch, vocab]. `slots` are the adapter slots per row.
+        """
+        batch, t = tokens.shape
+        if max(start) + t > self.max_seq_len:
+            raise ValueError(f"max_seq_len: {max(start) + t} tokens exceed the cache's {self.max_seq_len}")
+        self.plan.set(slots, self.device)
+        start_t = torch.tensor(start, device=self.device)
+        positions = start_t[:, None] + torch.arange(t, device=self.device)  # [batch, T]
+        length = max(start) + t
+        # Key j is visible to query position p when j <= p; keys past a row's own length are stale.
+        keys = torch.arange(length, device=self.device)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, T, length]
+        contiguous = rows == list(range(rows[0], rows[0] + batch))
+        row_index = torch.tensor(rows, device=self.device)
+
+        hidden = self.embed(tokens)
+        cos, sin = self.model.model.rotary_emb(hidden, positions)  # [batch, T, head_dim]
+        cos, sin = cos[:, None], sin[:, None]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(hidden)
+            q = attn.q_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_all, v_all = self._update_cache(i, rows, row_index, contiguous, positions, k, v, length)
+            out = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv_heads
+            )
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.model.model.norm(hidden[:, -1:])
+        return self.model.lm_head(hidden)[:, 0].float()
+
+    def _update_cache(
+        self,
+        layer: int,
+        rows: list[int],
+        row_index: torch.Tensor,
+        contiguous: bool,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [batch, kv_heads, T, head_dim] and return each row's keys/values up to `length`."""
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        if contiguous:
+            block = slice(rows[0], rows[0] + len(rows))
+            k_rows, v_rows = k_cache[block], v_cache[block]  # views: writes land in the cache
+            index = positions[:, None, :, None].expand_as(k)
+            k_rows.scatter_(2, index, k)
+            v_rows.scatter_(2, index, v)
+            return k_rows[:, :, :length], v_rows[:, :, :length]
+        for b, row in enumerate(rows):
+            p = positions[b]
+            k_cache[row, :, p] = k[b].to(k_cache.dtype)
+            v_cache[row, :, p] = v[b].to(v_cache.dtype)
+        return k_cache[row_index, :, :length], v_cache[row_index, :, :length]

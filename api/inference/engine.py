@@ -1,0 +1,371 @@
+"""The inference engine: resident quantized bases, adapters per request, continuous batching.
+
+One background thread owns every tensor. Each loop it admits waiting requests (loading their base
+and adapter on first use, prefilling each choice into a free KV cache row), then runs one decode
+step per resident base over all of that base's rows, whatever adapter each row uses. A request that
+arrives mid-generation therefore joins at the next step instead of waiting for the batch to drain.
+
+Callers never touch torch: `submit` takes a prompt or chat messages and calls `on_event` (from the
+engine thread) with `TextEvent`/`FinishEvent` per choice, then one `DoneEvent` or an `ErrorEvent`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from api.inference.adapters import LoraWeights, read_adapter
+from api.inference.decoder import Decoder
+from api.inference.sequence import Sequence, sample
+from api.inference.types import (
+    DoneEvent,
+    EngineConfig,
+    EngineError,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    ModelSpec,
+    SamplingParams,
+    TextEvent,
+)
+
+log = logging.getLogger(__name__)
+LoadBase = Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]
+
+
+def _default_load_base(ref: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from modulora.models import load_model
+
+    return load_model(ref, device=device, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Request:
+    spec: ModelSpec
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (a streaming client went away); its rows are freed."""
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class ResidentBase:
+    decoder: Decoder
+    tokenizer: Any
+    eos_ids: set[int]
+    adapters: collections.OrderedDict[str, int] = dataclasses.field(default_factory=collections.OrderedDict)
+    chat_templates: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    running: dict[int, tuple[Request, Sequence]] = dataclasses.field(default_factory=dict)  # row -> sequence
+
+    def slot_bytes(self, rank: int) -> int:
+        elem = self.decoder.dtype.itemsize
+        return sum(rank * (m.in_features + m.out_features) * elem for m in self.decoder.lora_layers.values())
+
+    @property
+    def adapter_bank_bytes(self) -> int:
+        return sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.decoder.lora_layers.values())
+
+
+class InferenceEngine:
+    """Serves `ModelSpec`s; bases stay resident, adapters live in per-base banks, LRU under a budget."""
+
+    def __init__(self, config: EngineConfig | None = None, load_base: LoadBase | None = None) -> None:
+        self.config = config or EngineConfig()
+        cuda = torch.cuda.is_available()
+        device = self.config.device
+        self.device = torch.device(("cuda" if cuda else "cpu") if device == "auto" else device)
+        dtype = self.config.dtype
+        auto_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, auto_dtype if dtype == "auto" else dtype)
+        self.load_base = load_base or _default_load_base
+        self.bases: collections.OrderedDict[str, ResidentBase] = collections.OrderedDict()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = {"decode_steps": 0, "max_rows": 0}  # rows decoded together at most, per base
+
+    # ---- public surface -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        spec: ModelSpec,
+        params: SamplingParams,
+        on_event: Callable[[Event], None],
+        prompt: str | None = None,
+        messages: list[dict[str, str]] | None = None,
+    ) -> Request:
+        """Queue a completion (`prompt`) or chat completion (`messages`); events arrive via `on_event`."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        request = Request(spec, params, on_event, prompt, messages)
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
+                self._thread.start()
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def stream(self, spec: ModelSpec, params: SamplingParams, **prompt: Any) -> Iterator[Event]:
+        """Blocking iterator over one request's events (for the CLI, tests and benchmarks)."""
+        events: collections.deque[Event] = collections.deque()
+        ready = threading.Condition()
+
+        def on_event(event: Event) -> None:
+            with ready:
+                events.append(event)
+                ready.notify()
+
+        self.submit(spec, params, on_event, **prompt)
+        while True:
+            with ready:
+                ready.wait_for(lambda: bool(events))
+                event = events.popleft()
+            yield event
+            if isinstance(event, DoneEvent | ErrorEvent):
+                return
+
+    def complete(self, spec: ModelSpec, params: SamplingParams, **prompt: Any) -> tuple[list[str], DoneEvent]:
+        """Every choice's full text and the usage counts; raises the request's EngineError."""
+        texts = [""] * params.n
+        for event in self.stream(spec, params, **prompt):
+            if isinstance(event, TextEvent):
+                texts[event.index] += event.text
+            elif isinstance(event, ErrorEvent):
+                raise event.error
+            elif isinstance(event, DoneEvent):
+                return texts, event
+        raise AssertionError("stream ended without DoneEvent")
+
+    def memory(self) -> dict[str, Any]:
+        """Bytes held per base (weights once), per base's KV cache and adapter bank, and in total."""
+        report: dict[str, Any] = {"bases": {}, "kv_cache": {}, "adapter_banks": {}, "adapters": {}}
+        for ref, base in list(self.bases.items()):
+            report["bases"][ref] = base.decoder.base_bytes
+            report["kv_cache"][ref] = base.decoder.kv_cache_bytes
+            report["adapter_banks"][ref] = base.adapter_bank_bytes
+            report["adapters"][ref] = list(base.adapters)
+        report["total"] = sum(sum(report[k].values()) for k in ("bases", "kv_cache", "adapter_banks"))
+        return report
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopping or self._waiting or self._any_running())
+                if self._stopping:
+                    return
+            self._admit_waiting()
+            for base in list(self.bases.values()):
+                if base.running:
+                    self._decode_step(base)
+
+    def _any_running(self) -> bool:
+        return any(base.running for base in self.bases.values())
+
+    def _admit_waiting(self) -> None:
+        """Prefill waiting requests, in order, while their base has enough free rows."""
+        with self._wake:
+            pending = list(self._waiting)
+            self._waiting.clear()
+        blocked: list[Request] = []
+        for request in pending:
+            if request.cancelled:
+                continue
+            if blocked:
+                blocked.append(request)  # keep FIFO order behind a request that waits for rows
+                continue
+            try:
+                if not self._admit(request):
+                    blocked.append(request)
+            except EngineError as error:
+                request.on_event(ErrorEvent(error))
+            except Exception as error:  # a broken model file or an OOM must not kill the engine thread
+                log.exception("request for %s failed", request.spec.id)
+                request.on_event(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
+        with self._wake:
+            self._waiting.extendleft(reversed(blocked))
+
+    def _admit(self, request: Request) -> bool:
+        base = self._resident_base(request.spec.base)
+        free = [row for row in range(base.decoder.rows) if row not in base.running]
+        if len(free) < request.params.n:
+            if request.params.n > base.decoder.rows:
+                raise EngineError(f"n: {request.params.n} exceeds max_batch_size {base.decoder.rows}", param="n")
+            return False
+        adapter_id = request.spec.id if request.spec.adapter_dir is not None else None
+        slot = 0 if adapter_id is None else self._adapter_slot(base, request.spec)
+        prompt_ids = self._tokenize(base, request, adapter_id)
+        if len(prompt_ids) >= base.decoder.max_seq_len:
+            raise EngineError(
+                f"the prompt has {len(prompt_ids)} tokens; max_seq_len is {base.decoder.max_seq_len}",
+                code="context_length_exceeded",
+                param="messages" if request.messages is not None else "prompt",
+            )
+        request.prompt_tokens = len(prompt_ids)
+        for index, row in zip(range(request.params.n), free, strict=False):
+            sequence = Sequence(index, prompt_ids, request.params, base.tokenizer, base.eos_ids)
+            sequence.row, sequence.slot = row, slot
+            request.sequences.append(sequence)
+            logits = base.decoder.forward(torch.tensor([prompt_ids], device=base.decoder.device), [row], [0], [slot])
+            base.running[row] = (request, sequence)
+            self._emit(base, request, sequence, sample(logits[0], request.params.temperature,
+                                                       request.params.top_p, sequence.generator))
+        return True
+
+    def _decode_step(self, base: ResidentBase) -> None:
+        for row, (request, _) in list(base.running.items()):
+            if request.cancelled:
+                del base.running[row]
+        if not base.running:
+            return
+        rows = sorted(base.running)
+        self.stats["decode_steps"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        sequences = [base.running[row][1] for row in rows]
+        tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], device=base.decoder.device)
+        try:
+            logits = base.decoder.forward(tokens, rows, [s.position for s in sequences], [s.slot for s in sequences])
+        except Exception as error:
+            log.exception("decode step failed")
+            for row in rows:
+                request, _ = base.running.pop(row)
+                if not request.cancelled:
+                    request.cancelled = True
+                    request.on_event(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
+            return
+        greedy = all(s.params.temperature == 0 for s in sequences)
+        picked = logits.argmax(-1).tolist() if greedy else [None] * len(rows)
+        for i, (row, sequence) in enumerate(zip(rows, sequences, strict=True)):
+            params = sequence.params
+            token = picked[i] if greedy else sample(logits[i], params.temperature, params.top_p, sequence.generator)
+            self._emit(base, base.running[row][0], sequence, token)
+
+    def _emit(self, base: ResidentBase, request: Request, sequence: Sequence, token: int) -> None:
+        cache_full = sequence.position + 2 > base.decoder.max_seq_len
+        delta = sequence.append(token, cache_full)
+        if delta:
+            request.on_event(TextEvent(sequence.index, delta))
+        if sequence.finish_reason is None:
+            return
+        del base.running[sequence.row]
+        request.on_event(FinishEvent(sequence.index, sequence.finish_reason))  # type: ignore[arg-type]
+        if all(s.finish_reason is not None for s in request.sequences) and len(request.sequences) == request.params.n:
+            completion = sum(len(s.output_ids) for s in request.sequences)
+            request.on_event(DoneEvent(request.prompt_tokens, completion))
+
+    # ---- models, adapters, memory ---------------------------------------------------------------
+
+    def _tokenize(self, base: ResidentBase, request: Request, adapter: str | None) -> list[int]:
+        tokenizer = base.tokenizer
+        if request.messages is None:
+            return tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        template = base.chat_templates.get(adapter) if adapter else None
+        text = tokenizer.apply_chat_template(
+            request.messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _resident_base(self, ref: str) -> ResidentBase:
+        if ref in self.bases:
+            self.bases.move_to_end(ref)
+            return self.bases[ref]
+        model, tokenizer = self.load_base(ref, self.device, self.dtype)
+        decoder = Decoder(model.to(self.device), self.config.max_batch_size, self.config.max_seq_len)
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        base = ResidentBase(decoder, tokenizer, {e for e in eos_ids if e is not None})
+        self._make_room(decoder.base_bytes + decoder.kv_cache_bytes, keep=base)
+        self.bases[ref] = base
+        return base
+
+    def _adapter_slot(self, base: ResidentBase, spec: ModelSpec) -> int:
+        """The bank slot of `spec`'s adapter on `base`, loading it (and evicting LRU ones) if needed."""
+        if spec.id in base.adapters:
+            base.adapters.move_to_end(spec.id)
+            return base.adapters[spec.id]
+        assert spec.adapter_dir is not None
+        weights = read_adapter(spec.adapter_dir)
+        bank = next(iter(base.decoder.lora_layers.values()))
+        used = set(base.adapters.values())
+        free = [s for s in range(1, bank.slots) if s not in used]
+        if free and weights.rank <= bank.rank:
+            slot = free[0]
+        else:
+            # The bank must grow: one more slot, a larger rank, or both.
+            slots, rank = bank.slots + (0 if free else 1), max(bank.rank, weights.rank)
+            grow = base.slot_bytes(rank) * slots - base.adapter_bank_bytes
+            if not self._fits(grow) and rank == bank.rank:
+                slot = self._evict_adapter(base)
+            else:
+                self._make_room(grow, keep=base)
+                for layer in base.decoder.lora_layers.values():
+                    layer.resize_(slots, rank)
+                slot = free[0] if free else slots - 1
+        self._load_slot(base, slot, weights, spec)
+        return slot
+
+    def _load_slot(self, base: ResidentBase, slot: int, weights: LoraWeights, spec: ModelSpec) -> None:
+        unknown = set(weights.layers) - set(base.decoder.lora_layers)
+        if unknown:
+            raise EngineError(f"adapter {spec.id} targets modules the base lacks: {sorted(unknown)[:3]}", param="model")
+        for name, layer in base.decoder.lora_layers.items():
+            a, b = weights.layers.get(name, (None, None))
+            layer.load_slot_(slot, None if a is None else a.to(layer.lora_A.device),
+                             None if b is None else b.to(layer.lora_B.device), weights.scaling)
+        base.adapters[spec.id] = slot
+        base.chat_templates[spec.id] = weights.chat_template
+
+    def _fits(self, extra: int) -> bool:
+        budget = self.config.memory_budget_bytes
+        return budget is None or self.memory()["total"] + extra <= budget
+
+    def _evict_adapter(self, base: ResidentBase) -> int:
+        """Free the least-recently-used adapter slot that no running row uses; returns the slot."""
+        in_use = {s.slot for _, s in base.running.values()}
+        for adapter_id, slot in base.adapters.items():
+            if slot not in in_use:
+                del base.adapters[adapter_id]
+                base.chat_templates.pop(adapter_id, None)
+                for layer in base.decoder.lora_layers.values():
+                    layer.clear_slot_(slot)
+                return slot
+        raise EngineError("memory budget: every resident adapter is in use; retry later", code="server_busy")
+
+    def _make_room(self, extra: int, keep: ResidentBase) -> None:
+        """Evict idle bases, least recently used first, until `extra` more bytes fit the budget."""
+        while not self._fits(extra):
+            idle = [ref for ref, base in self.bases.items() if base is not keep and not base.running]
+            if not idle:
+                raise EngineError(
+                    f"memory budget: {extra} more bytes do not fit in memory_budget_bytes="
+                    f"{self.config.memory_budget_bytes}",
+                    code="server_busy",
+                )
+            del self.bases[idle[0]]
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,0 +1,113 @@
+"""The engine's plain data: configuration, sampling parameters, what a model id resolves to, events.
+
+Nothing here imports torch, so the API can build requests and read events without the ML stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; `code` is the OpenAI-style error code."""
+
+    def __init__(self, message: str, code: str = "inference_error", param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """device/dtype: "auto" picks CUDA + bfloat16 when a GPU is visible, else CPU + float32.
+    max_batch_size: sequences decoded together per base (rows of its KV cache).
+    max_seq_len: prompt + completion tokens per sequence (length of each KV cache row).
+    memory_budget_bytes: bases + KV caches + adapter banks; least-recently-used idle adapters, then
+        idle bases, are evicted to stay under it. None = no limit. On a GPU shared with training,
+        set it to what training leaves free.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    max_seq_len: int = 2048
+    memory_budget_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: {self.device!r} is not one of {list(DEVICES)} or 'cuda:<index>'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.max_batch_size <= 0:
+            raise ValueError(f"max_batch_size: {self.max_batch_size} must be positive")
+        if self.max_seq_len <= 0:
+            raise ValueError(f"max_seq_len: {self.max_seq_len} must be positive")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes: {self.memory_budget_bytes} must be positive or None")
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """OpenAI's sampling fields. temperature 0 is greedy; `seed` makes sampling reproducible."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = dataclasses.field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens: {self.max_tokens} must be positive")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature: {self.temperature} must be in [0, 2]")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: {self.top_p} must be in (0, 1]")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise ValueError("stop: at most 4 non-empty strings")
+        if not 1 <= self.n <= 16:
+            raise ValueError(f"n: {self.n} must be in [1, 16]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a `model` id serves: a base (a `modulora.models.load_model` ref) and maybe an adapter."""
+
+    id: str
+    base: str
+    adapter_dir: Path | None = None
+
+
+@dataclasses.dataclass
+class TextEvent:
+    """New text of choice `index` (may be empty when a token completes no character yet)."""
+
+    index: int
+    text: str
+
+
+@dataclasses.dataclass
+class FinishEvent:
+    index: int
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclasses.dataclass
+class DoneEvent:
+    """The request is over: every choice has finished. Token counts for `usage`."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass
+class ErrorEvent:
+    error: EngineError
+
+
+Event = TextEvent | FinishEvent | DoneEvent | ErrorEvent
