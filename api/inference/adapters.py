@@ -34,7 +34,9 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers.values())
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers.values()
+        )
 
 
 def read_adapter(folder: Path) -> LoraWeights:

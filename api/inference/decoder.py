@@ -74,7 +74,9 @@ class Decoder:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, rows: list[int], start: list[int], slots: list[int]) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, rows: list[int], start: list[int], slots: list[int]
+    ) -> torch.Tensor:
         """Run tokens [batch, T] for cache rows `rows` whose sequences already hold `start` tokens.
 
         Writes the new keys/values at positions start..start+T-1 of each row and returns the logits
@@ -106,7 +108,12 @@ class Decoder:
             k = k * cos + _rotate_half(k) * sin
             k_all, v_all = self._update_cache(i, rows, row_index, contiguous, positions, k, v, length)
             out = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=self.n_heads != self.n_kv_heads
+                q,
+                k_all,
+                v_all,
+                attn_mask=mask,
+                scale=attn.scaling,
+                enable_gqa=self.n_heads != self.n_kv_heads,
             )
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -214,7 +214,9 @@ class InferenceEngine:
         free = [row for row in range(base.decoder.rows) if row not in base.running]
         if len(free) < request.params.n:
             if request.params.n > base.decoder.rows:
-                raise EngineError(f"n: {request.params.n} exceeds max_batch_size {base.decoder.rows}", param="n")
+                raise EngineError(
+                    f"n: {request.params.n} exceeds max_batch_size {base.decoder.rows}", param="n"
+                )
             return False
         adapter_id = request.spec.id if request.spec.adapter_dir is not None else None
         slot = 0 if adapter_id is None else self._adapter_slot(base, request.spec)
@@ -230,10 +232,16 @@ class InferenceEngine:
             sequence = Sequence(index, prompt_ids, request.params, base.tokenizer, base.eos_ids)
             sequence.row, sequence.slot = row, slot
             request.sequences.append(sequence)
-            logits = base.decoder.forward(torch.tensor([prompt_ids], device=base.decoder.device), [row], [0], [slot])
+            logits = base.decoder.forward(
+                torch.tensor([prompt_ids], device=base.decoder.device), [row], [0], [slot]
+            )
             base.running[row] = (request, sequence)
-            self._emit(base, request, sequence, sample(logits[0], request.params.temperature,
-                                                       request.params.top_p, sequence.generator))
+            self._emit(
+                base,
+                request,
+                sequence,
+                sample(logits[0], request.params.temperature, request.params.top_p, sequence.generator),
+            )
         return True
 
     def _decode_step(self, base: ResidentBase) -> None:
@@ -248,7 +256,9 @@ class InferenceEngine:
         sequences = [base.running[row][1] for row in rows]
         tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], device=base.decoder.device)
         try:
-            logits = base.decoder.forward(tokens, rows, [s.position for s in sequences], [s.slot for s in sequences])
+            logits = base.decoder.forward(
+                tokens, rows, [s.position for s in sequences], [s.slot for s in sequences]
+            )
         except Exception as error:
             log.exception("decode step failed")
             for row in rows:
@@ -261,7 +271,11 @@ class InferenceEngine:
         picked = logits.argmax(-1).tolist() if greedy else [None] * len(rows)
         for i, (row, sequence) in enumerate(zip(rows, sequences, strict=True)):
             params = sequence.params
-            token = picked[i] if greedy else sample(logits[i], params.temperature, params.top_p, sequence.generator)
+            token = (
+                picked[i]
+                if greedy
+                else sample(logits[i], params.temperature, params.top_p, sequence.generator)
+            )
             self._emit(base, base.running[row][0], sequence, token)
 
     def _emit(self, base: ResidentBase, request: Request, sequence: Sequence, token: int) -> None:
@@ -273,7 +287,10 @@ class InferenceEngine:
             return
         del base.running[sequence.row]
         request.on_event(FinishEvent(sequence.index, sequence.finish_reason))  # type: ignore[arg-type]
-        if all(s.finish_reason is not None for s in request.sequences) and len(request.sequences) == request.params.n:
+        if (
+            all(s.finish_reason is not None for s in request.sequences)
+            and len(request.sequences) == request.params.n
+        ):
             completion = sum(len(s.output_ids) for s in request.sequences)
             request.on_event(DoneEvent(request.prompt_tokens, completion))
 
@@ -331,11 +348,17 @@ class InferenceEngine:
     def _load_slot(self, base: ResidentBase, slot: int, weights: LoraWeights, spec: ModelSpec) -> None:
         unknown = set(weights.layers) - set(base.decoder.lora_layers)
         if unknown:
-            raise EngineError(f"adapter {spec.id} targets modules the base lacks: {sorted(unknown)[:3]}", param="model")
+            raise EngineError(
+                f"adapter {spec.id} targets modules the base lacks: {sorted(unknown)[:3]}", param="model"
+            )
         for name, layer in base.decoder.lora_layers.items():
             a, b = weights.layers.get(name, (None, None))
-            layer.load_slot_(slot, None if a is None else a.to(layer.lora_A.device),
-                             None if b is None else b.to(layer.lora_B.device), weights.scaling)
+            layer.load_slot_(
+                slot,
+                None if a is None else a.to(layer.lora_A.device),
+                None if b is None else b.to(layer.lora_B.device),
+                weights.scaling,
+            )
         base.adapters[spec.id] = slot
         base.chat_templates[spec.id] = weights.chat_template
 

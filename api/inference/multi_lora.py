@@ -32,7 +32,9 @@ class LoraPlan:
 class MultiLoraLinear(nn.Module):
     """y[b] = base(x[b]) + B[s_b]·A[s_b]·x[b] with s_b the adapter slot of row b."""
 
-    def __init__(self, base_layer: nn.Module, plan: LoraPlan, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, base_layer: nn.Module, plan: LoraPlan, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.plan = plan
@@ -95,4 +97,5 @@ class MultiLoraLinear(nn.Module):
         return y + delta.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.slots}, rank={self.rank}"
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, slots={self.slots}, rank={self.rank}"

@@ -23,7 +23,9 @@ def tiny_base(tokenizer: Any) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def adapters(tiny_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+def adapters(
+    tiny_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, Any]]:
     """Three PEFT adapters of the tiny base: name -> (folder, reference model with that adapter)."""
     made = {}
     for seed, (name, r, targets) in enumerate([("ft-a", 4, "all-linear"), ("ft-b", 8, "all-linear"),
@@ -41,7 +43,9 @@ def make_engine(tiny_base: torch.nn.Module, tokenizer: Any) -> Iterator[Callable
 
     def make(**config: Any) -> InferenceEngine:
         config = {"max_batch_size": 4, "max_seq_len": 128, **config}
-        engine = InferenceEngine(EngineConfig(**config), load_base=lambda ref, device, dtype: (copy.deepcopy(tiny_base), tokenizer))
+        engine = InferenceEngine(
+            EngineConfig(**config), load_base=lambda ref, device, dtype: (copy.deepcopy(tiny_base), tokenizer)
+        )
         engines.append(engine)
         return engine
 

@@ -32,7 +32,9 @@ def tiny_quantized_llama(vocab_size: int, seed: int = 0, bits: int = 4) -> Llama
     return model
 
 
-def random_adapter(model: torch.nn.Module, seed: int, r: int = 4, targets: str | list[str] = "all-linear") -> None:
+def random_adapter(
+    model: torch.nn.Module, seed: int, r: int = 4, targets: str | list[str] = "all-linear"
+) -> None:
     """Wrap `model` with LoRA (library `add_lora_`) and give A and B random values (B is zero at init)."""
     add_lora_(model, LoraConfig(r=r, alpha=2 * r, dropout=0.0, target_modules=targets))
     generator = torch.Generator().manual_seed(seed)
@@ -49,6 +51,12 @@ def write_peft_adapter(model: torch.nn.Module, folder: Path, r: int) -> Path:
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A["default"].weight.data.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B["default"].weight.data.contiguous()
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_rslora": False, "target_modules": list(TARGETS)}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "use_rslora": False,
+        "target_modules": list(TARGETS),
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder

@@ -21,12 +21,16 @@ def reference_greedy(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("name", ["tiny", "ft-a", "ft-c"])
-def test_greedy_output_equals_reference_generate(name: str, make_engine, adapters, tiny_base, tokenizer) -> None:
+def test_greedy_output_equals_reference_generate(
+    name: str, make_engine, adapters, tiny_base, tokenizer
+) -> None:
     reference_model = adapters[name][1] if name in adapters else tiny_base
     texts, usage = make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)
     assert texts == [reference_greedy(reference_model, tokenizer, GREEDY.max_tokens)]
@@ -37,7 +41,9 @@ def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
     engine = make_engine()
     engine.complete(spec("ft-a", adapters), GREEDY, messages=MESSAGES)
     base = engine.bases["tiny"]
-    weights_before = {name: t.data_ptr() for name, t in base.decoder.model.state_dict().items() if "lora" not in name}
+    weights_before = {
+        name: t.data_ptr() for name, t in base.decoder.model.state_dict().items() if "lora" not in name
+    }
     engine.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)
 
     memory = engine.memory()
@@ -45,20 +51,31 @@ def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
     assert memory["adapters"]["tiny"] == ["ft-a", "ft-b"]
     # Bank: the empty slot 0 plus one slot per adapter, all at the largest rank loaded (8).
     assert memory["adapter_banks"]["tiny"] == 3 * base.slot_bytes(8)
-    assert memory["total"] == memory["bases"]["tiny"] + memory["kv_cache"]["tiny"] + memory["adapter_banks"]["tiny"]
+    assert (
+        memory["total"]
+        == memory["bases"]["tiny"] + memory["kv_cache"]["tiny"] + memory["adapter_banks"]["tiny"]
+    )
     assert memory["adapter_banks"]["tiny"] < memory["bases"]["tiny"] / 10
-    weights_after = {name: t.data_ptr() for name, t in base.decoder.model.state_dict().items() if "lora" not in name}
+    weights_after = {
+        name: t.data_ptr() for name, t in base.decoder.model.state_dict().items() if "lora" not in name
+    }
     assert weights_after == weights_before
 
 
 def test_mixed_adapter_batch_equals_each_request_alone(make_engine, adapters) -> None:
     names = ["ft-a", "tiny", "ft-b", "ft-c"]
-    alone = {name: make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)[0] for name in names}
+    alone = {
+        name: make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)[0] for name in names
+    }
 
     engine = make_engine(max_batch_size=4)
     results: dict[str, list[str]] = {}
     threads = [
-        threading.Thread(target=lambda n=n: results.__setitem__(n, engine.complete(spec(n, adapters), GREEDY, messages=MESSAGES)[0]))
+        threading.Thread(
+            target=lambda n=n: results.__setitem__(
+                n, engine.complete(spec(n, adapters), GREEDY, messages=MESSAGES)[0]
+            )
+        )
         for n in names
     ]
     for thread in threads:
@@ -88,9 +105,13 @@ def test_least_recently_used_adapter_is_evicted_under_the_budget(make_engine, ad
 
 def test_new_request_joins_a_running_batch(make_engine, adapters) -> None:
     engine = make_engine()
-    long_events = engine.stream(spec("ft-a", adapters), SamplingParams(max_tokens=60, temperature=0), messages=MESSAGES)
+    long_events = engine.stream(
+        spec("ft-a", adapters), SamplingParams(max_tokens=60, temperature=0), messages=MESSAGES
+    )
     next(e for e in long_events if isinstance(e, TextEvent))  # the long request is decoding
-    short, _ = engine.complete(spec("ft-b", adapters), SamplingParams(max_tokens=3, temperature=0), messages=MESSAGES)
+    short, _ = engine.complete(
+        spec("ft-b", adapters), SamplingParams(max_tokens=3, temperature=0), messages=MESSAGES
+    )
     remaining = list(long_events)
     assert short and isinstance(remaining[-1], DoneEvent)
     assert any(isinstance(e, TextEvent) for e in remaining), "the short request finished before the long one"
@@ -101,8 +122,8 @@ def test_stop_string_ends_the_choice_before_the_stop(make_engine, adapters) -> N
     engine = make_engine()
     full, _ = engine.complete(spec("ft-a", adapters), GREEDY, messages=MESSAGES)
     stop = full[0][5:8]
-    events = list(engine.stream(spec("ft-a", adapters), SamplingParams(max_tokens=12, temperature=0, stop=[stop]),
-                                messages=MESSAGES))  # fmt: skip
+    params = SamplingParams(max_tokens=12, temperature=0, stop=[stop])
+    events = list(engine.stream(spec("ft-a", adapters), params, messages=MESSAGES))
     text = "".join(e.text for e in events if isinstance(e, TextEvent))
     assert text == full[0][: full[0].find(stop)]
     assert [e.finish_reason for e in events if isinstance(e, FinishEvent)] == ["stop"]

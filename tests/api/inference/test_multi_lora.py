@@ -11,7 +11,9 @@ from modulora.quant import QuantConfig, get_quantizer
 
 def make_base() -> torch.nn.Module:
     torch.manual_seed(0)
-    return get_quantizer(QuantConfig(method="rtn", bits=4, group_size=32)).quantize(torch.randn(48, 64), None, None)
+    return get_quantizer(QuantConfig(method="rtn", bits=4, group_size=32)).quantize(
+        torch.randn(48, 64), None, None
+    )
 
 
 def random_lora(base: torch.nn.Module, r: int, seed: int) -> LoraLinear:
@@ -23,7 +25,9 @@ def random_lora(base: torch.nn.Module, r: int, seed: int) -> LoraLinear:
 
 
 def load(bank: MultiLoraLinear, slot: int, lora: LoraLinear) -> None:
-    bank.load_slot_(slot, lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"])
+    bank.load_slot_(
+        slot, lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"]
+    )
 
 
 def test_forward_mixed_batch_equals_each_row_alone() -> None:
