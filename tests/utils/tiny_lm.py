@@ -4,7 +4,9 @@ and a randomly initialized 2-layer `LlamaForCausalLM` with grouped-query attenti
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -58,5 +60,29 @@ def tiny_llama(vocab_size: int = 400, seed: int = 0) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
+        initializer_range=0.1,  # logits large enough that a small adapter can move them
     )
     return LlamaForCausalLM(config).eval()
+
+
+def quantize_rtn_(model: torch.nn.Module, bits: int = 4, group_size: int = 32) -> torch.nn.Module:
+    """Replace every linear layer inside the decoder layers by its round-to-nearest `QuantizedLinear`."""
+    from modulora.quant import QuantConfig, get_quantizer
+
+    quantizer = get_quantizer(QuantConfig(method="rtn", bits=bits, group_size=group_size))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent), leaf, quantizer.quantize(module.weight.data, module.bias, None)
+            )
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny matmuls on a shared, oversubscribed CPU run tens of times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,452 @@
+"""LoRA finetuning on a (quantized) causal LM: AdamW over the adapter only, checkpoints, exact resume.
+
+    result = finetune(model, tokenizer, examples, TrainConfig(max_steps=100, output_dir="run"),
+                      val_examples=val, callback=print, should_stop=lambda: False, resume_from=None)
+
+`model` is a Hugging Face causal LM on which `modulora.lora.add_lora_` already ran: every parameter
+with `requires_grad` is trained, nothing else changes. Examples come from `modulora.data.build_examples`.
+The data order is a pure function of (seed, epoch), so a checkpoint only needs the step to resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modulora.data import IGNORE_INDEX, collate
+
+SCHEDULES = ("linear", "cosine", "constant")
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_CONFIG_VERSION = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training hyperparameters. One optimizer step = `gradient_accumulation` micro-batches.
+
+    max_steps: stop after this many optimizer steps (overrides epochs when set).
+    warmup_ratio: fraction of the total steps used for warmup when warmup_steps is 0.
+    schedule: learning-rate decay after warmup, to 0 for linear/cosine.
+    max_grad_norm: gradient clipping (0 disables). dtype: autocast dtype "bf16"/"fp16" or "fp32".
+    max_seq_len/packing/train_on_prompt: how the examples were built (recorded in the manifest).
+    eval_every/save_every: steps between validations/checkpoints (0: only at the end).
+    keep_checkpoints: how many recent checkpoints to keep (0 keeps all).
+    """
+
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 4
+    gradient_accumulation: int = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    max_seq_len: int = 512
+    packing: bool = False
+    train_on_prompt: bool = False
+    eval_every: int = 0
+    eval_batch_size: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    output_dir: str | None = None
+    dtype: str = "fp32"
+    version: int = TRAIN_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate: {self.learning_rate} must be positive")
+        for name in ("epochs", "micro_batch_size", "gradient_accumulation", "eval_batch_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: {self.max_steps} must be at least 1 or None")
+        for name in (
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must not be negative")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(data) - known:
+            raise ValueError(f"unknown training fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class StepMetrics:
+    """One optimizer step, as streamed to users. Memory is the accelerator's (process RSS on CPU)."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    step_time_s: float
+    tokens_per_s: float
+    trained_tokens: int
+    memory_allocated_bytes: int
+    memory_peak_bytes: int
+    progress: float
+    eta_s: float
+    val_loss: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str  # "completed" | "cancelled"
+    step: int
+    total_steps: int
+    losses: list[float]  # losses[i] is the loss of step i + 1, including steps before a resume
+    val_losses: dict[int, float]
+    checkpoint: Path | None
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over label tokens (not -100) and their count.
+
+    Runs the model's body, gathers the hidden states of positions that predict a label, and applies
+    the LM head there only: no [batch, seq, vocab] logits, which dominate memory for short labels.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # [batch, seq, hidden]
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    mask = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask])  # [n_labels, vocab]
+    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    return loss, int(mask.sum())
+
+
+def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = AUTOCAST_DTYPES[config.dtype]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def _lr_lambda(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _step_batches(
+    examples: Sequence[dict[str, list[int]]], config: TrainConfig, first_step: int, total_steps: int
+) -> Iterator[tuple[int, float, list[list[dict[str, list[int]]]]]]:
+    """(step, epoch, micro-batches) for steps first_step+1 .. total_steps, deterministically."""
+    micro_per_epoch = math.ceil(len(examples) / config.micro_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation)
+    for step in range(first_step, total_steps):
+        epoch, within = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(examples), config.seed, epoch)
+        first = within * config.gradient_accumulation
+        micro = range(first, min(first + config.gradient_accumulation, micro_per_epoch))
+        mbs = config.micro_batch_size
+        batches = [[examples[i] for i in order[m * mbs : (m + 1) * mbs]] for m in micro]
+        yield step + 1, epoch + (within + 1) / steps_per_epoch, batches
+
+
+def total_steps_for(n_examples: int, config: TrainConfig) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    micro_per_epoch = math.ceil(n_examples / config.micro_batch_size)
+    return config.epochs * math.ceil(micro_per_epoch / config.gradient_accumulation)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def memory_bytes(device: torch.device) -> tuple[int, int]:
+    """(allocated, peak) accelerator memory; on CPU the process's resident and peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resident, max(resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The `checkpoints/step-N` folder with the largest N under `output_dir`, or None."""
+    root = Path(output_dir) / "checkpoints"
+    steps = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write `checkpoints/step-N/` atomically (temporary folder, then rename); prune old ones."""
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{state['step']}"
+    tmp = root / f".step-{state['step']}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in _trainable(model).items()}, tmp / "adapter.safetensors")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        },
+        tmp / "optimizer.pt",
+    )
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if keep:
+        older = sorted(
+            (p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+        )
+        for old in older[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler, scaler and RNG states; returns the trainer state."""
+    path = Path(path)
+    if not (path / "trainer_state.json").is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"resume_from: no checkpoint in {path}")
+        path = found
+    params = _trainable(model)
+    weights = load_file(path / "adapter.safetensors")
+    if set(weights) != set(params):
+        raise ValueError(
+            f"resume_from: {path} holds {len(weights)} adapter tensors, the model trains {len(params)}"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    states = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    scaler.load_state_dict(states["scaler"])
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer: Any,
+    train_examples: Sequence[dict[str, list[int]]],
+    config: TrainConfig,
+    val_examples: Sequence[dict[str, list[int]]] | None = None,
+    callback: Callable[[StepMetrics], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters; returns how it ended.
+
+    callback(StepMetrics) runs after every optimizer step (keep it cheap). should_stop() is polled
+    after every step: when it returns True a checkpoint is written and the status is "cancelled".
+    resume_from: a `checkpoints/step-N` folder or an output_dir (its latest checkpoint).
+    Checkpoints need `config.output_dir`.
+    """
+    if not train_examples:
+        raise ValueError("train_examples: empty")
+    params = list(_trainable(model).values())
+    if not params:
+        raise ValueError("model: no trainable parameters (run modulora.lora.add_lora_ first)")
+    if (config.save_every or resume_from is not None) and config.output_dir is None:
+        raise ValueError("output_dir: required for checkpoints and resume")
+    device = params[0].device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    total_steps = total_steps_for(len(train_examples), config)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.dtype == "fp16")
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    state: dict[str, Any] = {"step": 0, "losses": [], "val_losses": {}, "trained_tokens": 0}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
+    val_losses = {int(k): v for k, v in state["val_losses"].items()}
+
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def checkpoint(step: int) -> Path | None:
+        if config.output_dir is None:
+            return None
+        state.update(step=step, val_losses=val_losses, config=config.to_dict())
+        return save_checkpoint(
+            config.output_dir, model, optimizer, scheduler, scaler, state, config.keep_checkpoints
+        )
+
+    resumed_at = state["step"]
+    status, last_checkpoint, step = "completed", None, resumed_at
+    started = time.perf_counter()
+    for step, epoch, micro_batches in _step_batches(train_examples, config, state["step"], total_steps):
+        step_start = time.perf_counter()
+        batches = [collate(b, pad_id) for b in micro_batches]
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        # Normalize by the step's label-token count so accumulation equals one large batch.
+        n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+        step_loss = torch.zeros((), device=device)
+        for batch in batches:
+            with autocast(config, device):
+                loss_sum, _ = completion_loss(model, batch)
+            scaler.scale(loss_sum / n_labels).backward()
+            step_loss += loss_sum.detach()
+        if config.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        learning_rate = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = step_loss.item() / n_labels
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        state["losses"].append(loss)
+        state["trained_tokens"] += tokens
+        val_loss = None
+        if val_examples and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+            from modulora.eval.tasks import validation_loss
+
+            val_loss = validation_loss(model, tokenizer, val_examples, config.eval_batch_size, config.dtype)
+            val_losses[step] = val_loss
+            model.train()
+        step_time = time.perf_counter() - step_start
+        if callback is not None:
+            allocated, peak = memory_bytes(device)
+            elapsed = time.perf_counter() - started
+            callback(
+                StepMetrics(
+                    step=step,
+                    total_steps=total_steps,
+                    epoch=epoch,
+                    loss=loss,
+                    learning_rate=learning_rate,
+                    step_time_s=step_time,
+                    tokens_per_s=tokens / step_time,
+                    trained_tokens=state["trained_tokens"],
+                    memory_allocated_bytes=allocated,
+                    memory_peak_bytes=peak,
+                    progress=step / total_steps,
+                    eta_s=elapsed / (step - resumed_at) * (total_steps - step),
+                    val_loss=val_loss,
+                )
+            )
+        if config.save_every and step % config.save_every == 0 and step < total_steps:
+            last_checkpoint = checkpoint(step)
+        if should_stop is not None and step < total_steps and should_stop():
+            status = "cancelled"
+            break
+
+    if config.output_dir is not None and step > resumed_at:
+        last_checkpoint = checkpoint(step)
+    elif resume_from is not None:
+        last_checkpoint = latest_checkpoint(config.output_dir)
+    model.eval()
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_disable()
+    return TrainResult(status, step, total_steps, list(state["losses"]), val_losses, last_checkpoint)
