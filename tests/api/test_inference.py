@@ -1,0 +1,161 @@
+"""/v1/chat/completions and /v1/completions over the engine (tiny quantized model, per-user adapters)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.db.models import Job, Model, User
+from api.db.session import session_scope
+from api.inference.engine import InferenceEngine
+from api.inference.service import get_engine
+from api.inference.types import EngineConfig
+from modulora.models import load_tokenizer
+from modulora.settings import get_settings
+from tests.api.conftest import Service
+from tests.api.inference.factories import random_adapter, tiny_quantized_llama, write_peft_adapter
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
+    """(tiny quantized base, tokenizer, a PEFT adapter folder of it)."""
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    base = tiny_quantized_llama(len(tokenizer))
+    adapted = copy.deepcopy(base)
+    random_adapter(adapted, seed=5)
+    return base, tokenizer, write_peft_adapter(adapted, tmp_path_factory.mktemp("adapter"), r=4)
+
+
+@pytest.fixture
+def served(
+    service: Service, tiny: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Service]:
+    """The service with base `tiny` listed and served by a tiny-model engine."""
+    base, tokenizer, _ = tiny
+    monkeypatch.setenv("MODULORA_BASE_MODELS", '["tiny"]')
+    get_settings.cache_clear()
+    config = EngineConfig(max_batch_size=4, max_seq_len=128)
+    engine = InferenceEngine(config, load_base=lambda ref, device, dtype: (copy.deepcopy(base), tokenizer))
+    service.client.app.dependency_overrides[get_engine] = lambda: engine
+    yield service
+    engine.shutdown()
+
+
+def register_adapter(service: Service, folder: Path, user_name: str, model_id: str) -> None:
+    """What the worker does when a job succeeds: adapter under home/adapters, a Model row."""
+    target = service.home / "adapters" / model_id
+    shutil.copytree(folder, target)
+    with session_scope() as session:
+        user = session.query(User).filter(User.name == user_name).one()
+        job = Job(user_id=user.id, model="tiny", training_file="file-x", seed=0, status="succeeded")
+        session.add(job)
+        session.flush()
+        session.add(
+            Model(
+                id=model_id,
+                user_id=user.id,
+                job_id=job.id,
+                parent="tiny",
+                base="tiny",
+                path=f"adapters/{model_id}",
+            )
+        )
+
+
+def sse_payloads(response: Any) -> list[Any]:
+    lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def test_chat_completion_returns_openai_object_with_usage(served: Service) -> None:
+    headers = served.new_key("ada")
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 5, "temperature": 0}
+    response = served.client.post("/v1/chat/completions", headers=headers, json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "chat.completion" and data["model"] == "tiny"
+    assert data["choices"][0]["message"]["role"] == "assistant"
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 5
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 5
+
+
+def test_stream_chat_completion_sends_chunks_usage_and_done(
+    served: Service, tiny: tuple[Any, Any, Path]
+) -> None:
+    headers = served.new_key("ada")
+    register_adapter(served, tiny[2], "ada", "ft:tiny:ada:1")
+    body = {"model": "ft:tiny:ada:1", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    whole = served.client.post("/v1/chat/completions", headers=headers, json=body).json()
+
+    stream_body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    with served.client.stream("POST", "/v1/chat/completions", headers=headers, json=stream_body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(response)
+
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_completion_honours_n_stop_and_seed(served: Service) -> None:
+    headers = served.new_key("ada")
+    body = {
+        "model": "tiny",
+        "prompt": "Once upon a time",
+        "max_tokens": 8,
+        "n": 2,
+        "seed": 3,
+        "temperature": 1,
+    }
+    first = served.client.post("/v1/completions", headers=headers, json=body).json()
+    again = served.client.post("/v1/completions", headers=headers, json=body).json()
+    assert first["object"] == "text_completion" and len(first["choices"]) == 2
+    assert [c["text"] for c in first["choices"]] == [c["text"] for c in again["choices"]]
+    assert first["usage"]["completion_tokens"] == 16
+
+    text = first["choices"][0]["text"]
+    stopped = served.client.post("/v1/completions", headers=headers,
+                                 json=body | {"n": 1, "stop": [text[3:6]]}).json()  # fmt: skip
+    assert stopped["choices"][0]["text"] == text[: text.find(text[3:6])]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+def test_another_users_model_reads_as_not_found(served: Service, tiny: tuple[Any, Any, Path]) -> None:
+    served.new_key("ada")
+    register_adapter(served, tiny[2], "ada", "ft:tiny:ada:2")
+    body = {"model": "ft:tiny:ada:2", "messages": MESSAGES, "max_tokens": 2}
+    response = served.client.post("/v1/chat/completions", headers=served.new_key("bob"), json=body)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert served.client.post("/v1/chat/completions", json=body).status_code == 401
+
+
+def test_prompt_over_the_context_is_a_400_before_streaming(served: Service) -> None:
+    body = {"model": "tiny", "prompt": "word " * 200, "max_tokens": 2}
+    response = served.client.post("/v1/completions", headers=served.new_key("ada"), json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_error_after_the_stream_started_is_an_error_chunk(served: Service) -> None:
+    body = {"model": "tiny", "prompt": "word " * 200, "max_tokens": 2, "stream": True}
+    with served.client.stream(
+        "POST", "/v1/completions", headers=served.new_key("ada"), json=body
+    ) as response:
+        payloads = sse_payloads(response)
+    assert payloads[0]["error"]["code"] == "context_length_exceeded"
+    assert payloads[-1] == "[DONE]"
