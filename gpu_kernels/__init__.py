@@ -5,11 +5,22 @@ PyTorch. The public functions below pick the implementation from the tensors' de
 library calls one name and never branches on hardware itself.
 """
 
+from gpu_kernels.e8p import e8p_decode, e8p_decode_ref, e8p_grid, e8p_signed_grid, e8p_table
+from gpu_kernels.hadamard import hadamard, hadamard_factors, hadamard_matrix, hadamard_ref
 from gpu_kernels.materialize_gguf import materialize_gguf, materialize_gguf_ref
 from gpu_kernels.materialize_gptq import materialize_gptq, materialize_gptq_ref, unpack_bits_ref
 from gpu_kernels.materialize_nf4 import materialize_nf4, materialize_nf4_ref
 
 __all__ = [
+    "e8p_decode",
+    "e8p_decode_ref",
+    "e8p_grid",
+    "e8p_signed_grid",
+    "e8p_table",
+    "hadamard",
+    "hadamard_factors",
+    "hadamard_matrix",
+    "hadamard_ref",
     "materialize_gguf",
     "materialize_gguf_ref",
     "materialize_gptq",
