@@ -8,9 +8,14 @@ row while the others wait, then joins the next decode step at its own position.
 
 Every targeted linear is wrapped in a `MultiLoraLinear` sharing the decoder's `LoraPlan`, so one
 copy of the base serves any number of adapters.
+
+On a GPU, decode steps over rows 0..n-1 replay CUDA graphs: a 7B step is ~1,000 small kernels,
+and launching them one by one from Python costs more than the weights take to stream.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,17 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@dataclasses.dataclass
+class _Graph:
+    """A captured decode step and its static input/output tensors."""
+
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # [batch, 1]
+    positions: torch.Tensor  # [batch, 1]
+    slot_ids: torch.Tensor  # [batch]
+    logits: torch.Tensor | None = None  # [batch, vocab] float32
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -30,7 +46,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Decoder:
     """Prefill and decode for one resident base; `rows` sequences at most, `max_seq_len` tokens each."""
 
-    def __init__(self, model: nn.Module, rows: int, max_seq_len: int) -> None:
+    def __init__(self, model: nn.Module, rows: int, max_seq_len: int, use_graphs: bool | None = None) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -56,6 +72,9 @@ class Decoder:
         shape = (len(self.layers), rows, self.n_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @property
     def base_bytes(self) -> int:
@@ -85,16 +104,24 @@ class Decoder:
         batch, t = tokens.shape
         if max(start) + t > self.max_seq_len:
             raise ValueError(f"max_seq_len: {max(start) + t} tokens exceed the cache's {self.max_seq_len}")
+        if self.use_graphs and t == 1 and rows == list(range(batch)):
+            return self._replay(tokens, start, slots)
         self.plan.set(slots, self.device)
         start_t = torch.tensor(start, device=self.device)
         positions = start_t[:, None] + torch.arange(t, device=self.device)  # [batch, T]
-        length = max(start) + t
+        contiguous = rows == list(range(rows[0], rows[0] + batch))
+        block = slice(rows[0], rows[0] + batch) if contiguous else torch.tensor(rows, device=self.device)
+        return self._run(tokens, positions, block, max(start) + t)
+
+    def _run(
+        self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """The model over tokens [batch, T] at positions [batch, T] of cache `rows` (a slice of
+        consecutive rows, or an index tensor); attention reads the first `length` cache positions."""
+        batch, t = tokens.shape
         # Key j is visible to query position p when j <= p; keys past a row's own length are stale.
         keys = torch.arange(length, device=self.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, T, length]
-        contiguous = rows == list(range(rows[0], rows[0] + batch))
-        row_index = torch.tensor(rows, device=self.device)
-
         hidden = self.embed(tokens)
         cos, sin = self.model.model.rotary_emb(hidden, positions)  # [batch, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]
@@ -106,14 +133,10 @@ class Decoder:
             v = attn.v_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k_all, v_all = self._update_cache(i, rows, row_index, contiguous, positions, k, v, length)
+            k_all, v_all = self._update_cache(i, rows, positions, k, v, length)
+            gqa = self.n_heads != self.n_kv_heads
             out = F.scaled_dot_product_attention(
-                q,
-                k_all,
-                v_all,
-                attn_mask=mask,
-                scale=attn.scaling,
-                enable_gqa=self.n_heads != self.n_kv_heads,
+                q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
             )
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -123,9 +146,7 @@ class Decoder:
     def _update_cache(
         self,
         layer: int,
-        rows: list[int],
-        row_index: torch.Tensor,
-        contiguous: bool,
+        rows: slice | torch.Tensor,
         positions: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -133,15 +154,60 @@ class Decoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [batch, kv_heads, T, head_dim] and return each row's keys/values up to `length`."""
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
-        if contiguous:
-            block = slice(rows[0], rows[0] + len(rows))
-            k_rows, v_rows = k_cache[block], v_cache[block]  # views: writes land in the cache
+        if isinstance(rows, slice):
             index = positions[:, None, :, None].expand_as(k)
-            k_rows.scatter_(2, index, k)
-            v_rows.scatter_(2, index, v)
+            k_rows, v_rows = k_cache[rows], v_cache[rows]  # views: the scatter writes into the cache
+            k_rows.scatter_(2, index, k.to(k_rows.dtype))
+            v_rows.scatter_(2, index, v.to(v_rows.dtype))
             return k_rows[:, :, :length], v_rows[:, :, :length]
-        for b, row in enumerate(rows):
-            p = positions[b]
-            k_cache[row, :, p] = k[b].to(k_cache.dtype)
-            v_cache[row, :, p] = v[b].to(v_cache.dtype)
-        return k_cache[row_index, :, :length], v_cache[row_index, :, :length]
+        # Scattered rows: write each (row, position) directly, then gather the rows for attention.
+        k_cache[rows[:, None], :, positions] = k.transpose(1, 2).to(k_cache.dtype)  # [batch, T, kv_heads, d]
+        v_cache[rows[:, None], :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        return k_cache[rows, :, :length], v_cache[rows, :, :length]
+
+    # ---- CUDA graphs for decode steps -------------------------------------------------------------
+
+    def invalidate_graphs(self) -> None:
+        """Forget captured steps (they point at the adapter bank tensors, which a resize replaces)."""
+        self._graphs.clear()
+
+    def _replay(self, tokens: torch.Tensor, start: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step of rows 0..batch-1 as a CUDA graph replay (no per-kernel launch cost).
+
+        Graphs are captured per (padded batch size, adapters or not). The padding rows compute
+        garbage into their own, unused cache rows. Attention spans the whole cache length so that
+        one graph serves every position.
+        """
+        batch = len(slots)
+        padded = min(self.rows, 1 << (batch - 1).bit_length())
+        with_lora = any(slots)
+        graph = self._graphs.get((padded, with_lora)) or self._capture(padded, with_lora)
+        graph.tokens.zero_()
+        graph.tokens[:batch].copy_(tokens)
+        graph.positions.fill_(self.max_seq_len - 1)
+        graph.positions[:batch, 0] = torch.tensor(start, device=self.device)
+        graph.slot_ids.zero_()
+        graph.slot_ids[:batch] = torch.tensor(slots, device=self.device)
+        graph.graph.replay()
+        return graph.logits[:batch].clone()
+
+    def _capture(self, batch: int, with_lora: bool) -> _Graph:
+        static = _Graph(
+            torch.cuda.CUDAGraph(),
+            torch.zeros(batch, 1, dtype=torch.int64, device=self.device),
+            # Capture writes at the last cache position, which a row only reads after overwriting it.
+            torch.full((batch, 1), self.max_seq_len - 1, dtype=torch.int64, device=self.device),
+            torch.zeros(batch, dtype=torch.int64, device=self.device),
+        )
+        self.plan.single, self.plan.slot_ids = (None if with_lora else 0), static.slot_ids
+        rows = slice(0, batch)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: autotuning and lazy init must not happen in capture
+            for _ in range(2):
+                self._run(static.tokens, static.positions, rows, self.max_seq_len)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(static.graph, pool=self._pool):
+            static.logits = self._run(static.tokens, static.positions, rows, self.max_seq_len)
+        self._graphs[(batch, with_lora)] = static
+        return static

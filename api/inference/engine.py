@@ -341,6 +341,7 @@ class InferenceEngine:
                 self._make_room(grow, keep=base)
                 for layer in base.decoder.lora_layers.values():
                     layer.resize_(slots, rank)
+                base.decoder.invalidate_graphs()
                 slot = free[0] if free else slots - 1
         self._load_slot(base, slot, weights, spec)
         return slot

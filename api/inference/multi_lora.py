@@ -8,13 +8,18 @@ zero-padded to the bank's rank, which leaves B·A unchanged. All wrapped layers 
 
 A batch on one adapter runs two plain matmuls against views of the bank; a batch mixing adapters
 gathers each row's A and B and runs two batched matmuls (`bmm`), so its cost does not grow with
-the number of distinct adapters. The base layer runs once for the whole batch either way.
+the number of distinct adapters. The base layer runs once for the whole batch either way; a GPTQ
+base on a GPU goes straight to `gpu_kernels.gptq_matmul` (the fused low-bit kernel at decode sizes),
+skipping the training-side autograd wrapper.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from gpu_kernels.gptq_matmul import gptq_matmul
+from modulora.quant.gptq_packed import GPTQLinear
 
 
 class LoraPlan:
@@ -83,7 +88,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, tokens, in_features] -> [batch, tokens, out_features]."""
-        y = self.base_layer(x)
+        y = self._base(x)
         single = self.plan.single
         if self.rank == 0 or single == 0:
             return y
@@ -95,6 +100,15 @@ class MultiLoraLinear(nn.Module):
             b = self.lora_B[self.plan.slot_ids]  # [batch, out, r]
             delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
         return y + delta.to(y.dtype)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        if not (x.is_cuda and isinstance(layer, GPTQLinear)):
+            return layer(x)
+        y = gptq_matmul(
+            x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset
+        )
+        return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
