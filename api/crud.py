@@ -56,7 +56,9 @@ def page(
     return rows[:limit], len(rows) > limit
 
 
-def cursor_pk(*, session: Session, model: type[File | Job | Checkpoint | Model], after: str | None) -> int | None:
+def cursor_pk(
+    *, session: Session, model: type[File | Job | Checkpoint | Model], after: str | None
+) -> int | None:
     if after is None:
         return None
     pk = session.scalar(select(model.pk).where(model.id == after))

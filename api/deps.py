@@ -28,13 +28,18 @@ SessionDep = Annotated[Session, Depends(get_db)]
 def get_current_user(request: Request, session: SessionDep) -> User:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key:
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>' "
-                       "(create one with `modulora keys create --user NAME`)",
-                       type="invalid_request_error", code="missing_api_key")
+        raise APIError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>' "
+            "(create one with `modulora keys create --user NAME`)",
+            type="invalid_request_error",
+            code="missing_api_key",
+        )
     user = crud.user_for_key(session=session, key=key.strip())
     if user is None:
-        raise APIError(401, "Incorrect API key provided", type="invalid_request_error",
-                       code="invalid_api_key")
+        raise APIError(
+            401, "Incorrect API key provided", type="invalid_request_error", code="invalid_api_key"
+        )
     return user
 
 

@@ -36,6 +36,10 @@ def not_found(kind: str, id: str, param: str | None = None) -> APIError:
 
 
 def bad_request(
-    message: str, *, param: str | None = None, code: str = "invalid_value", details: dict[str, Any] | None = None
+    message: str,
+    *,
+    param: str | None = None,
+    code: str = "invalid_value",
+    details: dict[str, Any] | None = None,
 ) -> APIError:
     return APIError(400, message, param=param, code=code, details=details)

@@ -27,8 +27,15 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 _HTTP_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}
 
 
-def _envelope(status: int, message: str, *, type: str, param: str | None = None, code: str | None = None,
-              headers: dict[str, str] | None = None) -> JSONResponse:
+def _envelope(
+    status: int,
+    message: str,
+    *,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     error = APIError(status, message, type=type, param=param, code=code)
     return JSONResponse(error.body(), status_code=status, headers=headers)
 
@@ -42,15 +49,26 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        location = [
+            str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")
+        ]
         param = ".".join(location) or None
-        return _envelope(400, f"{param or 'request'}: {first.get('msg', 'invalid')}", type="invalid_request_error",
-                         param=param, code="invalid_value")
+        return _envelope(
+            400,
+            f"{param or 'request'}: {first.get('msg', 'invalid')}",
+            type="invalid_request_error",
+            param=param,
+            code="invalid_value",
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _envelope(exc.status_code, str(exc.detail), type=_HTTP_TYPES.get(exc.status_code, "api_error"),
-                         headers=getattr(exc, "headers", None))
+        return _envelope(
+            exc.status_code,
+            str(exc.detail),
+            type=_HTTP_TYPES.get(exc.status_code, "api_error"),
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -67,13 +85,18 @@ def _include_routers(app: FastAPI) -> None:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="ModuLoRA", version=modulora.__version__,
-                  description="Finetune LLMs in 2/3/4 bits and serve them; OpenAI-compatible.")
+    app = FastAPI(
+        title="ModuLoRA",
+        version=modulora.__version__,
+        description="Finetune LLMs in 2/3/4 bits and serve them; OpenAI-compatible.",
+    )
     _install_error_handlers(app)
     _include_routers(app)
 
     @app.middleware("http")
-    async def _count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def _count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")

@@ -93,8 +93,9 @@ class Hyperparameters(BaseModel):
             raise ValueError(f"bits: {value} is not one of [2, 3, 4, 8]")
         return value
 
-    @field_validator("n_epochs", "batch_size", "lora_r", "max_seq_len", "micro_batch_size", "max_steps",
-                     "checkpoint_every")
+    @field_validator(
+        "n_epochs", "batch_size", "lora_r", "max_seq_len", "micro_batch_size", "max_steps", "checkpoint_every"
+    )
     @classmethod
     def _positive_int(cls, value: int | str | None) -> int | str | None:
         if isinstance(value, int) and value <= 0:

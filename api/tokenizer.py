@@ -29,15 +29,24 @@ class LightTokenizer:
         self._env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, chat_template: str | None = None,
-        add_generation_prompt: bool = False, **_: Any,
+        self,
+        messages: list[dict[str, str]],
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        **_: Any,
     ) -> str:
         template = self._env.from_string(chat_template or self.chat_template or "")
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token, eos_token=self.eos_token)
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
 
-    def __call__(self, text: str, add_special_tokens: bool = False,
-                 return_offsets_mapping: bool = False) -> dict[str, list[Any]]:
+    def __call__(
+        self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False
+    ) -> dict[str, list[Any]]:
         encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return {"input_ids": list(encoding.ids), "offset_mapping": list(encoding.offsets)}
 

@@ -75,18 +75,27 @@ async def receive_upload(
             upload.fields[str(state["name"])] = bytes(state["value"]).decode(errors="replace")  # type: ignore[arg-type]
         state.update(name=None, headers={}, value=b"")
 
-    parser = MultipartParser(params[b"boundary"], callbacks={  # type: ignore[arg-type]
-        "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    parser = MultipartParser(
+        params[b"boundary"],
+        callbacks={  # type: ignore[arg-type]
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     try:
         async for chunk in body:
             parser.write(chunk)
         parser.finalize()
     except _TooLarge:
-        raise bad_request(f"The file is larger than the upload limit of {max_bytes} bytes",
-                          param="file", code="file_too_large") from None
+        raise bad_request(
+            f"The file is larger than the upload limit of {max_bytes} bytes",
+            param="file",
+            code="file_too_large",
+        ) from None
     finally:
         sink.close()
     if not upload.filename:

@@ -40,7 +40,14 @@ class ModelShape:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_layers", "vocab_size", "num_heads", "num_kv_heads"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "vocab_size",
+            "num_heads",
+            "num_kv_heads",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be positive")
 
@@ -65,8 +72,15 @@ class ModelShape:
         """(in_features, out_features) of each decoder linear, by PEFT module name."""
         h, i = self.hidden_size, self.intermediate_size
         kv = h // self.num_heads * self.num_kv_heads
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +116,14 @@ def estimate_training_memory(
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits: {bits} is not one of 2, 3, 4, 8")
     if lora_r <= 0 or seq_len <= 0 or micro_batch <= 0:
-        raise ValueError(f"lora_r, seq_len, micro_batch must be positive, got {lora_r}, {seq_len}, {micro_batch}")
+        raise ValueError(
+            f"lora_r, seq_len, micro_batch must be positive, got {lora_r}, {seq_len}, {micro_batch}"
+        )
     linears = shape.linears()
-    targets = ALL_LINEAR if lora_targets == "all-linear" else tuple(
-        [lora_targets] if isinstance(lora_targets, str) else lora_targets
+    targets = (
+        ALL_LINEAR
+        if lora_targets == "all-linear"
+        else tuple([lora_targets] if isinstance(lora_targets, str) else lora_targets)
     )
     unknown = [t for t in targets if t not in linears]
     if unknown:

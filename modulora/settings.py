@@ -22,9 +22,7 @@ class Settings(BaseSettings):
     """Root of everything the project writes: model caches, quantized bases, jobs, uploads."""
 
     # Service URLs. Empty means "embedded": SQLite file, SQLite broker, in-process metrics.
-    database_url: str = Field(
-        "", validation_alias=AliasChoices("MODULORA_DATABASE_URL", "DATABASE_URL")
-    )
+    database_url: str = Field("", validation_alias=AliasChoices("MODULORA_DATABASE_URL", "DATABASE_URL"))
     """SQLAlchemy URL of the job database; default: SQLite file `<home>/modulora.db`."""
     redis_url: str = Field("", validation_alias=AliasChoices("MODULORA_REDIS_URL", "REDIS_URL"))
     """Redis for the broker (unless broker_url is set) and for live metrics pub/sub."""
@@ -90,7 +88,7 @@ class Settings(BaseSettings):
         # Plain postgres URLs (as docker images and PaaS hand them out) mean psycopg 3 here.
         for scheme in ("postgres://", "postgresql://"):
             if url.startswith(scheme):
-                return "postgresql+psycopg://" + url[len(scheme):]
+                return "postgresql+psycopg://" + url[len(scheme) :]
         return url
 
     @property

@@ -153,6 +153,8 @@ class Model(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     parent: Mapped[str] = mapped_column(String(255))
+    base: Mapped[str] = mapped_column(Text)
+    """The exact base the adapter was trained on: `<model>:gguf` or a quantized folder under bases/."""
     path: Mapped[str] = mapped_column(Text)
     """Adapter folder relative to Settings.home (never a path a user chose)."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -19,23 +19,32 @@ from modulora.settings import get_settings
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
-_MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(PURPOSES)}},
-}}}}}  # fmt: skip
+_UPLOAD_FORM = {
+    "type": "object",
+    "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "purpose": {"type": "string", "enum": list(PURPOSES)},
+    },
+}
+_MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _UPLOAD_FORM}}}}
 
 
 def to_public(file: File) -> FileObject:
     return FileObject(
-        id=file.id, bytes=file.bytes, created_at=int(file.created_at.timestamp()), filename=file.filename,
-        purpose=file.purpose, report=FileReport(**file.report),
+        id=file.id,
+        bytes=file.bytes,
+        created_at=int(file.created_at.timestamp()),
+        filename=file.filename,
+        purpose=file.purpose,
+        report=FileReport(**file.report),
     )
 
 
 def check_dataset(path: Any) -> dict[str, Any]:
     """`modulora.data.validate_file` with the default base model's tokenizer when it is cached."""
-    from modulora import data  # torch-free, but only the upload route needs it
     from api.tokenizer import load_light_tokenizer
+    from modulora import data  # torch-free, but only the upload route needs it
 
     settings = get_settings()
     tokenizer = load_light_tokenizer(settings.models_dir / settings.base_models[0])
@@ -45,13 +54,20 @@ def check_dataset(path: Any) -> dict[str, Any]:
         where = f"line {first['line']}" if first["line"] is not None else "file"
         field = f", field {first['field']!r}" if first["field"] else ""
         raise APIError(
-            400, f"Invalid training file ({report.error_count} error(s)); first: {where}{field}: {first['message']}",
-            param="file", code="invalid_training_file",
+            400,
+            f"Invalid training file ({report.error_count} error(s)), first at {where}{field}: "
+            f"{first['message']}",
+            param="file",
+            code="invalid_training_file",
             details={"line": first["line"], "field": first["field"], "errors": report.errors},
         )
-    warnings = [f"{report.truncated} row(s) longer than {report.max_seq_len} tokens"] if report.truncated else []
+    warnings = (
+        [f"{report.truncated} row(s) longer than {report.max_seq_len} tokens"] if report.truncated else []
+    )
     stats = None if report.token_stats is None else {**report.token_stats, "histogram": report.histogram}
-    return FileReport(format=report.format, rows=report.rows, token_stats=stats, warnings=warnings).model_dump()
+    return FileReport(
+        format=report.format, rows=report.rows, token_stats=stats, warnings=warnings
+    ).model_dump()
 
 
 @router.post("", response_model=FileObject, openapi_extra=_MULTIPART)
@@ -60,8 +76,11 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
     settings = get_settings()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-        raise bad_request(f"The file is larger than the upload limit of {settings.max_upload_bytes} bytes",
-                          param="file", code="file_too_large")
+        raise bad_request(
+            f"The file is larger than the upload limit of {settings.max_upload_bytes} bytes",
+            param="file",
+            code="file_too_large",
+        )
     tmp = storage.temp_path(settings.files_dir, uuid.uuid4().hex)
     try:
         upload = await receive_upload(
@@ -71,11 +90,23 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
         if purpose not in PURPOSES:
             raise bad_request(f"purpose: {purpose!r} is not one of {list(PURPOSES)}", param="purpose")
         if upload.size == 0:
-            raise bad_request("The file is empty", param="file", code="invalid_training_file",
-                              details={"line": None, "field": None})
+            raise bad_request(
+                "The file is empty",
+                param="file",
+                code="invalid_training_file",
+                details={"line": None, "field": None},
+            )
         report = check_dataset(tmp)
-        file = File(user_id=user.id, filename=upload.filename[:255], purpose=purpose, bytes=upload.size,
-                    sha256=upload.sha256, format=report["format"], rows=report["rows"], report=report)
+        file = File(
+            user_id=user.id,
+            filename=upload.filename[:255],
+            purpose=purpose,
+            bytes=upload.size,
+            sha256=upload.sha256,
+            format=report["format"],
+            rows=report["rows"],
+            report=report,
+        )
         session.add(file)
         session.flush()
         storage.commit_file(tmp, storage.file_path(file.id))
@@ -87,7 +118,10 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
 
 @router.get("", response_model=ListPage[FileObject])
 def list_files(
-    user: CurrentUser, session: SessionDep, purpose: str | None = None, after: str | None = None,
+    user: CurrentUser,
+    session: SessionDep,
+    purpose: str | None = None,
+    after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
 ) -> ListPage[FileObject]:
     """List your files, newest first."""
@@ -97,8 +131,12 @@ def list_files(
     after_pk = crud.cursor_pk(session=session, model=File, after=after)
     rows, has_more = crud.page(session=session, stmt=stmt, model=File, after_pk=after_pk, limit=limit)
     data = [to_public(f) for f in rows]
-    return ListPage(data=data, has_more=has_more, first_id=data[0].id if data else None,
-                    last_id=data[-1].id if data else None)
+    return ListPage(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
 
 
 def _owned(session: SessionDep, user: CurrentUser, file_id: str) -> File:
@@ -118,13 +156,19 @@ def retrieve_file(file_id: str, user: CurrentUser, session: SessionDep) -> FileO
 def delete_file(file_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete a file no unfinished job is using."""
     file = _owned(session, user, file_id)
-    busy = session.scalar(select(Job.id).where(
-        (Job.training_file == file_id) | (Job.validation_file == file_id),
-        Job.status.in_(("validating_files", "queued", "running")),
-    ))
+    busy = session.scalar(
+        select(Job.id).where(
+            (Job.training_file == file_id) | (Job.validation_file == file_id),
+            Job.status.in_(("validating_files", "queued", "running")),
+        )
+    )
     if busy is not None:
-        raise APIError(409, f"File {file_id!r} is used by the unfinished job {busy!r}", param="file_id",
-                       code="file_in_use")
+        raise APIError(
+            409,
+            f"File {file_id!r} is used by the unfinished job {busy!r}",
+            param="file_id",
+            code="file_in_use",
+        )
     session.delete(file)
     session.commit()
     storage.remove(storage.file_path(file_id))
@@ -135,4 +179,6 @@ def delete_file(file_id: str, user: CurrentUser, session: SessionDep) -> Deleted
 def file_content(file_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """The uploaded bytes."""
     file = _owned(session, user, file_id)
-    return FileResponse(storage.file_path(file.id), media_type="application/octet-stream", filename=file.filename)
+    return FileResponse(
+        storage.file_path(file.id), media_type="application/octet-stream", filename=file.filename
+    )

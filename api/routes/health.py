@@ -19,6 +19,7 @@ def health(session: SessionDep) -> dict[str, Any]:
     try:
         session.execute(text("SELECT 1"))
     except Exception as e:  # any driver error means "not healthy", reported, not raised
-        raise APIError(503, f"database unreachable: {type(e).__name__}", type="server_error",
-                       code="database_unavailable") from e
+        raise APIError(
+            503, f"database unreachable: {type(e).__name__}", type="server_error", code="database_unavailable"
+        ) from e
     return {"status": "ok", "database": "ok"}

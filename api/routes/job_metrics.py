@@ -70,8 +70,11 @@ async def metric_events(job_id: str, after_pk: int, request: Request) -> AsyncIt
             events, status = await anyio.to_thread.run_sync(_read, job_id, after_pk)
             for event in events:
                 after_pk = event.pk
-                yield format_sse({**(event.data or {}), "created_at": int(event.created_at.timestamp())},
-                                 event="metrics", id=event.pk)
+                yield format_sse(
+                    {**(event.data or {}), "created_at": int(event.created_at.timestamp())},
+                    event="metrics",
+                    id=event.pk,
+                )
                 last_sent = time.monotonic()
             if status in FINAL_STATUSES:
                 yield format_sse({"status": status}, event="done")
@@ -88,10 +91,16 @@ async def metric_events(job_id: str, after_pk: int, request: Request) -> AsyncIt
             await client.aclose()
 
 
-@router.get("/{job_id}/metrics/stream", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/{job_id}/metrics/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
 def stream_metrics(
-    job_id: str, request: Request, user: CurrentUser, session: SessionDep,
+    job_id: str,
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent step metrics; reconnect with Last-Event-ID to replay what was missed."""
@@ -99,5 +108,8 @@ def stream_metrics(
     if job is None:
         raise not_found("job", job_id, param="fine_tuning_job_id")
     after_pk = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    return StreamingResponse(metric_events(job.id, after_pk, request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        metric_events(job.id, after_pk, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

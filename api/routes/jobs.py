@@ -28,13 +28,25 @@ def _ts(value: Any) -> int | None:
 
 def to_public(job: Job) -> JobObject:
     return JobObject(
-        id=job.id, created_at=int(job.created_at.timestamp()), finished_at=_ts(job.finished_at), model=job.model,
-        fine_tuned_model=job.fine_tuned_model, organization_id=job.user_id, status=job.status,  # type: ignore[arg-type]
-        hyperparameters=job.hyperparameters, training_file=job.training_file, validation_file=job.validation_file,
-        trained_tokens=job.trained_tokens, seed=job.seed, estimated_finish=_ts(job.estimated_finish),
-        error=job.error, metadata=job.metadata_, user_provided_suffix=job.suffix,
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        finished_at=_ts(job.finished_at),
+        model=job.model,
+        fine_tuned_model=job.fine_tuned_model,
+        organization_id=job.user_id,
+        status=job.status,  # type: ignore[arg-type]
+        hyperparameters=job.hyperparameters,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        trained_tokens=job.trained_tokens,
+        seed=job.seed,
+        estimated_finish=_ts(job.estimated_finish),
+        error=job.error,
+        metadata=job.metadata_,
+        user_provided_suffix=job.suffix,
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
-        estimated_memory_bytes=job.estimated_memory_bytes, validation_loss=job.validation_loss,
+        estimated_memory_bytes=job.estimated_memory_bytes,
+        validation_loss=job.validation_loss,
     )
 
 
@@ -52,28 +64,42 @@ def check_memory(model: str, hp: dict[str, Any]) -> int | None:
     if not config.is_file():
         return None
     shape = memory.ModelShape.from_folder(config.parent)
-    job = dict(bits=hp["bits"], group_size=hp["group_size"], lora_r=hp["lora_r"], lora_targets=hp["lora_targets"],
-               gradient_checkpointing=hp["gradient_checkpointing"])
-    estimate = memory.estimate_training_memory(shape, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"],
-                                               **job)
+    job = dict(
+        bits=hp["bits"],
+        group_size=hp["group_size"],
+        lora_r=hp["lora_r"],
+        lora_targets=hp["lora_targets"],
+        gradient_checkpointing=hp["gradient_checkpointing"],
+    )
+    estimate = memory.estimate_training_memory(
+        shape, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **job
+    )
     budget = settings.gpu_memory_budget_bytes
     if budget and estimate.total > budget:
-        micro = memory.largest_fitting_micro_batch(shape, budget, seq_len=hp["max_seq_len"],
-                                                   micro_batch=hp["micro_batch_size"], **job)
+        micro = memory.largest_fitting_micro_batch(
+            shape, budget, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **job
+        )
         if micro:
             hint = f"micro_batch_size={micro} at max_seq_len={hp['max_seq_len']} fits"
         else:
             seq = memory.largest_fitting_seq_len(shape, budget, seq_len=hp["max_seq_len"], **job)
             hint = f"max_seq_len={seq} at micro_batch_size=1 fits" if seq else "nothing fits; use fewer bits"
-        raise APIError(400, f"The job needs ~{estimate.total / memory.GIB:.1f} GiB but the budget is "
-                       f"{budget / memory.GIB:.1f} GiB; {hint}", param="hyperparameters", code="insufficient_memory",
-                       details={"estimate": estimate.to_dict()})
+        raise APIError(
+            400,
+            f"The job needs ~{estimate.total / memory.GIB:.1f} GiB but the budget is "
+            f"{budget / memory.GIB:.1f} GiB; {hint}",
+            param="hyperparameters",
+            code="insufficient_memory",
+            details={"estimate": estimate.to_dict()},
+        )
     return estimate.total
 
 
 @router.post("", response_model=JobObject)
 def create_job(
-    body: JobCreate, user: CurrentUser, session: SessionDep,
+    body: JobCreate,
+    user: CurrentUser,
+    session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobObject:
     """Create a fine-tuning job; a repeated Idempotency-Key returns the first job."""
@@ -83,8 +109,11 @@ def create_job(
             return to_public(existing)
     settings = get_settings()
     if body.model not in settings.base_models:
-        raise bad_request(f"model: {body.model!r} is not one of {settings.base_models}", param="model",
-                          code="model_not_available")
+        raise bad_request(
+            f"model: {body.model!r} is not one of {settings.base_models}",
+            param="model",
+            code="model_not_available",
+        )
     training = _file(session, user, body.training_file, "training_file")
     if body.validation_file is not None:
         _file(session, user, body.validation_file, "validation_file")
@@ -93,10 +122,19 @@ def create_job(
     except (ValidationError, ValueError) as e:
         raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from None
     estimate = check_memory(body.model, hp)
-    job = Job(user_id=user.id, idempotency_key=idempotency_key, model=body.model, training_file=training.id,
-              validation_file=body.validation_file, suffix=body.suffix,
-              seed=body.seed if body.seed is not None else secrets.randbelow(2**31), metadata_=body.metadata,
-              hyperparameters=hp, estimated_memory_bytes=estimate, status="validating_files")
+    job = Job(
+        user_id=user.id,
+        idempotency_key=idempotency_key,
+        model=body.model,
+        training_file=training.id,
+        validation_file=body.validation_file,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        metadata_=body.metadata,
+        hyperparameters=hp,
+        estimated_memory_bytes=estimate,
+        status="validating_files",
+    )
     session.add(job)
     session.commit()
     # Files were validated at upload; the worker re-checks them with the base model's tokenizer.
@@ -108,8 +146,11 @@ def create_job(
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:
-    return {k[len("metadata["):-1]: v for k, v in request.query_params.items()
-            if k.startswith("metadata[") and k.endswith("]")}
+    return {
+        k[len("metadata[") : -1]: v
+        for k, v in request.query_params.items()
+        if k.startswith("metadata[") and k.endswith("]")
+    }
 
 
 @router.get("", response_model=ListPage[JobObject])
@@ -125,8 +166,11 @@ def list_jobs(
     else:  # JSON filtering differs across databases; job counts per user are small
         if after_pk is not None:
             stmt = stmt.where(Job.pk < after_pk)
-        matching = [j for j in session.scalars(stmt.order_by(Job.pk.desc()))
-                    if all((j.metadata_ or {}).get(k) == v for k, v in wanted.items())]
+        matching = [
+            j
+            for j in session.scalars(stmt.order_by(Job.pk.desc()))
+            if all((j.metadata_ or {}).get(k) == v for k, v in wanted.items())
+        ]
         rows, has_more = matching[:limit], len(matching) > limit
     return ListPage(data=[to_public(j) for j in rows], has_more=has_more)
 
@@ -161,8 +205,14 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
 
 
 def event_to_public(event: Event) -> EventObject:
-    return EventObject(id=event.public_id, created_at=int(event.created_at.timestamp()), level=event.level,  # type: ignore[arg-type]
-                       message=event.message, type=event.type, data=event.data)  # type: ignore[arg-type]
+    return EventObject(
+        id=event.public_id,
+        created_at=int(event.created_at.timestamp()),
+        level=event.level,  # type: ignore[arg-type]
+        message=event.message,
+        type=event.type,
+        data=event.data,
+    )  # type: ignore[arg-type]
 
 
 @router.get("/{job_id}/events", response_model=ListPage[EventObject])
@@ -172,8 +222,9 @@ def list_events(
     """The job's events, newest first; `type: "metrics"` events carry step metrics."""
     job = _owned(session, user, job_id)
     stmt = select(Event).where(Event.job_id == job.id)
-    rows, has_more = crud.page(session=session, stmt=stmt, model=Event, after_pk=crud.event_cursor(after),
-                               limit=limit)
+    rows, has_more = crud.page(
+        session=session, stmt=stmt, model=Event, after_pk=crud.event_cursor(after), limit=limit
+    )
     return ListPage(data=[event_to_public(e) for e in rows], has_more=has_more)
 
 
@@ -186,8 +237,15 @@ def list_checkpoints(
     stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
     after_pk = crud.cursor_pk(session=session, model=Checkpoint, after=after)
     rows, has_more = crud.page(session=session, stmt=stmt, model=Checkpoint, after_pk=after_pk, limit=limit)
-    data = [CheckpointObject(
-        id=c.id, created_at=int(c.created_at.timestamp()), fine_tuning_job_id=job.id, step_number=c.step,
-        fine_tuned_model_checkpoint=f"{job.fine_tuned_model_name()}:ckpt-step-{c.step}", metrics=c.metrics,
-    ) for c in rows]
+    data = [
+        CheckpointObject(
+            id=c.id,
+            created_at=int(c.created_at.timestamp()),
+            fine_tuning_job_id=job.id,
+            step_number=c.step,
+            fine_tuned_model_checkpoint=f"{job.fine_tuned_model_name()}:ckpt-step-{c.step}",
+            metrics=c.metrics,
+        )
+        for c in rows
+    ]
     return ListPage(data=data, has_more=has_more)

@@ -20,7 +20,9 @@ from api.deps import CurrentUser
 
 router = APIRouter(tags=["metrics"])
 REGISTRY = CollectorRegistry()
-REQUESTS = Counter("modulora_http_requests", "HTTP requests", ["method", "route", "status"], registry=REGISTRY)
+REQUESTS = Counter(
+    "modulora_http_requests", "HTTP requests", ["method", "route", "status"], registry=REGISTRY
+)
 LATENCY = Histogram("modulora_http_request_seconds", "HTTP request latency", ["route"], registry=REGISTRY)
 
 

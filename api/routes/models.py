@@ -15,12 +15,19 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def adapter_to_public(model: Model) -> ModelObject:
-    return ModelObject(id=model.id, created=int(model.created_at.timestamp()), owned_by=model.user_id,
-                       parent=model.parent, root=model.parent)
+    return ModelObject(
+        id=model.id,
+        created=int(model.created_at.timestamp()),
+        owned_by=model.user_id,
+        parent=model.parent,
+        root=model.parent,
+    )
 
 
 def base_models() -> list[ModelObject]:
-    return [ModelObject(id=name, created=0, owned_by="modulora", root=name) for name in get_settings().base_models]
+    return [
+        ModelObject(id=name, created=0, owned_by="modulora", root=name) for name in get_settings().base_models
+    ]
 
 
 @router.get("", response_model=ListPage[ModelObject])

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import queue
-from api.db import migrate, session as db_session
+from api.db import migrate
+from api.db import session as db_session
 from api.db.session import session_scope
 from api.main import create_app
 from modulora.settings import get_settings
@@ -35,8 +36,9 @@ class Service:
             return {"Authorization": f"Bearer {crud.create_api_key(session=session, user_name=user)}"}
 
     def upload(self, headers: dict[str, str], content: bytes, name: str = "train.jsonl") -> dict:
-        response = self.client.post("/v1/files", headers=headers, files={"file": (name, content)},
-                                    data={"purpose": "fine-tune"})
+        response = self.client.post(
+            "/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": "fine-tune"}
+        )
         assert response.status_code == 200, response.text
         return response.json()
 

@@ -36,8 +36,9 @@ def test_upload_bad_file_is_400_with_line_and_field_and_stores_nothing(
     service: Service, content: bytes, line: int | None, field: str | None
 ) -> None:
     alice = service.new_key("alice")
-    response = service.client.post("/v1/files", headers=alice, files={"file": ("bad.jsonl", content)},
-                                   data={"purpose": "fine-tune"})
+    response = service.client.post(
+        "/v1/files", headers=alice, files={"file": ("bad.jsonl", content)}, data={"purpose": "fine-tune"}
+    )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "invalid_training_file" and error["param"] == "file"
@@ -46,20 +47,30 @@ def test_upload_bad_file_is_400_with_line_and_field_and_stores_nothing(
     assert service.client.get("/v1/files", headers=alice).json()["data"] == []
 
 
-def test_upload_oversized_file_is_400_and_stores_nothing(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_oversized_file_is_400_and_stores_nothing(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from modulora.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     alice = service.new_key("alice")
-    response = service.client.post("/v1/files", headers=alice, files={"file": ("big.jsonl", jsonl([CHAT_ROW], 40))},
-                                   data={"purpose": "fine-tune"})
+    response = service.client.post(
+        "/v1/files",
+        headers=alice,
+        files={"file": ("big.jsonl", jsonl([CHAT_ROW], 40))},
+        data={"purpose": "fine-tune"},
+    )
     assert response.status_code == 400 and response.json()["error"]["code"] == "file_too_large"
     assert stored_files(service) == []
 
 
 def test_upload_wrong_purpose_is_400(service: Service) -> None:
-    response = service.client.post("/v1/files", headers=service.new_key("alice"),
-                                   files={"file": ("t.jsonl", jsonl([CHAT_ROW]))}, data={"purpose": "batch"})
+    response = service.client.post(
+        "/v1/files",
+        headers=service.new_key("alice"),
+        files={"file": ("t.jsonl", jsonl([CHAT_ROW]))},
+        data={"purpose": "batch"},
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "purpose"
 
 
@@ -85,7 +96,9 @@ def test_list_files_pages_with_after_and_ends_on_empty_page(service: Service) ->
     ids = [service.upload(alice, jsonl([CHAT_ROW]))["id"] for _ in range(3)]
     first = service.client.get("/v1/files", params={"limit": 2}, headers=alice).json()
     assert [f["id"] for f in first["data"]] == ids[::-1][:2] and first["has_more"] is True
-    second = service.client.get("/v1/files", params={"limit": 2, "after": first["data"][-1]["id"]}, headers=alice).json()
+    second = service.client.get(
+        "/v1/files", params={"limit": 2, "after": first["data"][-1]["id"]}, headers=alice
+    ).json()
     assert [f["id"] for f in second["data"]] == [ids[0]] and second["has_more"] is False
     last = service.client.get("/v1/files", params={"after": ids[0]}, headers=alice).json()
     assert last["data"] == [] and last["has_more"] is False
