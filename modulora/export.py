@@ -1,0 +1,192 @@
+"""Adapters on disk in PEFT's format, plus a manifest that says exactly what they were trained on.
+
+    export_adapter(model, "out/adapter", base_model="smollm2-135m-instruct", quant_config=qc,
+                   lora_config=lc, train_config=tc, dataset_sha256=sha, tokenizer=tokenizer)
+
+writes `adapter_config.json` + `adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight`,
+as `peft` saves them), `manifest.json` and the tokenizer (with its chat template). `peft` loads the
+folder onto the dequantized base (`dequantize_model`); `load_adapter` loads it onto our quantized base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modulora.lora import LoraConfig, LoraLinear, add_lora_, lora_layers
+from modulora.quant import QuantConfig, QuantizedLinear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "manifest.json"
+PEFT_PREFIX = "base_model.model."
+MANIFEST_VERSION = 1
+
+
+def _as_dict(config: Any) -> dict[str, Any] | None:
+    if config is None or isinstance(config, dict):
+        return config
+    return config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("modulora", "torch", "transformers", "peft", "safetensors"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def peft_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's saved names: `base_model.model.<module>.lora_{A,B}.weight`."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part)[adapter_name].weight
+            state[f"{PEFT_PREFIX}{name}.{part}.weight"] = weight.detach().cpu().contiguous()
+    if not state:
+        raise ValueError("model: has no LoRA layers (run modulora.lora.add_lora_ first)")
+    return state
+
+
+def peft_adapter_config(lora_config: LoraConfig, base_model: str) -> dict[str, Any]:
+    """PEFT's `adapter_config.json`, produced by the installed `peft` so it always loads there."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=lora_config.r,
+        lora_alpha=lora_config.alpha,
+        lora_dropout=lora_config.dropout,
+        target_modules=list(lora_config.targets),
+        use_rslora=lora_config.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+        inference_mode=True,
+    )
+    return json.loads(
+        json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    )
+
+
+def export_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    base_model: str,
+    quant_config: QuantConfig | dict[str, Any] | None,
+    lora_config: LoraConfig,
+    train_config: Any = None,
+    dataset_sha256: str | None = None,
+    tokenizer: Any = None,
+    metrics: dict[str, Any] | None = None,
+    adapter_name: str = "default",
+) -> Path:
+    """Write the adapter folder atomically (temporary folder, then rename); returns `out_dir`.
+
+    base_model: the exact base the adapter was trained on (a built-in name, or the quantized base's
+    folder), recorded in both the PEFT config and the manifest. metrics: optional final numbers
+    (train/validation loss, accuracy) for the manifest.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = peft_state_dict(model, adapter_name)
+    save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(lora_config, base_model), indent=2))
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "base_model": base_model,
+        "quantization": _as_dict(quant_config),
+        "lora": _as_dict(lora_config),
+        "training": _as_dict(train_config),
+        "dataset_sha256": dataset_sha256,
+        "metrics": metrics,
+        "adapter": {"tensors": len(state), "parameters": sum(t.numel() for t in state.values())},
+        "libraries": library_versions(),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_manifest(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    return json.loads((Path(adapter_dir) / MANIFEST).read_text())
+
+
+def load_adapter(
+    model: nn.Module, adapter_dir: str | os.PathLike[str], adapter_name: str = "default"
+) -> nn.Module:
+    """Wrap `model`'s target layers in LoRA (unless already wrapped) and load a PEFT adapter folder."""
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter: peft_type {config['peft_type']!r} is not supported, only 'LORA'")
+    lora_config = LoraConfig(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=list(config["target_modules"]),
+        use_rslora=config.get("use_rslora", False),
+    )
+    if not lora_layers(model):
+        add_lora_(model, lora_config, adapter_name)
+    layers = lora_layers(model)
+    weights = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    expected = {f"{PEFT_PREFIX}{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(
+            f"adapter: keys do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for part in ("lora_A", "lora_B"):
+                target = getattr(layer, part)[adapter_name].weight
+                target.copy_(weights[f"{PEFT_PREFIX}{name}.{part}.weight"].to(target.dtype))
+            layer.scaling[adapter_name] = lora_config.scaling
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every `QuantizedLinear` by an `nn.Linear` holding its materialized weight, in place."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantizedLinear):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, LoraLinear):
+            raise ValueError("model: dequantize the base before adding LoRA")
+        weight = module.materialize(dtype)
+        dense = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+        dense.requires_grad_(False)
+        setattr(parent, leaf, dense)
+    return model
