@@ -1,0 +1,223 @@
+"""The /v1/dashboard routes the browser uses, through FastAPI's TestClient on an isolated home.
+
+The home holds only SmolLM2's config and tokenizer files (copied from the shared test home), which
+is all these torch-free routes read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api import crud
+from api.db import migrate
+from api.db import session as db_session
+from api.db.events import record_event
+from api.db.models import Checkpoint, Job, Model
+from api.db.session import session_scope
+from api.main import create_app
+from modulora.settings import get_settings
+
+BASE_MODEL = "smollm2-135m-instruct"
+MODEL_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+ROW = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
+LONG_ROW = {
+    "messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "one " * 200}]
+}
+
+
+def _clear_caches() -> None:
+    get_settings.cache_clear()
+    db_session.get_engine.cache_clear()
+    db_session._sessionmaker.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def model_folder() -> Path:
+    from modulora.models import resolve_model  # converts the GGUF once into the shared test home
+
+    return resolve_model(BASE_MODEL)
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_folder: Path) -> Iterator[TestClient]:
+    home = tmp_path / "home"
+    (home / "models" / BASE_MODEL).mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (model_folder / name).is_file():
+            shutil.copy(model_folder / name, home / "models" / BASE_MODEL / name)
+    monkeypatch.setenv("MODULORA_HOME", str(home))
+    monkeypatch.setenv("MODULORA_DATABASE_URL", f"sqlite:///{tmp_path / 'modulora.db'}")
+    for name in ("MODULORA_REDIS_URL", "REDIS_URL", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    _clear_caches()
+    migrate.upgrade()
+    with TestClient(create_app()) as test_client:
+        yield test_client
+    _clear_caches()
+
+
+def _key(user: str) -> dict[str, str]:
+    with session_scope() as session:
+        return {"Authorization": f"Bearer {crud.create_api_key(session=session, user_name=user)}"}
+
+
+def _upload(client: TestClient, headers: dict[str, str], rows: list[dict]) -> dict:
+    content = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    response = client.post(
+        "/v1/files", headers=headers, files={"file": ("train.jsonl", content)}, data={"purpose": "fine-tune"}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _estimate(client: TestClient, headers: dict[str, str], gpu: str, **hyperparameters: object) -> dict:
+    body = {
+        "model": BASE_MODEL,
+        "training_file": "",
+        "metadata": {"gpu": gpu},
+        "hyperparameters": {"quantization": "rtn", "bits": 4, **hyperparameters},
+    }
+    response = client.post("/v1/dashboard/memory_estimate", headers=headers, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_options_need_a_key_and_list_methods_bits_and_gpus(client: TestClient) -> None:
+    assert client.get("/v1/dashboard/options").status_code == 401
+    options = client.get("/v1/dashboard/options", headers=_key("ann")).json()
+    assert options["base_models"] == [BASE_MODEL]
+    methods = {m["name"]: m["bits"] for m in options["quantization_methods"]}
+    assert methods["nf4"] == [4] and 2 in methods["rtn"]
+    assert "24GB" in [g["name"] for g in options["gpus"]]
+
+
+def test_memory_estimate_fits_a_small_job_and_flags_a_huge_one_with_advice(client: TestClient) -> None:
+    headers = _key("ann")
+    small = _estimate(client, headers, "24GB", max_seq_len=512, batch_size=4, micro_batch_size=4)
+    assert small["fits"] and small["advice"] is None
+    assert small["peak_bytes"] == sum(small["breakdown"].values())
+    huge = _estimate(client, headers, "16GB", max_seq_len=32768, batch_size=8, micro_batch_size=8)
+    assert not huge["fits"] and huge["peak_bytes"] > 16 * 10**9
+    assert "would fit" in huge["advice"]
+
+
+def test_memory_estimate_rejects_an_unknown_gpu_naming_the_allowed_ones(client: TestClient) -> None:
+    body = {"model": BASE_MODEL, "training_file": "", "metadata": {"gpu": "3GB"}}
+    response = client.post("/v1/dashboard/memory_estimate", headers=_key("ann"), json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "metadata.gpu"
+    assert "24GB" in response.json()["error"]["message"]
+
+
+def test_report_counts_rows_over_the_chosen_length(client: TestClient) -> None:
+    headers = _key("ann")
+    file = _upload(client, headers, [ROW] * 9 + [LONG_ROW])
+    report = client.get(
+        f"/v1/dashboard/files/{file['id']}/report", headers=headers, params={"max_seq_len": 128}
+    ).json()
+    assert (report["format"], report["rows"], report["errors"]) == ("messages", 10, [])
+    assert report["truncated"] == 1 and report["max_seq_len"] == 128
+    assert sum(b["count"] for b in report["histogram"]) == 10
+    assert report["tokens"]["max"] > 200
+
+
+def test_preview_marks_only_the_assistant_turn_as_trained(client: TestClient) -> None:
+    headers = _key("ann")
+    file = _upload(client, headers, [ROW, ROW])
+    preview = client.get(
+        f"/v1/dashboard/files/{file['id']}/preview", headers=headers, params={"rows": 1}
+    ).json()
+    (row,) = preview["rows"]
+    trained = "".join(s["text"] for s in row["segments"] if s["trained"])
+    prompt = "".join(s["text"] for s in row["segments"] if not s["trained"])
+    assert trained.startswith("Blue.") and "Name a colour." in prompt and "<|im_start|>user" in prompt
+    assert 0 < row["trained_tokens"] < row["tokens"]
+
+
+def test_preview_of_another_users_file_is_404(client: TestClient) -> None:
+    file = _upload(client, _key("ann"), [ROW])
+    response = client.get(f"/v1/dashboard/files/{file['id']}/preview", headers=_key("bob"))
+    assert response.status_code == 404
+
+
+def _job(user_headers: dict[str, str], client: TestClient, file_id: str) -> str:
+    response = client.post(
+        "/v1/fine_tuning/jobs", headers=user_headers, json={"model": BASE_MODEL, "training_file": file_id}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def test_jobs_progress_reports_the_latest_step(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api import queue
+
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: None)
+    headers = _key("ann")
+    job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+    with session_scope() as session:
+        for step in (1, 2):
+            record_event(
+                session,
+                job_id,
+                f"step {step}",
+                type="metrics",
+                step=step,
+                data={"step": step, "total_steps": 4, "progress": step / 4, "eta_s": 10.0 * (4 - step)},
+            )
+    progress = client.get("/v1/dashboard/jobs/progress", headers=headers).json()["data"]
+    assert progress == [{"id": job_id, "step": 2, "total_steps": 4, "progress": 0.5, "eta_s": 20.0}]
+    assert client.get("/v1/dashboard/jobs/progress", headers=_key("bob")).json()["data"] == []
+
+
+def test_downloads_zip_the_adapter_and_checkpoint_folders(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api import queue
+
+    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: None)
+    headers = _key("ann")
+    job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+    home = get_settings().home
+    for folder in ("adapters/a1", "jobs/j1/checkpoints/step-2"):
+        (home / folder).mkdir(parents=True)
+        (home / folder / "adapter_config.json").write_text("{}")
+    with session_scope() as session:
+        user_id = session.get(Job, 1).user_id
+        session.add(
+            Model(
+                id="ft:smollm2:web",
+                user_id=user_id,
+                job_id=job_id,
+                parent=BASE_MODEL,
+                base=BASE_MODEL,
+                path="adapters/a1",
+            )
+        )
+        session.add(
+            Checkpoint(id="ftckpt-1", job_id=job_id, step=2, path=str(home / "jobs/j1/checkpoints/step-2"))
+        )
+        session.add(Checkpoint(id="ftckpt-2", job_id=job_id, step=3, path="/etc"))
+
+    response = client.get("/v1/dashboard/models/ft:smollm2:web/download", headers=headers)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    assert zipfile.ZipFile(io.BytesIO(response.content)).namelist() == ["ft_smollm2_web/adapter_config.json"]
+    response = client.get("/v1/dashboard/checkpoints/ftckpt-1/download", headers=headers)
+    assert zipfile.ZipFile(io.BytesIO(response.content)).namelist() == ["ftckpt-1/adapter_config.json"]
+    assert client.get("/v1/dashboard/checkpoints", headers=headers).json()["data"][0]["id"] == "ftckpt-2"
+    # Never a folder outside the storage root, never another user's artifact.
+    assert client.get("/v1/dashboard/checkpoints/ftckpt-2/download", headers=headers).status_code == 410
+    assert client.get("/v1/dashboard/checkpoints/ftckpt-1/download", headers=_key("bob")).status_code == 404
