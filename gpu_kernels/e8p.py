@@ -137,25 +137,24 @@ def _cached_table(device: torch.device) -> torch.Tensor:
     return e8p_table(device)
 
 
+def e8p_decode_triton(
+    codes: torch.Tensor, dtype: torch.dtype = torch.float16, config: dict[str, int] | None = None
+) -> torch.Tensor:
+    """The Triton decode; `config` overrides the tile (BLOCK_M rows x BLOCK_G codes) and num_warps."""
+    codes = codes.contiguous()
+    rows, groups = codes.shape
+    config = config or {"BLOCK_M": 16, "BLOCK_G": 64, "num_warps": 4}
+    out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
+    grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(groups, config["BLOCK_G"]))
+    launchable(_e8p_decode_kernel)[grid](
+        codes, _cached_table(codes.device), out, rows, groups, codes.stride(0), out.stride(0),
+        BLOCK_M=config["BLOCK_M"], BLOCK_G=config["BLOCK_G"], num_warps=config["num_warps"],
+    )  # fmt: skip
+    return out
+
+
 def e8p_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """codes int16 [rows, groups] -> weights [rows, groups·8]; Triton on CUDA, the reference elsewhere."""
     if not use_triton(codes):
         return e8p_decode_ref(codes, dtype)
-    codes = codes.contiguous()
-    rows, groups = codes.shape
-    out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
-    block_m, block_g = 16, 64
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(groups, block_g))
-    launchable(_e8p_decode_kernel)[grid](
-        codes,
-        _cached_table(codes.device),
-        out,
-        rows,
-        groups,
-        codes.stride(0),
-        out.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_G=block_g,
-        num_warps=4,
-    )
-    return out
+    return e8p_decode_triton(codes, dtype)

@@ -192,27 +192,32 @@ if triton_available():
             # One constant-geometry round: pairs (2i, 2i+1) -> sums first, then differences.
             even, odd = tl.split(tl.reshape(x, (BLOCK_M, P // 2, 2)))
             x = tl.reshape(tl.permute(tl.join(even + odd, even - odd), (0, 2, 1)), (BLOCK_M, P))
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_p[None, :], x * scale, mask=mask)
+        y = (x * scale).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_p[None, :], y, mask=mask)
 
 
-def _fwht_triton(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """x [rows, P] (P a power of two) -> fp32 x·H_Pᵀ·scale."""
+def fwht_config(p: int) -> dict[str, int]:
+    """Rows per program and warps for a row length P: about 2048 elements per program."""
+    return {"BLOCK_M": max(1, min(16, 2048 // p)), "num_warps": 4 if p <= 2048 else 8}
+
+
+def fwht_triton(
+    x: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype = torch.float32,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """x [rows, P] (P a power of two, unit column stride) -> x·H_Pᵀ·scale in `out_dtype` (fp32 inside)."""
     rows, p = x.shape
-    y = torch.empty(rows, p, device=x.device, dtype=torch.float32)
-    block_m = max(1, min(16, 2048 // p))
-    grid = (triton.cdiv(rows, block_m),)
+    if p & (p - 1) or x.stride(1) != 1:
+        raise ValueError(f"x: rows of length {p} with column stride {x.stride(1)}; need a power of two and 1")
+    config = config or fwht_config(p)
+    y = torch.empty(rows, p, device=x.device, dtype=out_dtype)
+    grid = (triton.cdiv(rows, config["BLOCK_M"]),)
     launchable(_fwht_kernel)[grid](
-        x,
-        y,
-        rows,
-        x.stride(0),
-        y.stride(0),
-        scale,
-        P=p,
-        LOG_P=p.bit_length() - 1,
-        BLOCK_M=block_m,
-        num_warps=4 if p <= 2048 else 8,
-    )
+        x, y, rows, x.stride(0), y.stride(0), scale,
+        P=p, LOG_P=p.bit_length() - 1, BLOCK_M=config["BLOCK_M"], num_warps=config["num_warps"],
+    )  # fmt: skip
     return y
 
 
@@ -223,5 +228,8 @@ def hadamard(x: torch.Tensor, transpose: bool = False, scale: float | None = Non
     n = x.shape[-1]
     k, p = hadamard_factors(n)
     rows = x.reshape(-1, p).contiguous()
-    y = _fwht_triton(rows, 1 / math.sqrt(n) if scale is None else scale).view(-1, n)
+    scale = 1 / math.sqrt(n) if scale is None else scale
+    if k == 1:
+        return fwht_triton(rows, scale, x.dtype).view(x.shape)
+    y = fwht_triton(rows, scale).view(-1, n)  # fp32 until the K factor is applied
     return _apply_small(y, k, transpose).view(x.shape).to(x.dtype)
