@@ -102,6 +102,8 @@ class Decoder:
         of the last token of each row, float32 [batch, vocab]. `slots` are the adapter slots per row.
         """
         batch, t = tokens.shape
+        if max(rows) >= self.rows:
+            raise ValueError(f"rows: {max(rows)} is past the cache's {self.rows} rows")
         if max(start) + t > self.max_seq_len:
             raise ValueError(f"max_seq_len: {max(start) + t} tokens exceed the cache's {self.max_seq_len}")
         if self.use_graphs and t == 1 and rows == list(range(batch)):

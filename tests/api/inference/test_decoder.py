@@ -3,9 +3,11 @@
 import copy
 from typing import Any
 
+import pytest
 import torch
 
 from api.inference.decoder import Decoder
+from tests.api.inference.factories import tiny_quantized_llama
 
 
 def greedy(decoder: Decoder, prompt: list[int], row: int, steps: int) -> list[int]:
@@ -53,3 +55,42 @@ def test_batch_rows_at_different_positions_match_each_row_alone(
         for t, row_logits in zip(tokens, logits, strict=True):
             t.append(int(row_logits.argmax()))
     assert tokens == alone
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_decode_with_mixed_adapters() -> None:
+    model = tiny_quantized_llama(vocab_size=1000).to("cuda")
+    decoders = {
+        graphs: Decoder(copy.deepcopy(model), rows=4, max_seq_len=48, use_graphs=graphs)
+        for graphs in (False, True)
+    }
+    generator = torch.Generator().manual_seed(0)
+    for decoder in decoders.values():
+        for layer in decoder.lora_layers.values():
+            layer.resize_(3, 4)
+        decoder.invalidate_graphs()
+    for name, layer in decoders[False].lora_layers.items():
+        for slot in (1, 2):
+            a, b = (
+                torch.randn(4, layer.in_features, generator=generator),
+                torch.randn(layer.out_features, 4, generator=generator),
+            )
+            for decoder in decoders.values():
+                decoder.lora_layers[name].load_slot_(slot, a.cuda() * 0.1, b.cuda() * 0.1, scaling=2.0)
+
+    prompts, slots = [list(range(10, 17)), list(range(40, 45)), list(range(70, 79))], [1, 0, 2]
+    logits = {}
+    for graphs, decoder in decoders.items():
+        tokens = [
+            int(decoder.forward(torch.tensor([p], device="cuda"), [r], [0], [slots[r]]).argmax())
+            for r, p in enumerate(prompts)
+        ]
+        steps = []
+        for step in range(6):
+            last = torch.tensor([[t] for t in tokens], device="cuda")
+            out = decoder.forward(last, [0, 1, 2], [len(p) + step for p in prompts], slots)
+            steps.append(out)
+            tokens = out.argmax(-1).tolist()
+        logits[graphs] = torch.stack(steps)
+    assert decoders[True]._graphs, "the decode steps should have replayed a captured graph"
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-3, atol=1e-3)
