@@ -77,6 +77,11 @@ def ours_generate(decoder: Decoder, ids: torch.Tensor, new: int, slots: list[int
     return time.perf_counter() - started, ttft
 
 
+def _record(results: list[dict], row: dict) -> None:
+    results.append(row)
+    print(row, flush=True)  # partial results survive a run cut short
+
+
 def hf_generate(model: torch.nn.Module, ids: torch.Tensor, new: int) -> float:
     ids = ids.to(DEVICE)
     sync()
