@@ -112,7 +112,7 @@ def measure_ours(args: argparse.Namespace, bits: int, results: list[dict]) -> di
     for batch in args.batches:
         ours_generate(decoder, prompts(batch, args.prompt, vocab), 4, [0] * batch)  # capture graphs, warm up
         seconds, ttft = ours_generate(decoder, prompts(batch, args.prompt, vocab), args.new, [0] * batch)
-        results.append(dict(system=f"ours gptq {bits}-bit", batch=batch, tok_s=batch * args.new / seconds,
+        _record(results, dict(system=f"ours gptq {bits}-bit", batch=batch, tok_s=batch * args.new / seconds,
                             ttft_ms=1000 * ttft, seconds=seconds))  # fmt: skip
     adapters = {}
     if bits == 4:
@@ -122,6 +122,7 @@ def measure_ours(args: argparse.Namespace, bits: int, results: list[dict]) -> di
             ours_generate(decoder, ids, 4, slots)
             adapters[name] = ours_generate(decoder, ids, args.new, slots)[0]
         adapters["ratio"] = adapters["8 rows, 8 adapters"] / adapters["8 rows, 1 adapter"]
+        print("adapters (seconds):", adapters, flush=True)
     free(decoder, model)
     return adapters
 
@@ -133,7 +134,7 @@ def measure_hf(args: argparse.Namespace, method: str, results: list[dict]) -> No
         hf_generate(model, prompts(batch, args.prompt, vocab), 2)  # warm up
         ttft = hf_generate(model, prompts(batch, args.prompt, vocab), 1)
         seconds = hf_generate(model, prompts(batch, args.prompt, vocab), args.new)
-        results.append(dict(system=f"hf generate {method}", batch=batch, tok_s=batch * args.new / seconds,
+        _record(results, dict(system=f"hf generate {method}", batch=batch, tok_s=batch * args.new / seconds,
                             ttft_ms=1000 * ttft, seconds=seconds))  # fmt: skip
     free(model)
 
@@ -187,7 +188,6 @@ def main() -> None:
     if not args.no_bnb:
         measure_hf(args, "bnb-nf4", results)
     print_table(results, ["system", "batch", "tok_s", "ttft_ms", "seconds"])
-    print("adapters (seconds):", adapters)
 
     matmuls: list[dict] = []
     ceiling = float("nan")
