@@ -87,59 +87,58 @@ class E8PLinear(QuantizedLinear):
 ##### E8P nearest-point search #####
 
 
-def _nearest_with_shift(
-    x: torch.Tensor, shift: float, candidates: int | None
+def _nearest_unshifted(
+    y: torch.Tensor, minus_quarter: torch.Tensor, candidates: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest E8P point among those with `shift`: (squared distance, code word, exact) per row.
+    """Nearest point to each row of y = x − shift among the D̂8 points with an abs-grid magnitude.
 
-    For an abs vector a, the nearest point takes the signs of y = x − shift; when their parity is
-    wrong for a, flipping the coordinate with the smallest |y_i|·a_i is the cheapest fix (cost
-    4·|y_i|·a_i). Only the `candidates` abs vectors nearest to |y| are scored (all 256 when None);
-    `exact` marks rows where no other abs vector can win (its distance before the parity fix is
-    already larger than the best found).
+    Returns (squared distance, code word, exact) per row; `minus_quarter` [N] bool says which rows
+    were shifted by −¼ (encoded in the code word). For an abs vector a the nearest point takes
+    the signs of y; when their parity is wrong for a, flipping the coordinate with the smallest
+    |y_i|·a_i is the cheapest fix (cost 4·|y_i|·a_i). Only the `candidates` abs vectors nearest to
+    |y| are scored (all 256 when None); `exact` marks rows where no other one can win (its distance
+    before the parity fix already exceeds the best found).
     """
-    grid = e8p_grid().to(x.device)  # [256, 8]
+    grid = e8p_grid().to(y.device)  # [256, 8]
     grid_parity = grid.sum(dim=1).remainder(2).to(torch.int64)  # required parity of the negative count
-    lanes = torch.arange(8, device=x.device)
-    y = x - shift
+    lanes = torch.arange(8, device=y.device)
     mag, negative = y.abs(), (y < 0).to(torch.int64)
     dist = mag.pow(2).sum(1, keepdim=True) - 2 * mag @ grid.T + grid.pow(2).sum(dim=1)  # [n, 256]
     if candidates is None:
-        index = torch.arange(256, device=x.device).expand_as(dist)
+        index = torch.arange(256, device=y.device).expand_as(dist)
         bound = torch.full_like(dist[:, 0], float("inf"))
     else:
-        dist, index = dist.topk(candidates + 1, dim=1, largest=False)
-        dist, index, bound = dist[:, :-1], index[:, :-1], dist[:, -1]
+        dist, index = dist.topk(candidates + 1, dim=1, largest=False, sorted=False)
+        bound, last = dist.max(dim=1)  # the (candidates+1)-th nearest bounds every abs vector left out
+        keep = torch.ones_like(dist, dtype=torch.bool).scatter_(1, last[:, None], False)
+        dist, index = dist[keep].view(-1, candidates), index[keep].view(-1, candidates)
     flip_cost, flip_at = (mag[:, None, :] * grid[index]).min(dim=-1)
     mismatch = negative.sum(1, keepdim=True).remainder(2) != grid_parity[index]
     dist = dist + mismatch * 4 * flip_cost
     best, pick = dist.min(dim=1)
-    rows = torch.arange(len(pick), device=x.device)
+    rows = torch.arange(len(pick), device=y.device)
     index = index[rows, pick]
     negative = negative ^ (mismatch[rows, pick, None] & (lanes == flip_at[rows, pick, None]))
     # Signs relative to the stored table (coordinate 0 pre-negated for odd-sum entries); a −¼ shift
     # is encoded by flipping bit 0 (see gpu_kernels.e8p).
-    negative[:, 0] ^= grid_parity[index] ^ int(shift < 0)
+    negative[:, 0] ^= grid_parity[index] ^ minus_quarter.to(torch.int64)
     word = (index << 8) | (negative << lanes).sum(1)
     return best, word, best <= bound
 
 
-def e8p_quantize(x: torch.Tensor, candidates: int = 16) -> torch.Tensor:
+def e8p_quantize(x: torch.Tensor, candidates: int = 8) -> torch.Tensor:
     """x [N, 8] (codebook units) -> int16 code words [N] of the nearest of the 65,536 E8P points.
 
-    Exact: each shift scores the `candidates` nearest abs vectors, and the rows where another could
-    still win are searched again over all 256.
+    Both shifts (±¼) are searched in one batch. Exact: the `candidates` nearest abs vectors are
+    scored, and rows where another could still win are searched again over all 256.
     """
-    x = x.float()
-    best_dist, best = None, None
-    for shift in (0.25, -0.25):
-        dist, word, exact = _nearest_with_shift(x, shift, candidates)
-        if not exact.all():
-            dist[~exact], word[~exact], _ = _nearest_with_shift(x[~exact], shift, None)
-        if best is None:
-            best_dist, best = dist, word
-        else:
-            best = torch.where(dist < best_dist, word, best)
+    n = x.shape[0]
+    y = torch.cat((x.float() - 0.25, x.float() + 0.25))
+    minus_quarter = torch.arange(2 * n, device=x.device) >= n
+    dist, word, exact = _nearest_unshifted(y, minus_quarter, candidates)
+    if not exact.all():
+        dist[~exact], word[~exact], _ = _nearest_unshifted(y[~exact], minus_quarter[~exact], None)
+    best = torch.where(dist[n:] < dist[:n], word[n:], word[:n])
     return torch.where(best >= 2**15, best - 2**16, best).to(torch.int16)
 
 
