@@ -35,6 +35,7 @@ from api.inference.types import (
     SamplingParams,
     TextEvent,
 )
+from modulora.generate import encode_prompt
 
 log = logging.getLogger(__name__)
 LoadBase = Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]
@@ -297,14 +298,17 @@ class InferenceEngine:
     # ---- models, adapters, memory ---------------------------------------------------------------
 
     def _tokenize(self, base: ResidentBase, request: Request, adapter: str | None) -> list[int]:
-        tokenizer = base.tokenizer
-        if request.messages is None:
-            return tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        """Prompt ids exactly as training and `modulora.generate` build them (no added special tokens);
+        chat messages go through the adapter's saved chat template, else the base tokenizer's."""
         template = base.chat_templates.get(adapter) if adapter else None
-        text = tokenizer.apply_chat_template(
+        if request.messages is None or template is None:
+            return encode_prompt(
+                base.tokenizer, request.prompt if request.messages is None else request.messages
+            )
+        text = base.tokenizer.apply_chat_template(
             request.messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(base.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _resident_base(self, ref: str) -> ResidentBase:
         if ref in self.bases:

@@ -19,7 +19,7 @@ from api.inference.types import EngineConfig
 from modulora.models import load_tokenizer
 from modulora.settings import get_settings
 from tests.api.conftest import Service
-from tests.api.inference.factories import random_adapter, tiny_quantized_llama, write_peft_adapter
+from tests.api.inference.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -31,7 +31,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
     base = tiny_quantized_llama(len(tokenizer))
     adapted = copy.deepcopy(base)
     random_adapter(adapted, seed=5)
-    return base, tokenizer, write_peft_adapter(adapted, tmp_path_factory.mktemp("adapter"), r=4)
+    return base, tokenizer, export_random_adapter(adapted, tmp_path_factory.mktemp("adapter"), 4, tokenizer)
 
 
 @pytest.fixture

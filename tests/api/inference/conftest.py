@@ -9,7 +9,7 @@ import torch
 from api.inference.engine import InferenceEngine
 from api.inference.types import EngineConfig
 from modulora.models import load_tokenizer
-from tests.api.inference.factories import random_adapter, tiny_quantized_llama, write_peft_adapter
+from tests.api.inference.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def tiny_base(tokenizer: Any) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def adapters(
-    tiny_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory
+    tiny_base: torch.nn.Module, tokenizer: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple[Path, Any]]:
     """Three PEFT adapters of the tiny base: name -> (folder, reference model with that adapter)."""
     made = {}
@@ -32,7 +32,12 @@ def adapters(
                                                ("ft-c", 2, ["q_proj", "v_proj"])], start=1):  # fmt: skip
         model = copy.deepcopy(tiny_base)
         random_adapter(model, seed=seed, r=r, targets=targets)
-        made[name] = (write_peft_adapter(model, tmp_path_factory.mktemp(name), r), model)
+        # ft-a carries the tokenizer (and so its chat template) like a worker's export does.
+        tokenizer_or_none = tokenizer if name == "ft-a" else None
+        made[name] = (
+            export_random_adapter(model, tmp_path_factory.mktemp(name), r, tokenizer_or_none),
+            model,
+        )
     return made
 
 

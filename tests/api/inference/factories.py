@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from modulora.export import export_adapter
 from modulora.lora import LoraConfig, add_lora_, lora_layers
 from modulora.quant import QuantConfig, get_quantizer
 
@@ -43,20 +43,10 @@ def random_adapter(
             weight.data = torch.randn(weight.shape, generator=generator) * 0.2
 
 
-def write_peft_adapter(model: torch.nn.Module, folder: Path, r: int) -> Path:
-    """Save the LoRA of a model wrapped by `random_adapter` as PEFT files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, layer in lora_layers(model).items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A["default"].weight.data.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B["default"].weight.data.contiguous()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": 2 * r,
-        "use_rslora": False,
-        "target_modules": list(TARGETS),
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
+def export_random_adapter(model: torch.nn.Module, folder: Path, r: int, tokenizer: Any = None) -> Path:
+    """Export the LoRA of a model wrapped by `random_adapter` with the library (PEFT files + manifest)."""
+    targets = sorted({name.rpartition(".")[2] for name in lora_layers(model)})
+    config = LoraConfig(r=r, alpha=2 * r, dropout=0.0, target_modules=targets)
+    return export_adapter(
+        model, folder, base_model="tiny", quant_config=None, lora_config=config, tokenizer=tokenizer
+    )

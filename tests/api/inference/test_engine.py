@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from api.inference.types import DoneEvent, EngineError, FinishEvent, ModelSpec, SamplingParams, TextEvent
+from modulora.generate import generate
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -17,24 +17,17 @@ def spec(name: str, adapters: dict[str, tuple[Path, Any]]) -> ModelSpec:
     return ModelSpec(name, "tiny", adapters[name][0]) if name in adapters else ModelSpec(name, "tiny")
 
 
-def reference_greedy(model: torch.nn.Module, tokenizer: Any, max_new_tokens: int) -> str:
-    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
 @pytest.mark.parametrize("name", ["tiny", "ft-a", "ft-c"])
-def test_greedy_output_equals_reference_generate(
+def test_greedy_output_equals_library_generate_token_for_token(
     name: str, make_engine, adapters, tiny_base, tokenizer
 ) -> None:
     reference_model = adapters[name][1] if name in adapters else tiny_base
     texts, usage = make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)
-    assert texts == [reference_greedy(reference_model, tokenizer, GREEDY.max_tokens)]
-    assert usage.completion_tokens == GREEDY.max_tokens
+    expected = generate(
+        reference_model, tokenizer, [MESSAGES], max_new_tokens=GREEDY.max_tokens, temperature=0
+    )[0]
+    assert texts == [expected.text]
+    assert usage.completion_tokens == len(expected.token_ids) == GREEDY.max_tokens
 
 
 def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
