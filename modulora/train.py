@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import resource
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modulora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from modulora.data import IGNORE_INDEX, collate
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -226,96 +224,6 @@ def memory_bytes(device: torch.device) -> tuple[int, int]:
     return resident, max(resident, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The `checkpoints/step-N` folder with the largest N under `output_dir`, or None."""
-    root = Path(output_dir) / "checkpoints"
-    steps = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return max(steps, key=lambda p: int(p.name[5:]), default=None)
-
-
-def save_checkpoint(
-    output_dir: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    state: dict[str, Any],
-    keep: int = 0,
-) -> Path:
-    """Write `checkpoints/step-N/` atomically (temporary folder, then rename); prune old ones."""
-    root = Path(output_dir) / "checkpoints"
-    final = root / f"step-{state['step']}"
-    tmp = root / f".step-{state['step']}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in _trainable(model).items()}, tmp / "adapter.safetensors")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-        },
-        tmp / "optimizer.pt",
-    )
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if keep:
-        older = sorted(
-            (p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
-        )
-        for old in older[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler, scaler and RNG states; returns the trainer state."""
-    path = Path(path)
-    if not (path / "trainer_state.json").is_file():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"resume_from: no checkpoint in {path}")
-        path = found
-    params = _trainable(model)
-    weights = load_file(path / "adapter.safetensors")
-    if set(weights) != set(params):
-        raise ValueError(
-            f"resume_from: {path} holds {len(weights)} adapter tensors, the model trains {len(params)}"
-        )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    states = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(states["optimizer"])
-    scheduler.load_state_dict(states["scheduler"])
-    scaler.load_state_dict(states["scaler"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -338,7 +246,7 @@ def finetune(
     """
     if not train_examples:
         raise ValueError("train_examples: empty")
-    params = list(_trainable(model).values())
+    params = list(trainable_parameters(model).values())
     if not params:
         raise ValueError("model: no trainable parameters (run modulora.lora.add_lora_ first)")
     if (config.save_every or resume_from is not None) and config.output_dir is None:

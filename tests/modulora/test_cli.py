@@ -1,0 +1,180 @@
+"""The `modulora` command: parser, extension point, and the whole flow on the real SmolLM2 (CPU)."""
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from modulora import cli
+
+
+def test_quantize_method_choices_come_from_the_registry() -> None:
+    from modulora.quant import QUANTIZERS
+
+    parser = cli.build_parser()
+    for method in QUANTIZERS:
+        args = parser.parse_args(["quantize", "--model", "m", "--method", method, "--out", "o"])
+        assert args.method == method and args.func is cli.run_quantize
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", "--model", "m", "--method", "no-such-method", "--out", "o"])
+
+
+def test_entry_point_subcommands_are_registered(monkeypatch) -> None:
+    def register_hello(subparsers: argparse._SubParsersAction) -> None:
+        subparsers.add_parser("hello").set_defaults(func=lambda args: 7)
+
+    class FakeEntryPoint:
+        def load(self):
+            return register_hello
+
+    monkeypatch.setattr(
+        cli.importlib.metadata,
+        "entry_points",
+        lambda group: [FakeEntryPoint()] if group == cli.ENTRY_POINT_GROUP else [],
+    )
+    assert cli.main(["hello"]) == 7
+
+
+@pytest.mark.slow
+def test_cli_flow_quantize_finetune_generate_eval_on_smollm2(
+    tmp_path: Path, capsys, shared_datasets: Path
+) -> None:
+    base, run = tmp_path / "base", tmp_path / "run"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in cli.DEMO_ROWS))
+
+    assert (
+        cli.main(
+            [
+                "quantize",
+                "--model",
+                "smollm2-135m-instruct",
+                "--method",
+                "rtn",
+                "--bits",
+                "4",
+                "--group-size",
+                "64",
+                "--out",
+                str(base),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (base / "quantize_config.json").is_file()
+
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                str(base),
+                "--data",
+                str(data),
+                "--max-steps",
+                "3",
+                "--micro-batch-size",
+                "4",
+                "--learning-rate",
+                "1e-3",
+                "--lora-r",
+                "4",
+                "--max-seq-len",
+                "48",
+                "--out",
+                str(run),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((run / "adapter" / "manifest.json").read_text())
+    assert manifest["base_model"] == str(base) and manifest["quantization"]["method"] == "rtn"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                str(base),
+                "--adapter",
+                str(run),
+                "--max-new-tokens",
+                "3",
+                "--prompt",
+                "Question: Who wrote Hamlet?\nType:",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip()
+
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text((shared_datasets / "wikitext2" / "wiki.test.raw").read_text()[:3000])
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(base),
+                "--adapter",
+                str(run),
+                "--task",
+                "perplexity",
+                "--data",
+                str(wiki),
+                "--window",
+                "128",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    value = float(re.search(r"^perplexity: (\S+)$", capsys.readouterr().out, re.M).group(1))
+    assert math.isfinite(value) and 1 < value < 1000
+
+    rows = tmp_path / "choices.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": r["prompt"],
+                    "choices": [" human", " location", " number", " abbreviation"],
+                    "label": r["completion"],
+                }
+            )
+            + "\n"
+            for r in cli.DEMO_ROWS
+        )
+    )
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(base),
+                "--adapter",
+                str(run),
+                "--task",
+                "accuracy",
+                "--data",
+                str(rows),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    accuracy = float(re.search(r"^accuracy: (\S+)$", capsys.readouterr().out, re.M).group(1))
+    assert 0 <= accuracy <= 1
