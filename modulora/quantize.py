@@ -133,7 +133,10 @@ def _device_of(module: nn.Module) -> torch.device:
 def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict[str, Any]]) -> list[torch.Tensor]:
     outputs = []
     for hidden, kwargs in zip(inputs, kwargs_list, strict=True):
-        out = layer(hidden, **kwargs)
+        try:
+            out = layer(hidden, **kwargs)
+        except _Captured:  # a Hessian hook saw all it needs; the rest of the layer is skipped
+            continue
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
 
@@ -145,12 +148,17 @@ def _collect_hessians(
     """H = 2·XᵀX/n [in, in] (float32) of the inputs of each named linear over all micro-batches."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(names, 0)
+    seen: set[str] = set()
 
     def hook(name: str) -> Callable[..., None]:
         def accumulate(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] += x.shape[0]
+            seen.add(name)
+            if len(seen) == len(names):  # every linear of the group has its input: stop this batch
+                seen.clear()
+                raise _Captured
 
         return accumulate
 

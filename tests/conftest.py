@@ -31,3 +31,11 @@ def shared_datasets() -> Path:
     if not path.is_dir():
         pytest.fail(f"the shared datasets are missing at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The built-in SmolLM2-135M-Instruct as a dequantized safetensors folder (converted once, cached)."""
+    from modulora.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")

@@ -36,6 +36,11 @@ def _pack_q4(codes: torch.Tensor) -> torch.Tensor:
     return (blocks[..., :16] | (blocks[..., 16:] << 4)).reshape(codes.shape[0], -1)
 
 
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d with 0 for empty blocks (llama.cpp divides by the float32 scale, before fp16 rounding)."""
+    return torch.where(d != 0, 1 / d, torch.zeros_like(d))
+
+
 @register_format
 class GGUFLinear(QuantizedLinear):
     """A linear layer stored in llama.cpp blocks of 32: Q4_0, Q4_1 or Q8_0."""
@@ -76,29 +81,28 @@ class GGUFLinear(QuantizedLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, qtype: str, bias: torch.Tensor | None = None) -> GGUFLinear:
-        """llama.cpp's reference quantization (quantize_row_*_ref) of weight [out, in]."""
+        """llama.cpp's reference quantization (quantize_row_*_ref), bit for bit, of weight [out, in]."""
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, qtype, bias is not None).to(weight.device)
         w = weight.float().view(out_features, -1, GGUF_BLOCK)
         if qtype == "q4_1":
             low, high = w.amin(-1), w.amax(-1)
-            d = ((high - low) / 15).to(torch.float16)
-            inv = torch.where(d != 0, 1 / d.float(), torch.zeros_like(low))
-            codes = torch.clamp(torch.round((w - low[..., None]) * inv[..., None]), 0, 15)
+            d = (high - low) / 15
+            codes = torch.trunc((w - low[..., None]) * _inverse(d)[..., None] + 0.5).clamp(0, 15)
             layer.mins.copy_(low.to(torch.float16))
-            layer.qs.copy_(_pack_q4(codes.view(out_features, -1)))
         elif qtype == "q4_0":
-            # d maps the signed value of largest magnitude to -8, as llama.cpp does.
-            index = w.abs().argmax(-1, keepdim=True)
-            d = (torch.gather(w, -1, index)[..., 0] / -8).to(torch.float16)
-            inv = torch.where(d != 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float32))
-            codes = torch.clamp(torch.round(w * inv[..., None]) + 8, 0, 15)
-            layer.qs.copy_(_pack_q4(codes.view(out_features, -1)))
+            # d maps the signed value of largest magnitude to -8.
+            d = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))[..., 0] / -8
+            codes = torch.trunc(w * _inverse(d)[..., None] + 8.5).clamp(0, 15)
         else:
-            d = (w.abs().amax(-1) / 127).to(torch.float16)
-            inv = torch.where(d != 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float32))
-            layer.qs.copy_(torch.round(w * inv[..., None]).to(torch.int8).view(out_features, -1))
-        layer.scales.copy_(d)
+            d = w.abs().amax(-1) / 127
+            x = w * _inverse(d)[..., None]
+            codes = torch.sign(x) * torch.floor(x.abs() + 0.5)  # C's roundf: halves away from zero
+        if qtype == "q8_0":
+            layer.qs.copy_(codes.to(torch.int8).view(out_features, -1))
+        else:
+            layer.qs.copy_(_pack_q4(codes.view(out_features, -1)))
+        layer.scales.copy_(d.to(torch.float16))
         if bias is not None:
             layer.bias.copy_(bias)
         return layer

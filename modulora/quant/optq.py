@@ -30,19 +30,24 @@ def search_scale_zero(
     w: torch.Tensor, bits: int, sym: bool, column_weight: torch.Tensor, grid: int, max_shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) for w [rows, cols] minimizing Σ_c column_weight[c]·(w − q)² over shrunk ranges."""
-    scale, zero = fit_scale_zero(w, bits, sym)
     if grid <= 0:
-        return scale, zero
+        return fit_scale_zero(w, bits, sym)
+    rows, cols = w.shape
+    factors = 1 - max_shrink * torch.arange(grid + 1, device=w.device) / grid  # [F], 1.0 first
     xmin, xmax = w.min(dim=1).values, w.max(dim=1).values
-    best = torch.full_like(scale, math.inf)
-    for step in range(grid + 1):
-        factor = 1 - max_shrink * step / grid
-        s, z = fit_scale_zero(w, bits, sym, xmin * factor, xmax * factor)
-        q = (quantize_codes(w, s, z, bits) - z[:, None]) * s[:, None]
-        error = ((q - w) ** 2 * column_weight).sum(dim=1)
-        better = error < best
-        best = torch.where(better, error, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    best_error = torch.full((rows,), math.inf, device=w.device)
+    scale, zero = torch.empty(rows, device=w.device), torch.empty(rows, device=w.device)
+    chunk = max(1, 2**24 // w.numel())  # factors evaluated at once, bounded memory
+    for f in factors.split(chunk):
+        candidates = w.expand(len(f), rows, cols).reshape(-1, cols)  # [F·rows, cols]
+        s, z = fit_scale_zero(candidates, bits, sym, (f[:, None] * xmin).flatten(), (f[:, None] * xmax).flatten())
+        q = (quantize_codes(candidates, s, z, bits) - z[:, None]) * s[:, None]
+        error = ((q - candidates) ** 2 * column_weight).sum(dim=1).view(len(f), rows)
+        chunk_error, index = error.min(dim=0)
+        better = chunk_error < best_error  # strict: ties keep the wider (earlier) range
+        pick = index * rows + torch.arange(rows, device=w.device)
+        best_error = torch.where(better, chunk_error, best_error)
+        scale, zero = torch.where(better, s[pick], scale), torch.where(better, z[pick], zero)
     return scale, zero
 
 
@@ -59,6 +64,17 @@ class OPTQQuantizer(Quantizer):
     ) -> GPTQLinear:
         if hessian is None:
             raise ValueError("hessian: OPTQ needs the layer-input Hessian (calibration data)")
+        if weight.device.type != "cpu":
+            return self._quantize(weight, bias, hessian)
+        # The column loop is thousands of tiny ops: extra CPU threads only add synchronization.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._quantize(weight, bias, hessian)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor) -> GPTQLinear:
         cfg, options = self.config, self.config.options
         bits, sym, maxq = cfg.bits, cfg.sym, 2**cfg.bits - 1
         grid, max_shrink = int(options.get("clip_grid", 20)), float(options.get("max_shrink", 0.25))
