@@ -9,6 +9,8 @@ const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 3000;
 const RECONNECT_MS = 1000;
 
+// Event ids are "ftevent-<n>" with n increasing: order by n, timestamps tie within a second.
+const eventNumber = (event) => Number(event.id.split("-").pop()) || 0;
 const gib = (bytes) => bytes / 2 ** 30;
 const fmtGib = (v) => `${v.toFixed(2)} GiB`;
 
@@ -37,7 +39,7 @@ export function renderJob(main, jobId) {
 
   const charts = {
     loss: new LiveChart("chart-loss", "Loss", [{ label: "train" }, { label: "validation", points: true }]),
-    stepTime: new LiveChart("chart-step-time", "Step time (s)", [{ label: "step time", format: (v) => `${v.toFixed(2)}s` }]),
+    stepTime: new LiveChart("chart-step-time", "Step time (s)", [{ label: "step time", format: (v) => `${v.toFixed(1)}s` }]),
     tokens: new LiveChart("chart-tokens", "Tokens / s", [{ label: "tokens/s", format: (v) => v.toFixed(0) }]),
     memory: new LiveChart("chart-memory", "Memory", [{ label: "allocated", format: fmtGib }, { label: "peak", format: fmtGib }]),
   };
@@ -148,7 +150,7 @@ export function renderJob(main, jobId) {
   async function pollSideTables() {
     try {
       const [events, checkpoints] = await Promise.all([api.listEvents(jobId), api.listCheckpoints(jobId)]);
-      fill(eventsList, events.filter((e) => e.type !== "metrics").sort((a, b) => a.created_at - b.created_at).map((e) =>
+      fill(eventsList, events.filter((e) => e.type !== "metrics").sort((a, b) => eventNumber(a) - eventNumber(b)).map((e) =>
         h("li", { class: `event level-${e.level}` }, h("time", {}, formatTime(e.created_at)), " ", e.message)));
       fill(checkpointRows, checkpoints.length ? null : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No checkpoints yet.")),
         checkpoints.map((c) => h("tr", {},
