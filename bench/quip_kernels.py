@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import do_bench_ms, environment, print_table, write_json  # noqa: E402
 from gpu_kernels.e8p import e8p_decode_ref, e8p_decode_triton  # noqa: E402
+from gpu_kernels.e8p_matmul import e8p_matmul_triton  # noqa: E402
 from gpu_kernels.hadamard import fwht_config, fwht_triton, hadamard, hadamard_factors, hadamard_ref  # noqa: E402
 
 DEV = "cuda"
@@ -55,6 +56,9 @@ def random_codes(out_features: int, in_features: int) -> torch.Tensor:
 
 def check_kernels() -> None:
     codes = random_codes(300, 1024)
+    x = torch.randn(5, 1024, device=DEV, dtype=torch.bfloat16)
+    want = x.double().cpu() @ e8p_decode_ref(codes.cpu(), torch.float64).T
+    assert ((e8p_matmul_triton(x, codes).double().cpu() - want).norm() / want.norm()).item() < 1e-2
     torch.testing.assert_close(
         e8p_decode_triton(codes, torch.bfloat16).cpu(), e8p_decode_ref(codes.cpu(), torch.bfloat16)
     )
@@ -126,6 +130,26 @@ def bench_layer(tokens: int = 2048) -> list[dict]:
     return rows
 
 
+def decode_then_linear(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, e8p_decode_triton(codes, x.dtype))
+
+
+def bench_small_m() -> list[dict]:
+    """Decode steps (1 and 16 rows): the fused decode-matmul against decode + F.linear and dense bf16."""
+    rows = []
+    for out_features, in_features in DECODE_SHAPES:
+        codes = random_codes(out_features, in_features)
+        dense = torch.randn(out_features, in_features, device=DEV, dtype=torch.bfloat16) * 0.01
+        for m in (1, 16):
+            x = torch.randn(m, in_features, device=DEV, dtype=torch.bfloat16)
+            fused_ms = do_bench_ms(functools.partial(e8p_matmul_triton, x, codes))
+            rows.append({"shape": f"{m}x{in_features}->{out_features}", "fused ms": fused_ms,
+                         "decode+linear ms": do_bench_ms(functools.partial(decode_then_linear, x, codes)),
+                         "dense ms": do_bench_ms(functools.partial(F.linear, x, dense)),
+                         "codes GB/s": codes.numel() * 2 / fused_ms / 1e6})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,11 +159,17 @@ def main() -> None:
     check_kernels()
     copy = copy_gbps()
     print(f"copy bandwidth: {copy:.0f} GB/s (read + write)")
-    decode, transform, layer = bench_decode(copy), bench_hadamard(copy), bench_layer()
+    decode, transform, layer, small = (
+        bench_decode(copy),
+        bench_hadamard(copy),
+        bench_layer(),
+        bench_small_m(),
+    )
     print_table(decode + transform, ["op", "shape", "config", "ms", "GB/s", "% copy"])
     print_table(layer, ["shape", "quip# ms", "decode ms", "dense ms", "ratio"])
+    print_table(small, ["shape", "fused ms", "decode+linear ms", "dense ms", "codes GB/s"])
     payload = {"environment": environment(), "copy_GBps": copy, "decode": decode, "hadamard": transform,
-               "layer_forward": layer}  # fmt: skip
+               "layer_forward": layer, "small_m": small}  # fmt: skip
     print("wrote", write_json("quip_kernels.json", payload, args.out))
 
 

@@ -92,48 +92,42 @@ def e8p_decode_ref(codes: torch.Tensor, dtype: torch.dtype = torch.float16) -> t
 if triton_available():
 
     @triton.jit
-    def _e8p_decode_kernel(
-        codes_ptr,
-        table_ptr,
-        out_ptr,
-        rows,
-        groups,
-        stride_cm,
-        stride_om,
-        BLOCK_M: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-    ):
-        pid_m, pid_g = tl.program_id(0), tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-        mask = (offs_m < rows)[:, None] & (offs_g < groups)[None, :]
-        word = tl.load(codes_ptr + offs_m[:, None] * stride_cm + offs_g[None, :], mask=mask, other=0).to(
-            tl.int32
-        )
+    def decode_e8p_tile(word, table_ptr):
+        """int32 code words [R, G] (16 low bits used) -> fp32 weights [R, G·8]."""
         word = word & 0xFFFF
         signs = word & 0xFF
         parity = signs ^ (signs >> 4)
         parity = parity ^ (parity >> 2)
         parity = (parity ^ (parity >> 1)) & 1
-        signs = signs ^ parity
-        packed = tl.load(table_ptr + (word >> 8))  # [BLOCK_M, BLOCK_G] int32: eight nibbles 2·t + 8
+        signs = signs ^ parity  # odd popcount: flip bit 0, shift −¼
+        packed = tl.load(table_ptr + (word >> 8))  # [R, G] int32: eight nibbles 2·t + 8
         lane = tl.arange(0, 8)[None, None, :]
         nibble = (packed[:, :, None] >> (4 * lane)) & 0xF
         negate = (signs[:, :, None] >> lane) & 1
         value = (nibble.to(tl.float32) - 8.0) * 0.5 * (1 - 2 * negate).to(tl.float32)
         value = value + (0.25 - 0.5 * parity.to(tl.float32))[:, :, None]
-        value = tl.reshape(value, (BLOCK_M, BLOCK_G * 8))
+        return tl.reshape(value, (value.shape[0], value.shape[1] * 8))
+
+    @triton.jit
+    def _e8p_decode_kernel(
+        codes_ptr, table_ptr, out_ptr, rows, groups, stride_cm, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):  # fmt: skip
+        pid_m, pid_g = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+        mask = (offs_m < rows)[:, None] & (offs_g < groups)[None, :]
+        word = tl.load(codes_ptr + offs_m[:, None] * stride_cm + offs_g[None, :], mask=mask, other=0)
+        value = decode_e8p_tile(word.to(tl.int32), table_ptr)
         offs_k = pid_g * BLOCK_G * 8 + tl.arange(0, BLOCK_G * 8)
         out_mask = (offs_m < rows)[:, None] & (offs_k < groups * 8)[None, :]
-        tl.store(
-            out_ptr + offs_m[:, None] * stride_om + offs_k[None, :],
-            value.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
-        )
+        out = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
+        tl.store(out, value.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @functools.cache
-def _cached_table(device: torch.device) -> torch.Tensor:
+def cached_table(device: torch.device) -> torch.Tensor:
+    """`e8p_table()` on `device`, built once per device."""
     return e8p_table(device)
 
 
@@ -147,7 +141,7 @@ def e8p_decode_triton(
     out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
     grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(groups, config["BLOCK_G"]))
     launchable(_e8p_decode_kernel)[grid](
-        codes, _cached_table(codes.device), out, rows, groups, codes.stride(0), out.stride(0),
+        codes, cached_table(codes.device), out, rows, groups, codes.stride(0), out.stride(0),
         BLOCK_M=config["BLOCK_M"], BLOCK_G=config["BLOCK_G"], num_warps=config["num_warps"],
     )  # fmt: skip
     return out
