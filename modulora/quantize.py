@@ -28,7 +28,9 @@ from torch import nn
 from modulora.models import decoder_layers, linear_targets, load_model, save_quantized
 from modulora.quant import QuantConfig, QuantizedLinear, get_quantizer
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "c4" / "c4_validation_2k.jsonl"
+DEFAULT_CALIBRATION = (
+    Path(__file__).resolve().parents[2] / "shared" / "datasets" / "c4" / "c4_validation_2k.jsonl"
+)
 # True-sequential groups: each group's inputs depend only on the groups before it.
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 MICRO_BATCH = 8
@@ -130,7 +132,9 @@ def _device_of(module: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict[str, Any]]) -> list[torch.Tensor]:
+def _run_layer(
+    layer: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict[str, Any]]
+) -> list[torch.Tensor]:
     outputs = []
     for hidden, kwargs in zip(inputs, kwargs_list, strict=True):
         try:
@@ -213,7 +217,9 @@ def quantize_(
                 dense = layer.get_submodule(name)
                 bias = dense.bias.detach().float() if dense.bias is not None else None
                 with torch.no_grad():
-                    quantized = quantizer.quantize(dense.weight.detach().float(), bias, hessians.pop(name, None))
+                    quantized = quantizer.quantize(
+                        dense.weight.detach().float(), bias, hessians.pop(name, None)
+                    )
                 _replace(layer, name, quantized.to(device))
         if quantizer.needs_hessian:
             with torch.inference_mode():

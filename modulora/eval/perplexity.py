@@ -23,7 +23,9 @@ WIKITEXT2_TEST = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "
 WIKITEXT2_CHARS = 87_684
 
 
-def load_wikitext2(path: str | os.PathLike[str] | None = None, max_chars: int | None = WIKITEXT2_CHARS) -> str:
+def load_wikitext2(
+    path: str | os.PathLike[str] | None = None, max_chars: int | None = WIKITEXT2_CHARS
+) -> str:
     """WikiText-2 test text with CRLF read as LF, cut to its first `max_chars` characters."""
     text = Path(path or WIKITEXT2_TEST).read_text(encoding="utf-8").replace("\r\n", "\n")
     return text if max_chars is None else text[:max_chars]

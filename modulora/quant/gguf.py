@@ -65,7 +65,9 @@ class GGUFLinear(QuantizedLinear):
     @classmethod
     def from_ggml(cls, raw: np.ndarray | torch.Tensor, qtype: str, in_features: int) -> GGUFLinear:
         """A layer from a ggml tensor's bytes, uint8 [out_features, in_features / 32 * block bytes]."""
-        raw = torch.from_numpy(np.array(raw)) if isinstance(raw, np.ndarray) else raw  # copy: mmap is read-only
+        raw = (
+            torch.from_numpy(np.array(raw)) if isinstance(raw, np.ndarray) else raw
+        )  # copy: mmap is read-only
         out_features = raw.shape[0]
         blocks = raw.reshape(out_features, in_features // GGUF_BLOCK, _BLOCK_BYTES[qtype])
         layer = cls(in_features, out_features, qtype)
@@ -127,7 +129,7 @@ class GGUFLinear(QuantizedLinear):
 
 @register_quantizer
 class GGUFQuantizer(Quantizer):
-    """Round-to-nearest into llama.cpp blocks: bits 4 -> Q4_1 (options={"qtype": "q4_0"} for Q4_0), 8 -> Q8_0."""
+    """Round-to-nearest into llama.cpp blocks: bits 4 -> Q4_1 (or options={"qtype": "q4_0"}), 8 -> Q8_0."""
 
     method = "gguf"
     supported_bits = (4, 8)
@@ -137,5 +139,7 @@ class GGUFQuantizer(Quantizer):
     ) -> GGUFLinear:
         qtype = "q8_0" if self.config.bits == 8 else self.config.options.get("qtype", "q4_1")
         if qtype not in GGUF_QTYPES or (qtype == "q8_0") != (self.config.bits == 8):
-            raise ValueError(f"options.qtype: {qtype!r} does not fit bits={self.config.bits}; use q4_0/q4_1 or bits 8")
+            raise ValueError(
+                f"options.qtype: {qtype!r} does not fit bits={self.config.bits}; use q4_0/q4_1 or bits 8"
+            )
         return GGUFLinear.from_float(weight, qtype, bias)

@@ -31,7 +31,9 @@ class NF4Linear(QuantizedLinear):
 
     format = "nf4"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, block_size: int = NF4_BLOCK) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, block_size: int = NF4_BLOCK
+    ) -> None:
         super().__init__(in_features, out_features, bias)
         if block_size <= 0 or block_size % 2:
             raise ValueError(f"block_size: {block_size} must be a positive even number")
@@ -62,7 +64,9 @@ class NF4Linear(QuantizedLinear):
         return layer
 
     def materialize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        return materialize_nf4(self.packed, self.absmax, self.out_features, self.in_features, self.block_size, dtype)
+        return materialize_nf4(
+            self.packed, self.absmax, self.out_features, self.in_features, self.block_size, dtype
+        )
 
     def format_config(self) -> dict[str, Any]:
         return {"block_size": self.block_size}
@@ -79,5 +83,7 @@ class NF4Quantizer(Quantizer):
     method = "nf4"
     supported_bits = (4,)
 
-    def quantize(self, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor | None) -> NF4Linear:
+    def quantize(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor | None
+    ) -> NF4Linear:
         return NF4Linear.from_float(weight, bias, int(self.config.options.get("block_size", NF4_BLOCK)))

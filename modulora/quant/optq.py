@@ -29,7 +29,7 @@ from modulora.quant.gptq_packed import GPTQLinear, fit_scale_zero, quantize_code
 def search_scale_zero(
     w: torch.Tensor, bits: int, sym: bool, column_weight: torch.Tensor, grid: int, max_shrink: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for w [rows, cols] minimizing Σ_c column_weight[c]·(w − q)² over shrunk ranges."""
+    """Per-row (scale, zero) for w [rows, cols] minimizing Σ_c column_weight[c]·(w − q)² (shrunk ranges)."""
     if grid <= 0:
         return fit_scale_zero(w, bits, sym)
     rows, cols = w.shape
@@ -40,7 +40,9 @@ def search_scale_zero(
     chunk = max(1, 2**24 // w.numel())  # factors evaluated at once, bounded memory
     for f in factors.split(chunk):
         candidates = w.expand(len(f), rows, cols).reshape(-1, cols)  # [F·rows, cols]
-        s, z = fit_scale_zero(candidates, bits, sym, (f[:, None] * xmin).flatten(), (f[:, None] * xmax).flatten())
+        s, z = fit_scale_zero(
+            candidates, bits, sym, (f[:, None] * xmin).flatten(), (f[:, None] * xmax).flatten()
+        )
         q = (quantize_codes(candidates, s, z, bits) - z[:, None]) * s[:, None]
         error = ((q - candidates) ** 2 * column_weight).sum(dim=1).view(len(f), rows)
         chunk_error, index = error.min(dim=0)
@@ -96,7 +98,9 @@ class OPTQQuantizer(Quantizer):
         if static_groups:
             for g in range(n_groups):
                 cols_g = slice(g * group, (g + 1) * group)
-                scales[g], zeros[g] = search_scale_zero(W[:, cols_g], bits, sym, diag[cols_g], grid, max_shrink)
+                scales[g], zeros[g] = search_scale_zero(
+                    W[:, cols_g], bits, sym, diag[cols_g], grid, max_shrink
+                )
 
         perm = torch.argsort(diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
         W, H, diag = W[:, perm], H[perm][:, perm], diag[perm]

@@ -12,7 +12,9 @@ CASES = [
 ]
 
 
-def make_layer(method: str, bits: int, group: int, out_features: int = 96, in_features: int = 160) -> QuantizedLinear:
+def make_layer(
+    method: str, bits: int, group: int, out_features: int = 96, in_features: int = 160
+) -> QuantizedLinear:
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features)
     x = torch.randn(256, in_features)
@@ -44,4 +46,6 @@ def test_empty_layer_loads_the_state_dict_back_exactly(method: str, bits: int, g
     layer = make_layer(method, bits, group)
     empty = type(layer).empty(layer.in_features, layer.out_features, True, layer.format_config())
     empty.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(empty.materialize(torch.float32), layer.materialize(torch.float32), rtol=0, atol=0)
+    torch.testing.assert_close(
+        empty.materialize(torch.float32), layer.materialize(torch.float32), rtol=0, atol=0
+    )

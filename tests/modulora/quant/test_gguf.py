@@ -7,7 +7,11 @@ from gguf import GGMLQuantizationType, dequantize, quantize
 
 from modulora.quant.gguf import GGUFLinear
 
-QTYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
+QTYPES = {
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "q8_0": GGMLQuantizationType.Q8_0,
+}
 
 
 @pytest.mark.parametrize("qtype", list(QTYPES))

@@ -25,7 +25,7 @@ def test_pack_then_unpack_returns_the_codes(bits: int, count: int) -> None:
 
 
 def test_three_bit_codes_straddle_words_as_gptq_does() -> None:
-    # Code 10 occupies bits 30-31 of word 0 and bit 0 of word 1; code 21 bit 31 of word 1 and bits 0-1 of word 2.
+    # Code 10 takes bits 30-31 of word 0 and bit 0 of word 1; code 21 bit 31 of word 1, bits 0-1 of word 2.
     codes = torch.zeros(32, 1, dtype=torch.int32)
     codes[10], codes[21] = 0b111, 0b111
     words = pack_bits(codes, 3)[:, 0].to(torch.int64) & 0xFFFFFFFF

@@ -16,7 +16,9 @@ def correlated_inputs(n: int = 512, features: int = 128, seed: int = 0) -> torch
     return (torch.randn(n, features) @ mix) * scale
 
 
-def output_error(method: str, bits: int, group: int, x: torch.Tensor, weight: torch.Tensor, **options) -> float:
+def output_error(
+    method: str, bits: int, group: int, x: torch.Tensor, weight: torch.Tensor, **options
+) -> float:
     hessian = 2 * x.T @ x / x.shape[0]
     config = QuantConfig(method=method, bits=bits, group_size=group, options=options)
     layer = get_quantizer(config).quantize(weight, None, hessian)
@@ -38,7 +40,9 @@ def test_clipping_search_does_not_increase_the_weighted_error() -> None:
     column_weight = torch.rand(64) + 0.1
 
     def weighted_error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        q = (torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 7) - zero[:, None]) * scale[:, None]
+        q = (torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 7) - zero[:, None]) * scale[
+            :, None
+        ]
         return ((q - w) ** 2 * column_weight).sum(dim=1)
 
     plain = weighted_error(*search_scale_zero(w, 3, False, column_weight, grid=0, max_shrink=0.25))
@@ -52,7 +56,9 @@ def test_act_order_stores_a_permuted_g_idx_and_static_groups_a_contiguous_one() 
     weight = torch.randn(16, 96)
     contiguous = torch.arange(96, dtype=torch.int32) // 32
 
-    act_order = get_quantizer(QuantConfig(method="optq", bits=4, group_size=32)).quantize(weight, None, hessian)
+    act_order = get_quantizer(QuantConfig(method="optq", bits=4, group_size=32)).quantize(
+        weight, None, hessian
+    )
     assert not torch.equal(act_order.g_idx, contiguous)
     assert torch.bincount(act_order.g_idx).tolist() == [32, 32, 32]
 
