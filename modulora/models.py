@@ -128,9 +128,21 @@ def _dequantized_copy(gguf: Path, target: Path) -> Path:
     return target
 
 
+def _read_quantize_config(path: Path) -> dict[str, Any] | None:
+    """quantize_config.json, else a GPTQ `quantization_config` inside config.json (hub style), else None."""
+    if (path / QUANTIZE_CONFIG).is_file():
+        return json.loads((path / QUANTIZE_CONFIG).read_text())
+    if (path / "config.json").is_file():
+        embedded = json.loads((path / "config.json").read_text()).get("quantization_config")
+        if isinstance(embedded, dict) and embedded.get("quant_method") == "gptq":
+            return embedded
+    return None
+
+
 def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
-    """A folder written by `save_quantized` or a GPTQ checkpoint (`quantize_config.json`)."""
-    return (Path(path) / QUANTIZE_CONFIG).is_file()
+    """A folder written by `save_quantized` or a GPTQ checkpoint (`quantize_config.json` or
+    `config.json` with a GPTQ `quantization_config`)."""
+    return Path(path).is_dir() and _read_quantize_config(Path(path)) is not None
 
 
 # ---------------------------------------------------------------- loading
@@ -175,9 +187,9 @@ def cast_dense_(model: nn.Module, dtype: torch.dtype) -> None:
         model.tie_weights()
 
 
-def _quantized_layer_specs(path: Path, keys: set[str], n_layers: int) -> dict[str, dict[str, Any]]:
+def _quantized_layer_specs(path: Path, keys: set[str]) -> dict[str, dict[str, Any]]:
     """{module name: {"format", "config"}} from our quantize_config.json or a GPTQ one."""
-    config = json.loads((path / QUANTIZE_CONFIG).read_text())
+    config = _read_quantize_config(path) or {}
     if "modulora" in config:
         return config["modulora"]["layers"]
     checkpoint_format = config.get("checkpoint_format", config.get("format", "gptq"))
@@ -214,7 +226,7 @@ def _load_quantized(path: Path) -> nn.Module:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours to interpret, not transformers'
     state = _read_safetensors(path)
-    specs = _quantized_layer_specs(path, set(state), config.num_hidden_layers)
+    specs = _quantized_layer_specs(path, set(state))
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, spec in specs.items():
@@ -364,6 +376,11 @@ def save_quantized(
     }
     (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quantize_config, indent=2))
     if out_dir.exists():
+        if any(out_dir.iterdir()) and not is_quantized_dir(out_dir):
+            shutil.rmtree(tmp)
+            raise FileExistsError(
+                f"out_dir: {out_dir} exists and is not a quantized model folder; not replacing it"
+            )
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir

@@ -84,8 +84,11 @@ def test_checkpoint_written_here_reloads_identically(tmp_path, bits: int) -> Non
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
-def test_hub_style_gptq_checkpoint_loads(tmp_path, checkpoint_format: str) -> None:
+@pytest.mark.parametrize(
+    ("checkpoint_format", "config_file"),
+    [("gptq", "quantize_config.json"), ("gptq_v2", "quantize_config.json"), ("gptq", "config.json")],
+)
+def test_hub_style_gptq_checkpoint_loads(tmp_path, checkpoint_format: str, config_file: str) -> None:
     """AutoGPTQ/GPTQModel layout: fp16 dense tensors, a zero bias per layer, no "modulora" key."""
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     config = QuantConfig(method="rtn", bits=4, group_size=32)
@@ -104,9 +107,19 @@ def test_hub_style_gptq_checkpoint_loads(tmp_path, checkpoint_format: str) -> No
     for name in [k.removesuffix(".qweight") for k in state if k.endswith(".qweight")]:
         state[f"{name}.bias"] = torch.zeros(model.get_submodule(name).out_features, dtype=torch.float16)
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "quantize_config.json").write_text(json.dumps(
-        {"bits": 4, "group_size": 32, "desc_act": False, "sym": False, "checkpoint_format": checkpoint_format}
-    ))  # fmt: skip
+    gptq = {
+        "bits": 4,
+        "group_size": 32,
+        "desc_act": False,
+        "sym": False,
+        "checkpoint_format": checkpoint_format,
+    }
+    if config_file == "config.json":  # transformers/optimum style: inside the model config
+        hf_config = json.loads((folder / "config.json").read_text())
+        hf_config["quantization_config"] = {**gptq, "quant_method": "gptq"}
+        (folder / "config.json").write_text(json.dumps(hf_config))
+    else:
+        (folder / "quantize_config.json").write_text(json.dumps(gptq))
 
     reloaded, _ = load_model(folder)
     name = "model.layers.1.mlp.down_proj"
@@ -114,3 +127,13 @@ def test_hub_style_gptq_checkpoint_loads(tmp_path, checkpoint_format: str) -> No
         reloaded.get_submodule(name).materialize(torch.float32),
         model.get_submodule(name).materialize(torch.float32), rtol=0, atol=0,
     )  # fmt: skip
+
+
+def test_saving_over_a_folder_that_is_not_a_quantized_model_is_refused(tmp_path) -> None:
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    config = QuantConfig(method="rtn", bits=4, group_size=32)
+    quantize_(model, config)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="out_dir"):
+        save_quantized(model, tokenizer, config, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
