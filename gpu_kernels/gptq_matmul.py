@@ -50,12 +50,12 @@ if triton_available():
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         BITS: tl.constexpr, ONE_GROUP: tl.constexpr, TRANSPOSE: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    ):
+    ):  # fmt: skip
         """y[m, c] = sum_r x[m, r]·B[r, c] with B = Wᵀ [K=in, N=out], or B = W [N, K] when TRANSPOSE.
 
         r is the reduction index, c the output column; program (m, c, s) reduces rows
         [s·r_per_split, (s+1)·r_per_split) of B.
-        """  # fmt: skip
+        """
         pid_m, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -71,15 +71,17 @@ if triton_available():
             if TRANSPOSE:  # B[r = out, c = in]
                 b = dequant_gptq_tile(
                     qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_c, offs_r, pid_c * BLOCK_C, K, N,
-                    zero_offset, group_size, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-                    BITS, ONE_GROUP, True,
-                )
+                    zero_offset, group_size,
+                    stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                    BITS, ONE_GROUP, True, BLOCK_C,
+                )  # fmt: skip
             else:  # B[r = in, c = out]
                 b = dequant_gptq_tile(
                     qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_r, offs_c, r_start, K, N,
-                    zero_offset, group_size, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-                    BITS, ONE_GROUP, False,
-                )
+                    zero_offset, group_size,
+                    stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                    BITS, ONE_GROUP, False, BLOCK_R,
+                )  # fmt: skip
             b = tl.where(offs_r[:, None] < r_end, b, 0.0)  # the split's last tile may overlap the next split
             acc = tl.dot(x, b.to(x.dtype), acc)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_c[None, :] * stride_yc
@@ -96,23 +98,30 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def matmul_config(rows: int, reduction: int, cols: int, device: torch.device) -> dict[str, int]:
+def matmul_config(
+    rows: int, reduction: int, cols: int, device: torch.device, bits: int = 4
+) -> dict[str, int]:
     """Tile sizes keyed on shape.
 
     Few rows (decode): 16-row tiles and a split of the reduction so that the grid covers every SM
     about four times over; the kernel is bandwidth-bound and each packed word is read once.
     Many rows: 128x128 output tiles, 64-deep reduction steps (a GPTQ group of 128 spans two steps).
-    Three pipeline stages fit the 228 KB of shared memory on an H100/H200 and the 100 KB of an
-    RTX 3090/4090/A6000 alike at these tile sizes.
+    Three pipeline stages fit the 228 KB of shared memory of an H100/H200 and the 100 KB of an
+    RTX 3090/4090/A6000 at 2/4/8 bits; 3-bit tiles load two words per code (straddles), so they
+    take two stages and, for decode, half the reduction depth (measured: three stages of 16x64x128
+    ask for 360 KB).
     """
+    stages = 2 if bits == 3 else 3
     if rows <= DECODE_MAX_ROWS:
-        block_c, block_r = 64, 128
+        block_c, block_r = 64, 64 if bits == 3 else 128
         tiles = -(-cols // block_c)
         split = max(1, min(4 * _num_sms(device) // tiles, reduction // (4 * block_r)))
-        return dict(BLOCK_M=16, BLOCK_C=block_c, BLOCK_R=block_r, SPLIT_K=split, num_warps=4, num_stages=3)
+        return dict(
+            BLOCK_M=16, BLOCK_C=block_c, BLOCK_R=block_r, SPLIT_K=split, num_warps=4, num_stages=stages
+        )
     if rows <= 64:
-        return dict(BLOCK_M=64, BLOCK_C=128, BLOCK_R=64, SPLIT_K=1, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_C=128, BLOCK_R=64, SPLIT_K=1, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_C=128, BLOCK_R=64, SPLIT_K=1, num_warps=4, num_stages=stages)
+    return dict(BLOCK_M=128, BLOCK_C=128, BLOCK_R=64, SPLIT_K=1, num_warps=8, num_stages=stages)
 
 
 def gptq_matmul_triton(
@@ -134,7 +143,7 @@ def gptq_matmul_triton(
         raise ValueError(f"x: last dim {x.shape[-1]} must be {side}_features={reduction}")
     x2 = x.reshape(-1, reduction)
     rows = x2.shape[0]
-    cfg = dict(config or matmul_config(rows, reduction, cols, x.device))
+    cfg = dict(config or matmul_config(rows, reduction, cols, x.device, bits))
     split = cfg.pop("SPLIT_K")
     group_size = contiguous_group_size(g_idx, scales.shape[0])
     tile_in = cfg["BLOCK_C"] if transpose else cfg["BLOCK_R"]

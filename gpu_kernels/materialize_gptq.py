@@ -114,19 +114,41 @@ if triton_available():
         qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr,
         offs_k, offs_n, k_start, K, N, zero_offset, group_size,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-        BITS: tl.constexpr, ONE_GROUP: tl.constexpr, TRANSPOSED: tl.constexpr,
-    ):
+        BITS: tl.constexpr, ONE_GROUP: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
         """fp32 W[n, k] for the tile, laid out [k, n] (or [n, k] when TRANSPOSED).
+
+        offs_k must be k_start + arange(BLOCK_K) with k_start a multiple of BLOCK_K's code-per-word
+        count (tiles are aligned), so 2/4/8-bit tiles start on a word.
 
         ONE_GROUP: every k of the tile is in group k_start // group_size (no act-order and tiles
         aligned to groups), so scales and zeros are one row each instead of a gather per element.
-        """  # fmt: skip
+        """
         if TRANSPOSED:
             ki, ni = offs_k[None, :], offs_n[:, None]
         else:
             ki, ni = offs_k[:, None], offs_n[None, :]
         mask = (ki < K) & (ni < N)
-        codes = _load_codes(qweight_ptr, ki, ni * stride_qn, stride_qk, mask, BITS)
+        if 32 % BITS == 0:
+            # Whole codes per word (2/4/8 bits): load each word once and expand it by constant shifts,
+            # instead of one load and one position computation per code.
+            offs_w = k_start // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
+            shifts = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)
+            if TRANSPOSED:
+                wi, wn = offs_w[None, :], offs_n[:, None]
+            else:
+                wi, wn = offs_w[:, None], offs_n[None, :]
+            w_mask = (wi * (32 // BITS) < K) & (wn < N)
+            words = tl.load(qweight_ptr + wi * stride_qk + wn * stride_qn, mask=w_mask, other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            if TRANSPOSED:  # [n, word, code in word] -> [n, k]
+                codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+                codes = tl.reshape(codes, (codes.shape[0], BLOCK_K))
+            else:  # [word, code in word, n] -> [k, n]
+                codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+                codes = tl.reshape(codes, (BLOCK_K, codes.shape[2]))
+        else:  # 3 bits: codes straddle words, so each code computes its own position
+            codes = _load_codes(qweight_ptr, ki, ni * stride_qn, stride_qk, mask, BITS)
         if ONE_GROUP:
             g = k_start // group_size
             n_mask = offs_n < N
@@ -156,8 +178,9 @@ if triton_available():
         w = dequant_gptq_tile(
             qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N, zero_offset,
             group_size, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-            BITS, ONE_GROUP, True,
-        )  # [BLOCK_N, BLOCK_K]: the output is [out, in], contiguous along in
+            BITS, ONE_GROUP, True, BLOCK_K,
+        )  # fmt: skip
+        # w is [BLOCK_N, BLOCK_K]: the output is [out, in], contiguous along in.
         mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         out = out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)

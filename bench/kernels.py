@@ -1,0 +1,271 @@
+"""Bandwidth and speed of every low-bit kernel on the current GPU, against the copy bandwidth.
+
+    python bench/kernels.py [--out docs/bench/kernels-h200.json] [--quick]
+
+Prints a table and writes JSON (to $OUT on the device machine). Every kernel is checked against its
+PyTorch reference once before it is timed. Bytes are the fewest the op must move: packed weight
+(+ scales, zeros, g_idx) read once, plus its output (or x and y) written/read once. Weights rotate
+over enough copies that each timed call streams from HBM, not the 50 MB L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (  # noqa: E402
+    copies_for,
+    do_bench_ms,
+    environment,
+    print_table,
+    random_gptq_buffers,
+    rotating,
+    write_json,
+)
+from gpu_kernels.gptq_matmul import gptq_matmul_ref, gptq_matmul_triton, matmul_config  # noqa: E402
+from gpu_kernels.materialize_gguf import materialize_gguf_ref, materialize_gguf_triton  # noqa: E402
+from gpu_kernels.materialize_gptq import materialize_gptq_ref, materialize_gptq_triton  # noqa: E402
+from gpu_kernels.materialize_nf4 import materialize_nf4_ref, materialize_nf4_triton  # noqa: E402
+
+DEV = "cuda"
+# LLaMA-7B's two MLP shapes (in, out) and its attention shape; 65B's largest.
+SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (8192, 22016)]
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written (GB/s)."""
+    src = torch.randn(2**29, device=DEV, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = do_bench_ms(lambda: dst.copy_(src))
+    return 2 * nbytes(src) / ms / 1e6
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-30)).item()
+
+
+def bench_materialize_gptq(rows: list, shapes: list, bit_widths: tuple, act_order: bool = False) -> None:
+    for bits in bit_widths:
+        for in_f, out_f in shapes:
+            bufs = random_gptq_buffers(in_f, out_f, bits, 128, DEV)
+            if act_order:
+                bufs["g_idx"] = bufs["g_idx"][torch.randperm(in_f, device=DEV)].contiguous()
+            args = (bufs["qweight"], bufs["qzeros"], bufs["scales"], bufs["g_idx"], bits, 1, torch.bfloat16)
+            err = rel_err(materialize_gptq_triton(*args), materialize_gptq_ref(*args))
+            moved = nbytes(*bufs.values()) + in_f * out_f * 2
+            sets = [tuple(args)] + [
+                (*random_gptq_buffers(in_f, out_f, bits, 128, DEV).values(), bits, 1, torch.bfloat16)
+                for _ in range(copies_for(moved) - 1)
+            ]
+            if act_order:
+                sets = [(q, z, s, bufs["g_idx"], *rest) for q, z, s, _, *rest in sets]
+            ms = do_bench_ms(rotating(materialize_gptq_triton, sets))
+            name = f"materialize gptq {bits}b" + (" act-order" if act_order else "")
+            rows.append(dict(kernel=name, shape=f"{out_f}x{in_f}", ms=ms, gbps=moved / ms / 1e6, rel_err=err))
+
+
+def bench_materialize_nf4(rows: list, out_f: int, in_f: int) -> None:
+    n_blocks = out_f * in_f // 64
+    make = lambda: (  # noqa: E731
+        torch.randint(0, 256, (n_blocks * 32,), dtype=torch.uint8, device=DEV),
+        torch.rand(n_blocks, device=DEV),
+        out_f, in_f, 64, torch.bfloat16,
+    )  # fmt: skip
+    first = make()
+    err = rel_err(materialize_nf4_triton(*first), materialize_nf4_ref(*first))
+    moved = nbytes(first[0], first[1]) + out_f * in_f * 2
+    ms = do_bench_ms(
+        rotating(materialize_nf4_triton, [first] + [make() for _ in range(copies_for(moved) - 1)])
+    )
+    rows.append(
+        dict(
+            kernel="materialize nf4 (ours)",
+            shape=f"{out_f}x{in_f}",
+            ms=ms,
+            gbps=moved / ms / 1e6,
+            rel_err=err,
+        )
+    )
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return
+    sets = []
+    for _ in range(copies_for(moved)):
+        w = torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        sets.append((packed, state))
+    moved_bnb = nbytes(sets[0][0], sets[0][1].absmax) + out_f * in_f * 2
+    ms = do_bench_ms(rotating(lambda p, s: bnbf.dequantize_4bit(p, s, quant_type="nf4"), sets))
+    rows.append(
+        dict(
+            kernel="materialize nf4 (bitsandbytes)", shape=f"{out_f}x{in_f}", ms=ms, gbps=moved_bnb / ms / 1e6
+        )
+    )
+
+
+def bench_materialize_gguf(rows: list, out_f: int, in_f: int) -> None:
+    for qtype in ("q4_0", "q4_1", "q8_0"):
+
+        def make(qtype: str = qtype) -> tuple:
+            if qtype == "q8_0":
+                qs = torch.randint(-128, 128, (out_f, in_f), dtype=torch.int8, device=DEV)
+            else:
+                qs = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=DEV)
+            scales = (torch.rand(out_f, in_f // 32, device=DEV) / 100).half()
+            mins = (torch.randn(out_f, in_f // 32, device=DEV) / 100).half() if qtype == "q4_1" else None
+            return qs, scales, mins, qtype, torch.bfloat16
+
+        first = make()
+        err = rel_err(materialize_gguf_triton(*first), materialize_gguf_ref(*first))
+        moved = nbytes(*(t for t in first[:3] if t is not None)) + out_f * in_f * 2
+        ms = do_bench_ms(
+            rotating(materialize_gguf_triton, [first] + [make() for _ in range(copies_for(moved) - 1)])
+        )
+        rows.append(
+            dict(
+                kernel=f"materialize gguf {qtype}",
+                shape=f"{out_f}x{in_f}",
+                ms=ms,
+                gbps=moved / ms / 1e6,
+                rel_err=err,
+            )
+        )
+
+
+def _materialized_linear(x: torch.Tensor, *packed_and_flags: object) -> torch.Tensor:
+    *packed, bits, zero_offset, _ = packed_and_flags
+    return F.linear(x, materialize_gptq_triton(*packed, bits, zero_offset, x.dtype))
+
+
+def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple) -> None:
+    for in_f, out_f in shapes:
+        for m in row_counts:
+            x = torch.randn(m, in_f, device=DEV, dtype=torch.bfloat16)
+            w_bytes = in_f * out_f * 2
+            dense = [
+                (x, torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16))
+                for _ in range(copies_for(w_bytes))
+            ]
+            ms = do_bench_ms(rotating(F.linear, dense))
+            moved = w_bytes + nbytes(x) + m * out_f * 2
+            rows.append(
+                dict(
+                    kernel=f"decode bf16 cuBLAS M={m}", shape=f"{out_f}x{in_f}", ms=ms, gbps=moved / ms / 1e6
+                )
+            )
+            for bits in bit_widths:
+                bufs = random_gptq_buffers(in_f, out_f, bits, 128, DEV)
+                args = (x, *bufs.values(), bits, 1, False)
+                err = rel_err(
+                    gptq_matmul_triton(*args),
+                    gptq_matmul_ref(x.double(), *list(bufs.values()), bits, 1, False),
+                )
+                moved = nbytes(*bufs.values()) + nbytes(x) + m * out_f * 2
+                sets = [args] + [
+                    (x, *random_gptq_buffers(in_f, out_f, bits, 128, DEV).values(), bits, 1, False)
+                    for _ in range(copies_for(moved) - 1)
+                ]
+                ms = do_bench_ms(rotating(gptq_matmul_triton, sets))
+                materialize_ms = do_bench_ms(rotating(_materialized_linear, sets))
+                split = matmul_config(m, in_f, out_f, x.device, bits)["SPLIT_K"]
+                choice = "fused" if ms <= materialize_ms else "materialize+cublas"
+                rows.append(dict(kernel=f"decode gptq {bits}b M={m}", shape=f"{out_f}x{in_f}", ms=ms,
+                                 gbps=moved / ms / 1e6, rel_err=err, split_k=split,
+                                 materialize_ms=materialize_ms, choice=choice))  # fmt: skip
+
+
+def _materialized_matmul(x: torch.Tensor, packed: tuple, bits: int, transpose: bool) -> torch.Tensor:
+    dense = materialize_gptq_triton(*packed, bits, 1, torch.bfloat16)
+    return x @ dense if transpose else x @ dense.T
+
+
+def _dense_matmul(x: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return x @ w if transpose else x @ w.T
+
+
+def bench_training(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple) -> None:
+    """Fused dequant-GEMM vs materialize + cuBLAS vs plain bf16 cuBLAS, forward and input gradient."""
+    for in_f, out_f in shapes:
+        for bits in bit_widths:
+            packed = tuple(random_gptq_buffers(in_f, out_f, bits, 128, DEV).values())
+            w = materialize_gptq_triton(*packed, bits, 1, torch.bfloat16)
+            for m in row_counts:
+                for transpose in (False, True):
+                    x = torch.randn(m, out_f if transpose else in_f, device=DEV, dtype=torch.bfloat16)
+                    variants = {
+                        "fused": functools.partial(gptq_matmul_triton, x, *packed, bits, 1, transpose),
+                        "materialize+cublas": functools.partial(
+                            _materialized_matmul, x, packed, bits, transpose
+                        ),
+                        "bf16 cublas": functools.partial(_dense_matmul, x, w, transpose),
+                    }
+                    err = rel_err(variants["fused"](), variants["bf16 cublas"]())
+                    times = {name: do_bench_ms(fn) for name, fn in variants.items()}
+                    best = min(("fused", "materialize+cublas"), key=times.__getitem__)
+                    rows.append(
+                        dict(
+                            kernel=f"train gptq {bits}b M={m} {'dX=dY.W' if transpose else 'Y=X.Wt'}",
+                            shape=f"{out_f}x{in_f}",
+                            ms=times[best],
+                            fused_ms=times["fused"],
+                            materialize_ms=times["materialize+cublas"],
+                            bf16_ms=times["bf16 cublas"],
+                            tflops=2 * m * in_f * out_f / times[best] / 1e9,
+                            choice=best,
+                            rel_err=err,
+                        )
+                    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON file or folder (default: $OUT or the current folder)")
+    parser.add_argument("--quick", action="store_true", help="one shape per section (a smoke run)")
+    parser.add_argument(
+        "--training-rows", default="128,512,2048,4096", help="M values of the training matmuls"
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    copy_gbps = copy_bandwidth()
+    rows: list[dict] = []
+    bench_materialize_gptq(rows, shapes, (2, 3, 4, 8))
+    bench_materialize_gptq(rows, shapes[:1], (3, 4), act_order=True)
+    bench_materialize_nf4(rows, 11008, 4096)
+    bench_materialize_gguf(rows, 11008, 4096)
+    bench_decode(rows, shapes[:2] if not args.quick else shapes, (2, 3, 4), (1, 4, 16))
+    training_rows = tuple(int(m) for m in args.training_rows.split(",") if m)
+    bench_training(rows, shapes[:3] if not args.quick else shapes, (2, 4), training_rows)
+    for r in rows:
+        if "gbps" in r:
+            r["copy_ratio"] = r["gbps"] / copy_gbps
+    print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
+    print_table(
+        [r for r in rows if "gbps" in r],
+        ["kernel", "shape", "ms", "gbps", "copy_ratio", "rel_err", "split_k", "materialize_ms", "choice"],
+    )
+    print()
+    print_table(
+        [r for r in rows if "choice" in r],
+        ["kernel", "shape", "fused_ms", "materialize_ms", "bf16_ms", "choice", "tflops", "rel_err"],
+    )
+    path = write_json(
+        "kernels.json", dict(environment=environment(), copy_gbps=copy_gbps, rows=rows), args.out
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
