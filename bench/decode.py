@@ -105,10 +105,27 @@ def load_adapters(decoder: Decoder, count: int, rank: int) -> None:
     decoder.invalidate_graphs()
 
 
+def check_graph_step(decoder: Decoder, vocab: int) -> dict[str, float]:
+    """The same decode step eager and as a graph replay (same cache state): logits must agree."""
+    ids = prompts(1, 32, vocab).to(DEVICE)
+    token = decoder.forward(ids, [0], [0], [0]).argmax(-1)[:, None]
+    decoder.use_graphs = False
+    eager = decoder.forward(token, [0], [32], [0])
+    decoder.use_graphs = DEVICE == "cuda"
+    replayed = decoder.forward(token, [0], [32], [0])
+    check = dict(
+        max_abs_diff=float((eager - replayed).abs().max()),
+        same_argmax=bool(eager.argmax() == replayed.argmax()),
+    )
+    print("graph vs eager decode step:", check, flush=True)
+    return check
+
+
 def measure_ours(args: argparse.Namespace, bits: int, results: list[dict]) -> dict[str, float]:
     model = build_model(args.size, "gptq", bits)
     vocab = model.config.vocab_size
     decoder = Decoder(model, rows=max(*args.batches, 8), max_seq_len=args.prompt + args.new)
+    check_graph_step(decoder, vocab)
     for batch in args.batches:
         ours_generate(decoder, prompts(batch, args.prompt, vocab), 4, [0] * batch)  # capture graphs, warm up
         seconds, ttft = ours_generate(decoder, prompts(batch, args.prompt, vocab), args.new, [0] * batch)
