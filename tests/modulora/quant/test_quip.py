@@ -9,6 +9,15 @@ from modulora.quant import FORMATS, QuantConfig, get_quantizer
 from modulora.quant.quip import E8PLinear, QuipQuantizer, e8p_quantize, proxy_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """BlockLDLQ runs thousands of tiny ops; a second thread only adds sync cost (10x on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def correlated_inputs(n: int, tokens: int = 2048) -> torch.Tensor:
     """Activations with correlated channels and a few outlier channels, like a transformer's."""
     torch.manual_seed(1)
@@ -102,3 +111,18 @@ def test_config_errors_name_the_field() -> None:
         E8PLinear(100, 64)
     with pytest.raises(ValueError, match="n: no Hadamard matrix of order 184"):
         E8PLinear(184, 64)
+
+
+def test_tiny_llama_quantizes_saves_and_loads_with_identical_logits(tmp_path) -> None:
+    from modulora.models import load_model, save_quantized
+    from modulora.quantize import quantize_
+    from tests.utils.tiny_lm import tiny_llama, tiny_tokenizer
+
+    model, ids = tiny_llama(), torch.randint(0, 400, (8, 64), generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(method="quip#", bits=2, true_sequential=False)
+    quantize_(model, config, ids, device="cpu")
+    assert all(isinstance(layer.mlp.down_proj, E8PLinear) for layer in model.model.layers)
+    save_quantized(model, tiny_tokenizer(), config, tmp_path)
+    loaded, _ = load_model(tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
