@@ -1,7 +1,7 @@
 """Decode throughput of the inference engine vs Hugging Face `generate` (bf16 and bitsandbytes NF4).
 
     python -m bench.decode                      # on the H200: LLaMA-7B shape, all measurements
-    BENCH_DEVICE=cpu python -m bench.decode --size tiny --batches 1 2 --prompt 16 --new 8 --no-bnb
+    BENCH_DEVICE=cpu python -m bench.decode --size tiny --batches 1 2 --prompt 16 --new 8 --parts ours-4bit
 
 What runs, in one process, for a LLaMA-7B-shaped model with random weights (no checkpoint needed):
 - ours, GPTQ 4-bit and 2-bit (group 128), through `api.inference.decoder.Decoder`, the engine's
@@ -37,6 +37,8 @@ from bench._common import (
 )
 from bench._models import DEVICE, LLAMA_SIZES, build_model
 from gpu_kernels.gptq_matmul import gptq_matmul
+
+PARTS = ("ours-4bit", "ours-2bit", "hf-bf16", "hf-bnb-nf4", "matmuls")
 
 
 def sync() -> None:
@@ -193,22 +195,23 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes NF4 peer")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     parser.add_argument("--out", default=None, help="JSON file or folder (default: $OUT or .)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     results: list[dict] = []
-    adapters = measure_ours(args, 4, results)
-    measure_ours(args, 2, results)
-    measure_hf(args, "bf16", results)
-    if not args.no_bnb:
-        measure_hf(args, "bnb-nf4", results)
+    adapters = measure_ours(args, 4, results) if "ours-4bit" in args.parts else {}
+    if "ours-2bit" in args.parts:
+        measure_ours(args, 2, results)
+    for method in ("bf16", "bnb-nf4"):
+        if f"hf-{method}" in args.parts:
+            measure_hf(args, method, results)
     print_table(results, ["system", "batch", "tok_s", "ttft_ms", "seconds"])
 
     matmuls: list[dict] = []
     ceiling = float("nan")
-    if DEVICE == "cuda":
+    if DEVICE == "cuda" and "matmuls" in args.parts:
         ceiling = copy_bandwidth()
         matmuls = [row for bits in (4, 2) for row in measure_matmuls(args, bits, ceiling)]
         print(f"copy bandwidth: {ceiling / 1e9:.0f} GB/s")
