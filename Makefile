@@ -23,5 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# API + one worker on 127.0.0.1:8000 with embedded defaults (SQLite database, SQLite broker);
+# set DATABASE_URL / REDIS_URL to use PostgreSQL and Redis instead (docs/service.md).
 run: $(STAMP)
-	$(VENV)/bin/modulora demo
+	$(VENV)/bin/modulora serve --with-worker

@@ -35,15 +35,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_worker(argv: list[str]) -> None:
+def run_worker(hostname: str | None = None, loglevel: str = "INFO") -> None:
     from worker.celery_app import app
 
     settings = get_settings()
-    app.worker_main(["worker", "--loglevel=INFO", "-Q", settings.job_queue, "--concurrency=1", *argv])
+    argv = ["worker", f"--loglevel={loglevel}", "-Q", settings.job_queue, "--concurrency=1"]
+    app.worker_main(argv + (["--hostname", hostname] if hostname else []))
 
 
 def _worker(args: argparse.Namespace) -> int:
-    run_worker(args.celery_args)
+    run_worker(args.hostname, args.loglevel)
     return 0
 
 
@@ -69,9 +70,8 @@ def register_serve(subparsers: Any) -> None:
 
 def register_worker(subparsers: Any) -> None:
     parser = subparsers.add_parser("worker", help="run a training worker (one per GPU: CUDA_VISIBLE_DEVICES)")
-    parser.add_argument(
-        "celery_args", nargs=argparse.REMAINDER, help="extra Celery worker options, e.g. -n gpu0@%%h"
-    )
+    parser.add_argument("-n", "--hostname", help="worker name, unique per GPU, e.g. gpu0@%%h")
+    parser.add_argument("--loglevel", default="INFO")
     parser.set_defaults(func=_worker)
 
 

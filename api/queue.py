@@ -11,15 +11,10 @@ from modulora.settings import get_settings
 TRAIN_TASK = "modulora.train"
 
 
-def broker_options() -> dict[str, object]:
-    """Transport options shared by the API's client and the worker (see worker/celery_app.py)."""
-    return {"visibility_timeout": get_settings().visibility_timeout_s}
-
-
 @functools.cache
 def _client(broker_url: str) -> Celery:
     client = Celery("modulora-api", broker=broker_url)
-    client.conf.broker_transport_options = broker_options()
+    client.conf.broker_transport_options = get_settings().broker_transport_options
     client.conf.broker_connection_retry_on_startup = True
     return client
 

@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         return self.broker_url or self.redis_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
 
+    @property
+    def broker_transport_options(self) -> dict[str, object]:
+        """Celery transport options, the same for the API's client and the workers."""
+        if self.resolved_broker_url.startswith(("redis://", "rediss://")):
+            return {"visibility_timeout": self.visibility_timeout_s}
+        return {}  # the SQLAlchemy transport hands its options to create_engine, which takes none of these
+
 
 @functools.cache
 def get_settings() -> Settings:

@@ -1,0 +1,103 @@
+"""worker/tasks/train.py without a real model: out-of-memory retry, base cache keys, failure paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from api.db.models import Event, Job
+from api.db.session import session_scope
+from tests.api.conftest import CHAT_ROW, Service, jsonl
+from worker import lifecycle
+from worker.tasks import train
+
+
+def make_job(service: Service, **hyperparameters: Any) -> Job:
+    alice = service.new_key("alice")
+    file = service.upload(alice, jsonl([CHAT_ROW], copies=10))
+    response = service.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=alice,
+        json={
+            "model": "smollm2-135m-instruct",
+            "training_file": file["id"],
+            "hyperparameters": hyperparameters,
+        },
+    )
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == response.json()["id"]))
+        assert job is not None
+        return job
+
+
+def events(job_id: str) -> list[Event]:
+    with session_scope() as session:
+        return list(session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.pk)))
+
+
+def run_with_fake_finetune(job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ooms: int) -> list[Any]:
+    """Call the retry wrapper with a finetune that runs out of memory `ooms` times; returns the configs."""
+    import modulora.train
+
+    configs: list[Any] = []
+
+    def finetune(model: Any, tokenizer: Any, examples: Any, config: Any, **_: Any) -> Any:
+        configs.append(config)
+        if len(configs) <= ooms:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return SimpleNamespace(status="completed", step=3, losses=[1.0], checkpoint=None)
+
+    monkeypatch.setattr(modulora.train, "finetune", finetune)
+    cpu = torch.device("cpu")
+    train._finetune_with_oom_retry(job, None, None, [], None, tmp_path, cpu, None, lambda: False)
+    return configs
+
+
+def test_out_of_memory_retries_once_with_half_micro_batch_and_double_accumulation(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(service, batch_size=4, micro_batch_size=4)
+    configs = run_with_fake_finetune(job, tmp_path, monkeypatch, ooms=1)
+    assert [(c.micro_batch_size, c.gradient_accumulation) for c in configs] == [(4, 1), (2, 2)]
+    warning = [e for e in events(job.id) if e.level == "warn"]
+    assert warning[0].data == {"micro_batch_size": 2, "gradient_accumulation": 2}
+
+
+def test_second_out_of_memory_fails_the_job_with_its_code(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(service, batch_size=4, micro_batch_size=4)
+    with pytest.raises(train.JobFailure) as failure:
+        run_with_fake_finetune(job, tmp_path, monkeypatch, ooms=2)
+    assert failure.value.error["code"] == "out_of_memory"
+    assert failure.value.error["param"] == "hyperparameters"
+
+
+def test_run_job_ends_failed_with_the_error_when_the_pipeline_raises(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(service)
+
+    def broken(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train, "_run", broken)
+    train.run_job(job.id, "w1")
+    with session_scope() as session:
+        failed = session.scalar(select(Job).where(Job.id == job.id))
+        assert failed is not None and failed.status == "failed"
+        assert failed.error == {"code": "training_error", "message": "RuntimeError: disk full", "param": None}
+
+
+def test_base_cache_key_depends_on_model_and_quantization_only(service: Service) -> None:
+    rtn = make_job(service, quantization="rtn", bits=4, group_size=128)
+    rtn_other_run = make_job(service, quantization="rtn", bits=4, group_size=128, lora_r=4)
+    three_bits = make_job(service, quantization="rtn", bits=3, group_size=128)
+    native = make_job(service, quantization="gguf")
+    assert train.base_dir(rtn)[1] == train.base_dir(rtn_other_run)[1] != train.base_dir(three_bits)[1]
+    assert train.base_dir(native) == ("smollm2-135m-instruct:gguf", None)
