@@ -170,8 +170,14 @@ class Decoder:
     # ---- CUDA graphs for decode steps -------------------------------------------------------------
 
     def invalidate_graphs(self) -> None:
-        """Forget captured steps (they point at the adapter bank tensors, which a resize replaces)."""
+        """Forget captured steps (they point at the adapter bank tensors, which a resize replaces).
+
+        The memory pool goes too: the caching allocator refuses to capture into a pool whose
+        previous graphs were freed.
+        """
         self._graphs.clear()
+        if self.use_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
 
     def _replay(self, tokens: torch.Tensor, start: list[int], slots: list[int]) -> torch.Tensor:
         """One decode step of rows 0..batch-1 as a CUDA graph replay (no per-kernel launch cost).
