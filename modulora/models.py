@@ -13,7 +13,9 @@ A GGUF model is dequantized once into a cached safetensors folder under
 
 Native GGUF base: a GGUF reference with the suffix `:gguf` (e.g. `smollm2-135m-instruct:gguf`)
 loads the file's own Q4_0/Q4_1/Q8_0 linear weights as `GGUFLinear` layers, without
-re-quantization; embeddings, norms and the head come from the dequantized copy.
+re-quantization (q/k rows un-permuted exactly as transformers does for rotary); embeddings, norms
+and the head come from the dequantized copy. The result is cached once as a quantized folder
+(`<models_dir>/<name>-gguf-native`), since parsing the GGUF metadata alone takes ~20 s.
 """
 
 from __future__ import annotations
@@ -80,12 +82,21 @@ def gguf_source(ref: str | os.PathLike[str]) -> Path | None:
 
 
 def resolve_model(ref: str | os.PathLike[str]) -> Path:
-    """A loadable folder for `ref`: the folder itself, or the cached dequantized copy of a GGUF."""
+    """A loadable folder for `ref`: the folder itself, or a cached conversion of a GGUF (its
+    dequantized copy, or with the `:gguf` suffix a quantized folder of its own blocks)."""
     text = str(ref).removesuffix(NATIVE_GGUF_SUFFIX)
     gguf = gguf_source(text)
+    native = str(ref).endswith(NATIVE_GGUF_SUFFIX)
+    if native and gguf is None:
+        raise ValueError(
+            f"model: {NATIVE_GGUF_SUFFIX} needs a GGUF model (built-in name, .gguf file or folder)"
+        )
     if gguf is not None:
         name = text if text in BUILTIN_MODELS else _cache_name(gguf)
-        return _dequantized_copy(gguf, get_settings().models_dir / name)
+        dense = _dequantized_copy(gguf, get_settings().models_dir / name)
+        if native:
+            return _native_gguf_copy(gguf, dense, get_settings().models_dir / f"{name}-gguf-native")
+        return dense
     path = Path(text).expanduser()
     if path.is_dir() and ((path / "config.json").is_file() or is_quantized_dir(path)):
         return path.resolve()
@@ -165,9 +176,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
-    if str(ref).endswith(NATIVE_GGUF_SUFFIX):
-        model = _load_native_gguf(gguf_source(ref), path)
-    elif is_quantized_dir(path):
+    if is_quantized_dir(path):
         model = _load_quantized(path)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -272,17 +281,23 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, module)
 
 
-def _load_native_gguf(gguf: Path | None, dense_dir: Path) -> nn.Module:
+def _native_gguf_copy(gguf: Path, dense_dir: Path, target: Path) -> Path:
+    """Save the GGUF's own blocks once as a quantized folder (reading GGUF metadata takes ~20 s)."""
+    if is_quantized_dir(target):
+        return target
+    model = _load_native_gguf(gguf, dense_dir)
+    qtypes = {m.qtype for m in model.modules() if isinstance(m, QuantizedLinear) and m.format == "gguf"}
+    config = QuantConfig(method="gguf", bits=8 if qtypes == {"q8_0"} else 4, group_size=32)
+    return save_quantized(model, load_tokenizer(dense_dir), config, target, base=str(gguf))
+
+
+def _load_native_gguf(gguf: Path, dense_dir: Path) -> nn.Module:
     """The dequantized model with its decoder linears replaced by the GGUF file's own blocks."""
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
     from modulora.quant.gguf import GGUFLinear
 
-    if gguf is None:
-        raise ValueError(
-            f"model: {NATIVE_GGUF_SUFFIX} needs a GGUF model (built-in name, .gguf file or folder)"
-        )
     model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
     config = model.config
     for tensor in GGUFReader(gguf).tensors:

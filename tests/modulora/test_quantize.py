@@ -11,7 +11,7 @@ from modulora.quantize import load_calibration, quantize_, quantize_model
 from tests.utils.tiny_lm import CORPUS, tiny_llama, tiny_tokenizer
 
 
-def calibration_ids(n: int = 16, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+def calibration_ids(n: int = 8, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 400, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
