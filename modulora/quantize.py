@@ -214,12 +214,16 @@ def quantize_(
         for group in _groups(layer, config.true_sequential):
             hessians = _collect_hessians(layer, group, inputs, kwargs_list) if quantizer.needs_hessian else {}
             for name in group:
-                dense = layer.get_submodule(name)
-                bias = dense.bias.detach().float() if dense.bias is not None else None
+                source = layer.get_submodule(name)
+                bias = source.bias.detach().float() if source.bias is not None else None
                 with torch.no_grad():
-                    quantized = quantizer.quantize(
-                        dense.weight.detach().float(), bias, hessians.pop(name, None)
+                    # An already-quantized base (e.g. a native GGUF) is re-quantized from its materialized W.
+                    weight = (
+                        source.materialize(torch.float32)
+                        if isinstance(source, QuantizedLinear)
+                        else source.weight.detach().float()
                     )
+                    quantized = quantizer.quantize(weight, bias, hessians.pop(name, None))
                 _replace(layer, name, quantized.to(device))
         if quantizer.needs_hessian:
             with torch.inference_mode():
@@ -235,9 +239,14 @@ def quantize_model(
     config: QuantConfig,
     out_dir: str | os.PathLike[str],
     progress: Progress | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Load `ref` in fp32 on the CPU, calibrate, quantize layer by layer, save; returns `out_dir`."""
-    model, tokenizer = load_model(ref, device="cpu", dtype=torch.float32)
+    """Load `ref` on the CPU, calibrate, quantize layer by layer, save; returns `out_dir`.
+
+    dtype: of the dense model while it is quantized (bfloat16 halves the CPU memory of a 7B model;
+    each weight is still quantized from float32 and Hessians accumulate in float32).
+    """
+    model, tokenizer = load_model(ref, device="cpu", dtype=dtype)
     quantizer = get_quantizer(config)
     ids = None
     if quantizer.needs_hessian:

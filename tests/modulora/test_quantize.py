@@ -110,3 +110,13 @@ def test_quantize_model_writes_a_loadable_folder(tmp_path) -> None:
     assert is_quantized_dir(out)
     model, _ = load_model(out)
     assert model.model.layers[1].mlp.down_proj.bits == 3
+
+
+def test_an_already_quantized_base_is_requantized_from_its_materialized_weights() -> None:
+    gguf_base = quantize_(tiny_llama(), QuantConfig(method="gguf", bits=8))
+    expected = gguf_base.model.layers[0].mlp.up_proj.materialize(torch.float32)
+    requantized = quantize_(gguf_base, QuantConfig(method="rtn", bits=8, group_size=32))
+    # RTN 8-bit of the materialized Q8_0 weights: within half a step (range/255/2) of them.
+    up = requantized.model.layers[0].mlp.up_proj
+    assert up.format == "gptq"
+    assert (up.materialize(torch.float32) - expected).abs().max() <= (expected.max() - expected.min()) / 255
