@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from utils.tiny_lm import single_thread  # noqa: F401
 
 from modulora import cli
 
@@ -38,143 +39,44 @@ def test_entry_point_subcommands_are_registered(monkeypatch) -> None:
     assert cli.main(["hello"]) == 7
 
 
+def modulora(*args: str) -> int:
+    """Run the command in-process, on the CPU."""
+    return cli.main([*map(str, args), "--device", "cpu"])
+
+
 @pytest.mark.slow
-def test_cli_flow_quantize_finetune_generate_eval_on_smollm2(
-    tmp_path: Path, capsys, shared_datasets: Path
-) -> None:
+def test_cli_flow_quantize_finetune_generate_eval_on_smollm2(tmp_path: Path, capsys, shared_datasets) -> None:
     base, run = tmp_path / "base", tmp_path / "run"
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in cli.DEMO_ROWS))
 
-    assert (
-        cli.main(
-            [
-                "quantize",
-                "--model",
-                "smollm2-135m-instruct",
-                "--method",
-                "rtn",
-                "--bits",
-                "4",
-                "--group-size",
-                "64",
-                "--out",
-                str(base),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert modulora("quantize", "--model", "smollm2-135m-instruct", "--method", "rtn", "--bits", 4,
+                    "--group-size", 64, "--out", base) == 0
     assert (base / "quantize_config.json").is_file()
 
-    assert (
-        cli.main(
-            [
-                "finetune",
-                "--model",
-                str(base),
-                "--data",
-                str(data),
-                "--max-steps",
-                "3",
-                "--micro-batch-size",
-                "4",
-                "--learning-rate",
-                "1e-3",
-                "--lora-r",
-                "4",
-                "--max-seq-len",
-                "48",
-                "--out",
-                str(run),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert modulora("finetune", "--model", base, "--data", data, "--max-steps", 2, "--micro-batch-size", 2,
+                    "--learning-rate", "1e-3", "--lora-r", 4, "--max-seq-len", 48, "--out", run) == 0
     manifest = json.loads((run / "adapter" / "manifest.json").read_text())
     assert manifest["base_model"] == str(base) and manifest["quantization"]["method"] == "rtn"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     capsys.readouterr()
 
-    assert (
-        cli.main(
-            [
-                "generate",
-                "--model",
-                str(base),
-                "--adapter",
-                str(run),
-                "--max-new-tokens",
-                "3",
-                "--prompt",
-                "Question: Who wrote Hamlet?\nType:",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    prompt = "Question: Who wrote Hamlet?\nType:"
+    assert modulora("generate", "--model", base, "--adapter", run, "--max-new-tokens", 3,
+                    "--prompt", prompt) == 0
     assert capsys.readouterr().out.strip()
 
     wiki = tmp_path / "wiki.txt"
     wiki.write_text((shared_datasets / "wikitext2" / "wiki.test.raw").read_text()[:3000])
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                str(base),
-                "--adapter",
-                str(run),
-                "--task",
-                "perplexity",
-                "--data",
-                str(wiki),
-                "--window",
-                "128",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert modulora("eval", "--model", base, "--adapter", run, "--task", "perplexity", "--data", wiki,
+                    "--window", 128) == 0
     value = float(re.search(r"^perplexity: (\S+)$", capsys.readouterr().out, re.M).group(1))
     assert math.isfinite(value) and 1 < value < 1000
 
+    choices = [" human", " location", " number", " abbreviation"]
     rows = tmp_path / "choices.jsonl"
-    rows.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "prompt": r["prompt"],
-                    "choices": [" human", " location", " number", " abbreviation"],
-                    "label": r["completion"],
-                }
-            )
-            + "\n"
-            for r in cli.DEMO_ROWS
-        )
-    )
-    assert (
-        cli.main(
-            [
-                "eval",
-                "--model",
-                str(base),
-                "--adapter",
-                str(run),
-                "--task",
-                "accuracy",
-                "--data",
-                str(rows),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    labelled = [{"prompt": r["prompt"], "choices": choices, "label": r["completion"]} for r in cli.DEMO_ROWS]
+    rows.write_text("".join(json.dumps(row) + "\n" for row in labelled))
+    assert modulora("eval", "--model", base, "--adapter", run, "--task", "accuracy", "--data", rows) == 0
     accuracy = float(re.search(r"^accuracy: (\S+)$", capsys.readouterr().out, re.M).group(1))
     assert 0 <= accuracy <= 1
