@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulora.lora import ALL_LINEAR
 from modulora.quant import FORMATS, QuantConfig, QuantizedLinear
 from modulora.settings import get_settings
 
@@ -399,17 +398,3 @@ def save_quantized(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a LLaMA-family causal LM (`model.model.layers`)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"model: {type(model).__name__} is not a LLaMA-family causal LM (no model.layers)")
-    return layers
-
-
-def linear_targets(layer: nn.Module) -> dict[str, nn.Module]:
-    """The seven projections of one decoder layer, {"self_attn.q_proj": module, ...}."""
-    return {n: m for n, m in layer.named_modules() if n.rpartition(".")[2] in ALL_LINEAR}

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulora.models import decoder_layers, linear_targets, load_model, save_quantized
+from modulora.lora import ALL_LINEAR
+from modulora.models import load_model, save_quantized
 from modulora.quant import QuantConfig, QuantizedLinear, get_quantizer
 
 DEFAULT_CALIBRATION = (
@@ -35,6 +36,20 @@ DEFAULT_CALIBRATION = (
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 MICRO_BATCH = 8
 Progress = Callable[[int, int], None]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a LLaMA-family causal LM (`model.model.layers`)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"model: {type(model).__name__} is not a LLaMA-family causal LM (no model.layers)")
+    return layers
+
+
+def linear_targets(layer: nn.Module) -> dict[str, nn.Module]:
+    """The seven projections of one decoder layer, {"self_attn.q_proj": module, ...}."""
+    return {n: m for n, m in layer.named_modules() if n.rpartition(".")[2] in ALL_LINEAR}
 
 
 def read_calibration_texts(path: str | os.PathLike[str]) -> list[str]:

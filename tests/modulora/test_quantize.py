@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from modulora.models import decoder_layers, is_quantized_dir, load_model
+from modulora.models import is_quantized_dir, load_model
 from modulora.quant import QuantConfig, QuantizedLinear
-from modulora.quantize import load_calibration, quantize_, quantize_model
+from modulora.quantize import decoder_layers, load_calibration, quantize_, quantize_model
 from tests.utils.tiny_lm import CORPUS, tiny_llama, tiny_tokenizer
 
 
