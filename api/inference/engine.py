@@ -329,7 +329,7 @@ class InferenceEngine:
             base.adapters.move_to_end(spec.id)
             return base.adapters[spec.id]
         assert spec.adapter_dir is not None
-        weights = read_adapter(spec.adapter_dir)
+        weights = read_adapter(spec.adapter_dir, spec.checkpoint_scaling)
         bank = next(iter(base.decoder.lora_layers.values()))
         used = set(base.adapters.values())
         free = [s for s in range(1, bank.slots) if s not in used]

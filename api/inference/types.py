@@ -76,11 +76,15 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What a `model` id serves: a base (a `modulora.models.load_model` ref) and maybe an adapter."""
+    """What a `model` id serves: a base (a `modulora.models.load_model` ref) and maybe an adapter.
+
+    checkpoint_scaling: set when `adapter_dir` is a training checkpoint (no adapter_config.json).
+    """
 
     id: str
     base: str
     adapter_dir: Path | None = None
+    checkpoint_scaling: float | None = None
 
 
 @dataclasses.dataclass

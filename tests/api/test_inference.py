@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors.torch import save_file
 
-from api.db.models import Job, Model, User
+from api.db.models import Checkpoint, Job, Model, User
 from api.db.session import session_scope
 from api.inference.engine import InferenceEngine
 from api.inference.service import get_engine
 from api.inference.types import EngineConfig
+from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
 from modulora.settings import get_settings
 from tests.api.conftest import Service
@@ -25,13 +27,18 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
-    """(tiny quantized base, tokenizer, a PEFT adapter folder of it)."""
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path, Any]:
+    """(tiny quantized base, tokenizer, a PEFT adapter folder of it, the base with that adapter)."""
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     base = tiny_quantized_llama(len(tokenizer))
     adapted = copy.deepcopy(base)
     random_adapter(adapted, seed=5)
-    return base, tokenizer, export_random_adapter(adapted, tmp_path_factory.mktemp("adapter"), 4, tokenizer)
+    return (
+        base,
+        tokenizer,
+        export_random_adapter(adapted, tmp_path_factory.mktemp("adapter"), 4, tokenizer),
+        adapted,
+    )
 
 
 @pytest.fixture
@@ -39,7 +46,7 @@ def served(
     service: Service, tiny: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Service]:
     """The service with base `tiny` listed and served by a tiny-model engine."""
-    base, tokenizer, _ = tiny
+    base, tokenizer, _, _ = tiny
     monkeypatch.setenv("MODULORA_BASE_MODELS", '["tiny"]')
     get_settings.cache_clear()
     config = EngineConfig(max_batch_size=4, max_seq_len=128)
@@ -49,13 +56,15 @@ def served(
     engine.shutdown()
 
 
-def register_adapter(service: Service, folder: Path, user_name: str, model_id: str) -> None:
-    """What the worker does when a job succeeds: adapter under home/adapters, a Model row."""
+def register_adapter(service: Service, folder: Path, user_name: str, model_id: str) -> str:
+    """What the worker does when a job succeeds: adapter under home/adapters, a Model row; the job id."""
     target = service.home / "adapters" / model_id
     shutil.copytree(folder, target)
     with session_scope() as session:
         user = session.query(User).filter(User.name == user_name).one()
-        job = Job(user_id=user.id, model="tiny", training_file="file-x", seed=0, status="succeeded")
+        hyperparameters = {"lora_r": 4, "lora_alpha": 8.0, "quantization": "rtn"}  # as `random_adapter`
+        job = Job(user_id=user.id, model="tiny", training_file="file-x", seed=0, status="succeeded",
+                  hyperparameters=hyperparameters)  # fmt: skip
         session.add(job)
         session.flush()
         session.add(
@@ -68,6 +77,7 @@ def register_adapter(service: Service, folder: Path, user_name: str, model_id: s
                 path=f"adapters/{model_id}",
             )
         )
+        return job.id
 
 
 def sse_payloads(response: Any) -> list[Any]:
@@ -134,7 +144,7 @@ def test_completion_honours_n_stop_and_seed(served: Service) -> None:
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
-def test_another_users_model_reads_as_not_found(served: Service, tiny: tuple[Any, Any, Path]) -> None:
+def test_another_users_model_reads_as_not_found(served: Service, tiny: tuple[Any, Any, Path, Any]) -> None:
     served.new_key("ada")
     register_adapter(served, tiny[2], "ada", "ft:tiny:ada:2")
     body = {"model": "ft:tiny:ada:2", "messages": MESSAGES, "max_tokens": 2}
@@ -159,3 +169,31 @@ def test_error_after_the_stream_started_is_an_error_chunk(served: Service) -> No
         payloads = sse_payloads(response)
     assert payloads[0]["error"]["code"] == "context_length_exceeded"
     assert payloads[-1] == "[DONE]"
+
+
+def test_checkpoint_id_serves_the_checkpoint_like_the_exported_model(
+    served: Service, tiny: tuple[Any, Any, Path, Any]
+) -> None:
+    headers = served.new_key("ada")
+    job_id = register_adapter(served, tiny[2], "ada", "ft:tiny:ada:3")
+    folder = served.home / "jobs" / job_id / "checkpoints" / "step-2"
+    folder.mkdir(parents=True)
+    # The adapter part of a training checkpoint, named as `modulora.checkpoint.save_checkpoint` names it.
+    save_file({k: v.detach().contiguous() for k, v in trainable_parameters(tiny[3]).items()},
+              str(folder / "adapter.safetensors"))  # fmt: skip
+    with session_scope() as session:
+        checkpoint = Checkpoint(job_id=job_id, step=2, path=str(folder.relative_to(served.home)))
+        session.add(checkpoint)
+        session.flush()
+        checkpoint_id = checkpoint.id
+
+    def answer(model: str) -> str:
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+        response = served.client.post("/v1/chat/completions", headers=headers, json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert answer(checkpoint_id) == answer("ft:tiny:ada:3")
+    other = served.client.post("/v1/chat/completions", headers=served.new_key("bob"),
+                               json={"model": checkpoint_id, "messages": MESSAGES})  # fmt: skip
+    assert other.status_code == 404
