@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from api import crud, queue
 from api.db.events import publish_status, record_event
@@ -136,7 +137,14 @@ def create_job(
         status="validating_files",
     )
     session.add(job)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same Idempotency-Key won the insert
+        session.rollback()
+        existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key or "")
+        if existing is None:
+            raise
+        return to_public(existing)
     # Files were validated at upload; the worker re-checks them with the base model's tokenizer.
     job.status = "queued"
     session.commit()

@@ -337,6 +337,10 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
         r=hp["lora_r"], alpha=hp["lora_alpha"], dropout=hp["lora_dropout"], target_modules=hp["lora_targets"]
     )
     add_lora_(model, lora_config)
+    heartbeat.beat()
+    if heartbeat.cancelled.is_set():  # cancelled while the base was being prepared
+        lifecycle.finish(job_id, "cancelled", message="Job cancelled before training started")
+        return
     output_dir = settings.jobs_dir / job_id
     recorder = MetricsRecorder(job, output_dir)
     result = _finetune_with_oom_retry(
