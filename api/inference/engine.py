@@ -62,6 +62,16 @@ class Request:
         """Stop generating for this request (a streaming client went away); its rows are freed."""
         self.cancelled = True
 
+    def notify(self, event: Event) -> None:
+        """Deliver an event; a failing listener (say, its event loop closed) cancels this request only."""
+        if self.cancelled and not isinstance(event, ErrorEvent):
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("event listener of a request for %s failed; cancelling it", self.spec.id)
+            self.cancelled = True
+
 
 @dataclasses.dataclass
 class ResidentBase:
@@ -203,10 +213,10 @@ class InferenceEngine:
                 if not self._admit(request):
                     blocked.append(request)
             except EngineError as error:
-                request.on_event(ErrorEvent(error))
+                request.notify(ErrorEvent(error))
             except Exception as error:  # a broken model file or an OOM must not kill the engine thread
                 log.exception("request for %s failed", request.spec.id)
-                request.on_event(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
+                request.notify(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
         with self._wake:
             self._waiting.extendleft(reversed(blocked))
 
@@ -266,7 +276,7 @@ class InferenceEngine:
                 request, _ = base.running.pop(row)
                 if not request.cancelled:
                     request.cancelled = True
-                    request.on_event(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
+                    request.notify(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
             return
         greedy = all(s.params.temperature == 0 for s in sequences)
         picked = logits.argmax(-1).tolist() if greedy else [None] * len(rows)
@@ -283,17 +293,17 @@ class InferenceEngine:
         cache_full = sequence.position + 2 > base.decoder.max_seq_len
         delta = sequence.append(token, cache_full)
         if delta:
-            request.on_event(TextEvent(sequence.index, delta))
+            request.notify(TextEvent(sequence.index, delta))
         if sequence.finish_reason is None:
             return
         del base.running[sequence.row]
-        request.on_event(FinishEvent(sequence.index, sequence.finish_reason))  # type: ignore[arg-type]
+        request.notify(FinishEvent(sequence.index, sequence.finish_reason))  # type: ignore[arg-type]
         if (
             all(s.finish_reason is not None for s in request.sequences)
             and len(request.sequences) == request.params.n
         ):
             completion = sum(len(s.output_ids) for s in request.sequences)
-            request.on_event(DoneEvent(request.prompt_tokens, completion))
+            request.notify(DoneEvent(request.prompt_tokens, completion))
 
     # ---- models, adapters, memory ---------------------------------------------------------------
 

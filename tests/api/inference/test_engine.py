@@ -137,3 +137,16 @@ def test_prompt_longer_than_the_cache_is_an_error(make_engine, adapters) -> None
     with pytest.raises(EngineError, match="max_seq_len") as error:
         engine.complete(spec("tiny", adapters), GREEDY, prompt="word " * 40)
     assert error.value.code == "context_length_exceeded"
+
+
+def test_failing_listener_cancels_its_request_not_the_engine(make_engine, adapters) -> None:
+    engine = make_engine()
+
+    def closed_loop(event: object) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    request = engine.submit(spec("ft-a", adapters), SamplingParams(max_tokens=50, temperature=0), closed_loop,
+                            messages=MESSAGES)  # fmt: skip
+    texts, usage = engine.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)
+    assert request.cancelled
+    assert usage.completion_tokens == GREEDY.max_tokens and texts[0]
