@@ -7,6 +7,7 @@ library calls one name and never branches on hardware itself.
 
 from gpu_kernels.e8p import e8p_decode, e8p_decode_ref, e8p_grid, e8p_signed_grid, e8p_table
 from gpu_kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
+from gpu_kernels.gptq_matmul import gptq_matmul, gptq_matmul_ref
 from gpu_kernels.hadamard import hadamard, hadamard_factors, hadamard_matrix, hadamard_ref
 from gpu_kernels.materialize_gguf import materialize_gguf, materialize_gguf_ref
 from gpu_kernels.materialize_gptq import materialize_gptq, materialize_gptq_ref, unpack_bits_ref
@@ -20,6 +21,8 @@ __all__ = [
     "e8p_matmul_ref",
     "e8p_signed_grid",
     "e8p_table",
+    "gptq_matmul",
+    "gptq_matmul_ref",
     "hadamard",
     "hadamard_factors",
     "hadamard_matrix",

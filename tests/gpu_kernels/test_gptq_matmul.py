@@ -68,11 +68,12 @@ def test_gptq_matmul_rejects_wrong_input_width(device: torch.device) -> None:
                            layer.scales, layer.g_idx, 4)  # fmt: skip
 
 
+@pytest.mark.parametrize("bits", [2, 3])  # 2 bits: fused up to 16 rows; 3 bits: always materialize
 @pytest.mark.parametrize("rows", [4, 40])
-def test_gptq_matmul_public_function_equals_layer_product(device: torch.device, rows: int) -> None:
-    """Whatever path the dispatcher picks (fused for few rows, materialize + matmul for many)."""
-    layer = random_gptq_layer(96, 40, bits=2, group_size=32, act_order=True, device=device)
+def test_gptq_matmul_public_function_equals_layer_product(device: torch.device, rows: int, bits: int) -> None:
+    """Whatever path the dispatcher picks (fused for few rows, materialize + matmul otherwise)."""
+    layer = random_gptq_layer(96, 40, bits=bits, group_size=32, act_order=True, device=device)
     x = torch.randn(rows, 96, device=device).half()
-    got = gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 2)
-    want = gptq_matmul_ref(x.double(), layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 2)
+    got = gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits)
+    want = gptq_matmul_ref(x.double(), layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits)
     assert relative_error(got, want) < RTOL
