@@ -178,7 +178,7 @@ def load_model(
     if is_quantized_dir(path):
         model = _load_quantized(path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     cast_dense_(model, dtype)
     return model.to(device).eval(), load_tokenizer(path)
 
