@@ -6,9 +6,12 @@
 2. for each decoder layer: moves it (only it) to the accelerator; for quantizers that need a
    Hessian, collects H = 2·XᵀX/n of each targeted linear's input with forward hooks, in the
    true-sequential order q/k/v → o → gate/up → down, re-running the layer between groups so each
-   group sees the outputs of the already-quantized ones; swaps in the `QuantizedLinear`s;
-   recomputes the layer's outputs *with the quantized layer* as the next layer's inputs; moves
-   it back.
+   group sees the outputs of the already-quantized ones (each of those passes stops as soon as
+   the group's last linear has its input); swaps in the `QuantizedLinear`s; recomputes the
+   layer's outputs *with the quantized layer* as the next layer's inputs; moves it back.
+
+The calibration activations (inputs and outputs of one layer) live on the accelerator too:
+n_samples × seq_len × hidden floats each, e.g. 128×512×576×4 B = 151 MB for SmolLM2.
 
 Only the seven projections of each decoder layer are quantized (not embeddings, norms or head).
 """
