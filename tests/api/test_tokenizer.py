@@ -9,7 +9,7 @@ from modulora import data
 
 pytestmark = pytest.mark.slow
 ROWS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"},
                   {"role": "assistant", "content": "Paris."}]},
     {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                   {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]},
