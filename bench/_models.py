@@ -25,6 +25,7 @@ DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
 
 # LLaMA-1 shapes (hidden, intermediate, layers, heads); vocabulary 32000.
 LLAMA_SIZES = {
+    "micro": (64, 160, 2, 2),  # loss parity under Triton's CPU interpreter
     "tiny": (256, 688, 4, 4),
     "7b": (4096, 11008, 32, 32),
     "13b": (5120, 13824, 40, 40),
@@ -37,8 +38,8 @@ def llama_config(size: str) -> LlamaConfig:
     hidden, inter, layers, heads = LLAMA_SIZES[size]
     return LlamaConfig(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=heads, vocab_size=1000 if size == "tiny" else 32000, max_position_embeddings=2048,
-        use_cache=False, attn_implementation="sdpa",
+        num_key_value_heads=heads, vocab_size=1000 if size in ("micro", "tiny") else 32000,
+        max_position_embeddings=2048, use_cache=False, attn_implementation="sdpa",
     )  # fmt: skip
 
 
@@ -71,15 +72,15 @@ def _init_packed(model: nn.Module) -> None:
             module.absmax.uniform_(0.03, 0.06)  # NF4 levels in [-1, 1] times absmax: W std ~0.02
 
 
-def build_model(size: str, method: str, bits: int = 4) -> nn.Module:
-    """A bf16 LLaMA of `size` on CUDA whose seven linears per layer are stored as `method` wants.
+def build_model(size: str, method: str, bits: int = 4, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A LLaMA of `size` in `dtype` on CUDA whose seven linears per layer are stored as `method` wants.
 
     method: "gptq" (ModuLoRA packed ints, group 128, no act-order), "nf4" (ModuLoRA with NF4
     storage), "bf16" (dense, for PEFT LoRA) or "bnb-nf4" (bitsandbytes Linear4bit, for QLoRA).
     """
     config = llama_config(size)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(dtype)
     if method == "gptq":
         _swap_linears(model, lambda m: GPTQLinear(m.in_features, m.out_features, bits, 128))
     elif method == "nf4":

@@ -61,11 +61,13 @@ def add_adapters(model: torch.nn.Module, library: str) -> torch.nn.Module:
     return peft.get_peft_model(model, config)
 
 
-def train_steps(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-4) -> list[float]:
+def train_steps(
+    model: torch.nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-4, autocast: bool = True
+) -> list[float]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(steps):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
@@ -115,7 +117,15 @@ def run_one(size: str, batch: int, seq: int, name: str) -> dict:
 
 
 def loss_parity(steps: int = 20) -> list[dict]:
-    """Losses of a tiny ModuLoRA model: Triton kernels vs the PyTorch reference, same data and init."""
+    """Losses of a tiny ModuLoRA model: Triton kernels vs the PyTorch reference, same data and init.
+
+    On CUDA: the "tiny" model in bf16 autocast. With BENCH_DEVICE=cpu TRITON_INTERPRET=1 the kernels
+    run in Triton's interpreter: a "micro" model in float32 (the interpreter computes bf16 dots wrongly).
+    """
+    on_cpu = DEVICE == "cpu"
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("BENCH_DEVICE=cpu: parity needs TRITON_INTERPRET=1 to run the kernels")
+    dtype = torch.float32 if on_cpu else torch.bfloat16
     from gpu_kernels.gptq_matmul import gptq_matmul_triton
     from modulora.quant.gptq_packed import GPTQLinear
 
@@ -135,9 +145,11 @@ def loss_parity(steps: int = 20) -> list[dict]:
                 GPTQLinear.matmul_t = lambda self, g: fused_matmul(self, g, transpose=True)
             try:
                 torch.manual_seed(0)
-                model = add_adapters(build_model("tiny", "gptq", bits), "modulora")
+                model = add_adapters(
+                    build_model("micro" if on_cpu else "tiny", "gptq", bits, dtype), "modulora"
+                )
                 data = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-                curves[variant] = train_steps(model, data, steps, lr=1e-3)
+                curves[variant] = train_steps(model, data, steps, lr=1e-3, autocast=not on_cpu)
             finally:
                 for key, value in patched.items():
                     setattr(GPTQLinear, key, value)
