@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -105,8 +107,10 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("web-stack")
+def stack() -> Iterator[Stack]:
+    # Not under pytest's basetemp: concurrent pytest sessions prune each other's old basetemps,
+    # which would pull the database out from under a running server.
+    tmp = Path(tempfile.mkdtemp(prefix="modulora-web-"))
     port = _free_port()
     env = {
         k: v
@@ -170,6 +174,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         _stop(worker)
         _stop(server)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

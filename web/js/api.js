@@ -49,8 +49,14 @@ async function parseResponse(response) {
   } catch {
     body = { error: { message: text || `HTTP ${response.status}` } };
   }
-  if (!response.ok) throw new ApiError(response.status, body);
+  if (!response.ok) throw failure(response.status, body);
   return body;
+}
+
+// A 401 means the key was revoked or mistyped: tell the app, which signs out.
+function failure(status, body) {
+  if (status === 401) window.dispatchEvent(new CustomEvent("modulora:unauthorized"));
+  return new ApiError(status, body);
 }
 
 export async function request(method, path, { json, query, signal } = {}) {
@@ -100,7 +106,7 @@ export function uploadFile(file, { purpose = "fine-tune", onProgress } = {}) {
         body = { error: { message: xhr.responseText } };
       }
       if (xhr.status >= 200 && xhr.status < 300) resolve(body);
-      else reject(new ApiError(xhr.status, body));
+      else reject(failure(xhr.status, body));
     };
     xhr.onerror = () => reject(new ApiError(0, { error: { message: "network error during upload" } }));
     xhr.send(form);

@@ -53,12 +53,10 @@ signOut.addEventListener("click", () => {
   route();
 });
 
-// Any request that comes back 401 means the key was revoked or mistyped: back to sign-in.
-window.addEventListener("unhandledrejection", (event) => {
-  if (event.reason?.status === 401) {
-    clearKey();
-    route();
-  }
+// A 401 on any request: back to sign-in (the sign-in form reports its own failures).
+window.addEventListener("modulora:unauthorized", () => {
+  clearKey();
+  if (!document.getElementById("sign-in")) route();
 });
 
 window.addEventListener("hashchange", route);

@@ -5,6 +5,8 @@ import uPlot from "../vendor/uplot/uPlot.esm.js";
 import { h } from "./dom.js";
 
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706"];
+// Steps are whole numbers: never put a tick between two of them.
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000, 50000, 100000];
 
 export class LiveChart {
   /**
@@ -30,7 +32,7 @@ export class LiveChart {
         height: 200,
         scales: { x: { time: false } },
         axes: [
-          { label: "step" },
+          { label: "step", incrs: STEP_INCREMENTS },
           { size: 72, values: (u, ticks) => ticks.map((v) => (this.series[0].format ?? String)(v)) },
         ],
         series: [

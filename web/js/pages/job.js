@@ -36,6 +36,7 @@ export function renderJob(main, jobId) {
   const abort = new AbortController();
   let job = null;
   let pollTimer = null;
+  let cancelRequested = false;
 
   const charts = {
     loss: new LiveChart("chart-loss", "Loss", [{ label: "train" }, { label: "validation", points: true }]),
@@ -122,7 +123,9 @@ export function renderJob(main, jobId) {
       h("div", {}, h("h1", {}, "Job ", h("code", {}, job.id)), h("p", { class: "muted" }, `${job.model} · created ${formatTime(job.created_at)}`)),
       h("div", { class: "job-actions" },
         h("span", { id: "job-status" }, statusBadge(job.status)),
-        cancellable ? h("button", { id: "cancel-job", class: "danger", onclick: cancel }, "Cancel") : null),
+        cancellable
+          ? h("button", { id: "cancel-job", class: "danger", onclick: cancel, disabled: cancelRequested }, cancelRequested ? "Cancelling…" : "Cancel")
+          : null),
       job.error ? h("p", { class: "error-box", id: "job-error" }, `${job.error.code ?? "error"}: ${job.error.message}`) : null,
     );
     fill(
@@ -135,21 +138,27 @@ export function renderJob(main, jobId) {
     );
   }
 
+  // The worker stops at the next step boundary; until the state changes the button says so.
   async function cancel() {
-    const button = head.querySelector("#cancel-job");
-    button.disabled = true;
-    button.textContent = "Cancelling…";
+    cancelRequested = true;
+    renderHead();
     try {
       job = await api.cancelJob(jobId);
       renderHead();
     } catch (err) {
-      button.textContent = `Cancel failed: ${err.message}`;
+      cancelRequested = false;
+      renderHead();
+      head.querySelector("#cancel-job").textContent = `Cancel failed: ${err.message}`;
     }
   }
 
   async function pollSideTables() {
     try {
-      const [events, checkpoints] = await Promise.all([api.listEvents(jobId), api.listCheckpoints(jobId)]);
+      const [latestJob, events, checkpoints] = await Promise.all([api.getJob(jobId), api.listEvents(jobId), api.listCheckpoints(jobId)]);
+      if (latestJob.status !== job.status) {
+        job = latestJob; // queued -> running arrives here; the stream carries steps, not states
+        renderHead();
+      }
       fill(eventsList, events.filter((e) => e.type !== "metrics").sort((a, b) => eventNumber(a) - eventNumber(b)).map((e) =>
         h("li", { class: `event level-${e.level}` }, h("time", {}, formatTime(e.created_at)), " ", e.message)));
       fill(checkpointRows, checkpoints.length ? null : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No checkpoints yet.")),

@@ -10,14 +10,23 @@ export function renderPlayground(main) {
   const abort = new AbortController();
   const chatPanel = h("section", { class: "card", id: "chat" });
   const comparePanel = h("section", { class: "card", id: "compare" });
-  main.append(h("h1", {}, "Playground"), chatPanel, comparePanel);
+  const maxTokens = h("input", { id: "max-tokens", type: "number", min: 1, max: 4096, value: 128 });
+  const temperature = h("input", { id: "temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0 });
+  // Both panels read the sampling settings when they send, so a change applies to the next reply.
+  const sampling = () => ({ maxTokens: Number(maxTokens.value) || 128, temperature: Number(temperature.value) || 0 });
+  main.append(
+    h("div", { class: "page-head" }, h("h1", {}, "Playground"),
+      h("div", { class: "sampling" }, h("label", {}, "Max tokens ", maxTokens), h("label", {}, "Temperature ", temperature))),
+    chatPanel,
+    comparePanel,
+  );
 
   Promise.all([api.listModels(), api.listServableCheckpoints()])
     .then(([models, checkpoints]) => {
       const bases = models.filter((m) => !m.parent);
       const adapters = models.filter((m) => m.parent);
-      buildChat(chatPanel, { bases, adapters, checkpoints, signal: abort.signal });
-      buildCompare(comparePanel, { bases, adapters, checkpoints, signal: abort.signal });
+      buildChat(chatPanel, { bases, adapters, checkpoints, sampling, signal: abort.signal });
+      buildCompare(comparePanel, { bases, adapters, checkpoints, sampling, signal: abort.signal });
     })
     .catch((err) => fill(chatPanel, h("p", { class: "error" }, err.message)));
   return () => abort.abort();
@@ -40,7 +49,7 @@ function messageView(role, text = "") {
   return h("div", { class: `message ${role}` }, h("span", { class: "role" }, role), h("div", { class: "content" }, text));
 }
 
-function buildChat(panel, { bases, adapters, checkpoints, signal }) {
+function buildChat(panel, { bases, adapters, checkpoints, sampling, signal }) {
   const select = modelSelect("chat-model", { bases, adapters, checkpoints });
   const preferred = sessionStorage.getItem("modulora.chatModel");
   if (preferred && [...select.options].some((o) => o.value === preferred)) select.value = preferred;
@@ -70,7 +79,9 @@ function buildChat(panel, { bases, adapters, checkpoints, signal }) {
     send.disabled = true;
     try {
       const content = reply.querySelector(".content");
-      const full = await api.streamChat({ model: select.value, messages, signal, onDelta: (_, all) => (content.textContent = all) });
+      const full = await api.streamChat({
+        model: select.value, messages, signal, ...sampling(), onDelta: (_, all) => (content.textContent = all),
+      });
       messages.push({ role: "assistant", content: full });
     } catch (err) {
       messages.pop();
@@ -93,7 +104,7 @@ function buildChat(panel, { bases, adapters, checkpoints, signal }) {
   );
 }
 
-function buildCompare(panel, { bases, adapters, checkpoints, signal }) {
+function buildCompare(panel, { bases, adapters, checkpoints, sampling, signal }) {
   const baseSelect = modelSelect("compare-base", { bases, adapters: [], checkpoints: [] });
   const adapterSelects = Array.from({ length: MAX_ADAPTERS }, (_, i) => {
     const s = modelSelect(`compare-adapter-${i}`, { bases: [], adapters, checkpoints }, { includeNone: true });
@@ -123,6 +134,7 @@ function buildCompare(panel, { bases, adapters, checkpoints, signal }) {
             model,
             messages: [{ role: "user", content: text }],
             signal,
+            ...sampling(),
             onDelta: (_, all) => (content.textContent = all),
           });
         } catch (err) {
