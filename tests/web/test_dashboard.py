@@ -225,4 +225,5 @@ def test_cancel_stops_a_running_job(dashboard: Dashboard, stack: Stack, training
     page.click("#cancel-job")
     assert final_status(dashboard) == "cancelled"
     assert points(dashboard, "chart-loss") < 500
+    page.wait_for_selector("#checkpoint-rows tr td code")  # the last checkpoint survives the cancel
     dashboard.screenshot("job-cancelled")

@@ -8,11 +8,14 @@ import { fill, formatBytes, formatDuration, formatNumber, formatTime, h, statusB
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 3000;
 const RECONNECT_MS = 1000;
+const POLLS_AFTER_END = 5;
 
 // Event ids are "ftevent-<n>" with n increasing: order by n, timestamps tie within a second.
 const eventNumber = (event) => Number(event.id.split("-").pop()) || 0;
 const gib = (bytes) => bytes / 2 ** 30;
 const fmtGib = (v) => `${v.toFixed(2)} GiB`;
+// Three significant digits below 100 so that small rates do not collapse onto one tick label.
+const fmtRate = (v) => (v >= 100 ? v.toFixed(0) : String(Number(v.toPrecision(3))));
 
 /** Metrics events differ in naming between producers; read them into one shape. */
 export function readMetrics(payload) {
@@ -37,11 +40,12 @@ export function renderJob(main, jobId) {
   let job = null;
   let pollTimer = null;
   let cancelRequested = false;
+  let pollsAfterEnd = 0;
 
   const charts = {
     loss: new LiveChart("chart-loss", "Loss", [{ label: "train" }, { label: "validation", points: true }]),
     stepTime: new LiveChart("chart-step-time", "Step time (s)", [{ label: "step time", format: (v) => `${v.toFixed(1)}s` }]),
-    tokens: new LiveChart("chart-tokens", "Tokens / s", [{ label: "tokens/s", format: (v) => v.toFixed(0) }]),
+    tokens: new LiveChart("chart-tokens", "Tokens / s", [{ label: "tokens/s", format: fmtRate }]),
     memory: new LiveChart("chart-memory", "Memory", [{ label: "allocated", format: fmtGib }, { label: "peak", format: fmtGib }]),
   };
   const head = h("div", { class: "job-head" });
@@ -169,10 +173,9 @@ export function renderJob(main, jobId) {
     } catch (err) {
       fill(eventsList, h("li", { class: "error" }, err.message));
     }
-    if (!abort.signal.aborted && !(job && FINAL.has(job.status) && eventsList.dataset.final === "1")) {
-      if (job && FINAL.has(job.status)) eventsList.dataset.final = "1"; // one last refresh after the end
-      pollTimer = setTimeout(pollSideTables, POLL_MS);
-    }
+    // The worker writes its last checkpoint and events around the final state: keep looking a little.
+    if (job && FINAL.has(job.status)) pollsAfterEnd += 1;
+    if (!abort.signal.aborted && pollsAfterEnd <= POLLS_AFTER_END) pollTimer = setTimeout(pollSideTables, POLL_MS);
   }
 
   refreshJob()
