@@ -93,6 +93,12 @@ def test_upload_dataset_shows_report_histogram_and_trained_tokens(dashboard: Das
     assert page.evaluate("document.getElementById('upload-progress').value") == 1
     dashboard.screenshot("datasets")
 
+    # A tighter length limit: longer rows are counted, and the preview strikes out the cut tokens.
+    page.fill("#report-max-seq-len", "64")
+    page.dispatch_event("#report-max-seq-len", "change")
+    page.wait_for_selector("#preview .sample .truncated")
+    assert int(page.inner_text("#report-truncated")) > 0
+
 
 def test_new_job_form_estimates_memory_and_flags_a_job_too_big_for_the_gpu(
     dashboard: Dashboard, training_file: dict

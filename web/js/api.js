@@ -116,9 +116,10 @@ export function uploadFile(file, { purpose = "fine-tune", onProgress } = {}) {
 export const listFiles = () => listAll("/v1/files", { purpose: "fine-tune" });
 export const getFile = (id) => request("GET", `/v1/files/${id}`);
 export const deleteFile = (id) => request("DELETE", `/v1/files/${id}`);
-export const getFileReport = (id) => request("GET", `/v1/dashboard/files/${id}/report`);
-export const getFilePreview = (id, { model, rows = 3 } = {}) =>
-  request("GET", `/v1/dashboard/files/${id}/preview`, { query: { model, rows } });
+export const getFileReport = (id, { model, maxSeqLen } = {}) =>
+  request("GET", `/v1/dashboard/files/${id}/report`, { query: { model, max_seq_len: maxSeqLen } });
+export const getFilePreview = (id, { model, rows = 3, maxSeqLen } = {}) =>
+  request("GET", `/v1/dashboard/files/${id}/preview`, { query: { model, rows, max_seq_len: maxSeqLen } });
 
 // ---- jobs -----------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 import * as api from "../api.js";
 import { fill, formatBytes, formatTime, h } from "../dom.js";
 
+const DEFAULT_MAX_SEQ_LEN = 2048;
+
 export function renderDatasets(main) {
   const fileInput = h("input", { type: "file", id: "file-input", accept: ".jsonl,.json,.csv", hidden: true });
   const progress = h("progress", { id: "upload-progress", max: 1, value: 0, hidden: true });
@@ -70,15 +72,19 @@ export function renderDatasets(main) {
     );
   }
 
-  async function showReport(file) {
+  // The report is recomputed for the chosen length limit, so truncation can be checked up front.
+  async function showReport(file, maxSeqLen = DEFAULT_MAX_SEQ_LEN) {
     reportPanel.hidden = false;
-    fill(reportPanel, h("h2", {}, `Report: ${file.filename}`), h("p", { class: "muted" }, "Validating…"));
+    const limit = h("input", { id: "report-max-seq-len", type: "number", min: 32, max: 32768, step: 32, value: maxSeqLen });
+    limit.addEventListener("change", () => showReport(file, Number(limit.value) || DEFAULT_MAX_SEQ_LEN));
+    const head = h("div", { class: "page-head" }, h("h2", {}, `Report: ${file.filename}`), h("label", {}, "Length limit (tokens) ", limit));
+    fill(reportPanel, head, h("p", { class: "muted" }, "Validating…"));
     try {
-      const report = await api.getFileReport(file.id);
-      fill(reportPanel, h("h2", {}, `Report: ${file.filename}`), reportView(report));
+      const report = await api.getFileReport(file.id, { maxSeqLen });
+      fill(reportPanel, head, reportView(report));
       const preview = h("div", { id: "preview" }, h("p", { class: "muted" }, "Rendering a preview…"));
       reportPanel.append(h("h3", {}, "Preview (as the model sees it; trained tokens highlighted)"), preview);
-      const rendered = await api.getFilePreview(file.id, { rows: 3 });
+      const rendered = await api.getFilePreview(file.id, { rows: 3, maxSeqLen });
       fill(preview, previewView(rendered));
     } catch (err) {
       reportPanel.append(h("p", { class: "error" }, `Could not load the report: ${err.message}`));
