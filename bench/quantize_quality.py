@@ -99,6 +99,16 @@ def write_markdown(results: dict[str, dict], path: Path, command: str) -> None:
             f"| {label} | {r['method']} | {r['bits']} | {r['group']} | {calib} | {r['perplexity']:.2f} "
             f"| {r['quantize_s']:.1f} | {peak} | {r['eval_s']:.1f} |"
         )
+    extra = [label for label in results if label not in dict(rows())]
+    if extra:  # the same row on another platform, merged in from its own --json file
+        lines += [
+            "",
+            "Cross-checks (same code, another platform: float rounding differs, not the method):",
+            "",
+        ]
+        for label in extra:
+            r = results[label]
+            lines.append(f"- {label}: perplexity {r['perplexity']:.3f} ({r['device']}, torch {r['torch']})")
     missing = [label for label, _ in rows() if label not in results]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
@@ -129,7 +139,7 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else {label for label, _ in rows()}
     todo = [(label, cfg) for label, cfg in rows() if label not in results and label in wanted]
     if not todo:  # only rewrite the table, with the device the rows ran on
-        ran_on = ",".join(sorted({r["device"] for r in results.values()}))
+        ran_on = ",".join(sorted({results[label]["device"] for label, _ in rows() if label in results}))
         command = command.replace(f"--device {args.device}", f"--device {ran_on}")
         write_markdown(results, args.markdown, command)
         return
