@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 T = TypeVar("T")
 
-QUANT_METHODS = ("rtn", "optq", "nf4", "gguf")
+QUANT_METHODS = ("rtn", "optq", "nf4", "gguf", "quip#")
+# The code widths each method supports (mirrors the quantizers' `supported_bits`, kept torch-free).
+METHOD_BITS = {"rtn": [2, 3, 4, 8], "optq": [2, 3, 4, 8], "nf4": [4], "gguf": [4, 8], "quip#": [2]}
 BASE_LEARNING_RATE = 2e-4
 """learning_rate_multiplier scales this (the usual LoRA learning rate)."""
 
@@ -92,6 +94,14 @@ class Hyperparameters(BaseModel):
         if value not in (2, 3, 4, 8):
             raise ValueError(f"bits: {value} is not one of [2, 3, 4, 8]")
         return value
+
+    @model_validator(mode="after")
+    def _bits_fit_method(self) -> Hyperparameters:
+        if self.bits not in METHOD_BITS[self.quantization]:
+            raise ValueError(
+                f"bits: {self.quantization} supports {METHOD_BITS[self.quantization]}, not {self.bits}"
+            )
+        return self
 
     @field_validator(
         "n_epochs", "batch_size", "lora_r", "max_seq_len", "micro_batch_size", "max_steps", "checkpoint_every"

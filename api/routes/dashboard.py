@@ -25,7 +25,7 @@ from api import crud, storage
 from api.db.models import Checkpoint, Event, File, Job
 from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
-from api.schemas import QUANT_METHODS, JobCreate
+from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
 from api.tokenizer import LightTokenizer, load_light_tokenizer
 from modulora import data, memory
 from modulora.settings import get_settings
@@ -43,12 +43,12 @@ GPUS = [
     {"name": "141GB", "label": "H200 141 GB", "memory_bytes": 141 * GB},
 ]
 # Bit widths each method produces (GGUF: the Q4_0/Q4_1/Q8_0 block formats).
-METHOD_BITS = {"rtn": [2, 3, 4, 8], "optq": [2, 3, 4, 8], "nf4": [4], "gguf": [4, 8]}
 METHOD_LABELS = {
     "rtn": "RTN (round to nearest, no calibration)",
     "optq": "OPTQ / GPTQ (calibrated)",
     "nf4": "NF4 (QLoRA's 4-bit normal float)",
     "gguf": "GGUF blocks (Q4_0/Q4_1/Q8_0)",
+    "quip#": "QuIP# (E8P lattice, 2-bit)",
 }
 PREVIEW_MAX_ROWS = 10
 

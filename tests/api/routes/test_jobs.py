@@ -190,3 +190,13 @@ def test_create_job_over_memory_budget_is_400_saying_what_fits(
         error["code"] == "insufficient_memory"
         and "micro_batch_size=1 at max_seq_len=512 fits" in error["message"]
     )
+
+
+def test_create_job_rejects_bits_the_method_does_not_support() -> None:
+    from pydantic import ValidationError
+
+    from api.schemas import Hyperparameters
+
+    with pytest.raises(ValidationError, match="bits: quip# supports \\[2\\], not 4"):
+        Hyperparameters(quantization="quip#", bits=4)
+    assert Hyperparameters(quantization="quip#", bits=2).bits == 2
