@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,28 @@ def largest_fitting_seq_len(shape: ModelShape, budget_bytes: int, *, seq_len: in
             return candidate
         candidate //= 2
     return 0
+
+
+def check_job_memory(
+    shape: ModelShape, hp: Mapping[str, Any], budget_bytes: int | None
+) -> tuple[MemoryEstimate, str | None]:
+    """A job's estimate from its resolved hyperparameters, and — when it exceeds `budget_bytes`
+    (None: no budget) — a hint naming what would fit (None when the job fits)."""
+    job = {
+        "bits": hp["bits"],
+        "group_size": hp["group_size"],
+        "lora_r": hp["lora_r"],
+        "lora_targets": hp["lora_targets"],
+        "gradient_checkpointing": hp["gradient_checkpointing"],
+    }
+    seq_len, micro_batch = hp["max_seq_len"], hp["micro_batch_size"]
+    estimate = estimate_training_memory(shape, seq_len=seq_len, micro_batch=micro_batch, **job)
+    if budget_bytes is None or estimate.total <= budget_bytes:
+        return estimate, None
+    micro = largest_fitting_micro_batch(shape, budget_bytes, seq_len=seq_len, micro_batch=micro_batch, **job)
+    if micro:
+        return estimate, f"micro_batch_size={micro} at max_seq_len={seq_len} fits"
+    seq = largest_fitting_seq_len(shape, budget_bytes, seq_len=seq_len, **job)
+    return estimate, (
+        f"max_seq_len={seq} at micro_batch_size=1 fits" if seq else "nothing fits; use fewer bits"
+    )

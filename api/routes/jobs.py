@@ -65,26 +65,9 @@ def check_memory(model: str, hp: dict[str, Any]) -> int | None:
     if not config.is_file():
         return None
     shape = memory.ModelShape.from_folder(config.parent)
-    job = dict(
-        bits=hp["bits"],
-        group_size=hp["group_size"],
-        lora_r=hp["lora_r"],
-        lora_targets=hp["lora_targets"],
-        gradient_checkpointing=hp["gradient_checkpointing"],
-    )
-    estimate = memory.estimate_training_memory(
-        shape, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **job
-    )
     budget = settings.gpu_memory_budget_bytes
-    if budget and estimate.total > budget:
-        micro = memory.largest_fitting_micro_batch(
-            shape, budget, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **job
-        )
-        if micro:
-            hint = f"micro_batch_size={micro} at max_seq_len={hp['max_seq_len']} fits"
-        else:
-            seq = memory.largest_fitting_seq_len(shape, budget, seq_len=hp["max_seq_len"], **job)
-            hint = f"max_seq_len={seq} at micro_batch_size=1 fits" if seq else "nothing fits; use fewer bits"
+    estimate, hint = memory.check_job_memory(shape, hp, budget or None)
+    if hint:
         raise APIError(
             400,
             f"The job needs ~{estimate.total / memory.GIB:.1f} GiB but the budget is "

@@ -12,6 +12,7 @@ import pytest
 from modulora.memory import (
     GIB,
     ModelShape,
+    check_job_memory,
     estimate_training_memory,
     largest_fitting_micro_batch,
     largest_fitting_seq_len,
@@ -91,3 +92,21 @@ def test_largest_fitting_micro_batch_and_seq_len_respect_the_budget() -> None:
 def test_estimate_rejects_unknown_target_naming_allowed() -> None:
     with pytest.raises(ValueError, match="lora_targets"):
         estimate_training_memory(LLAMA_7B, bits=4, seq_len=128, lora_targets=["qkv"], **JOB)
+
+
+def test_check_job_memory_names_what_fits_when_over_budget() -> None:
+    hp = {
+        "bits": 4,
+        "group_size": 128,
+        "lora_r": 16,
+        "lora_targets": "all-linear",
+        "gradient_checkpointing": True,
+        "max_seq_len": 512,
+        "micro_batch_size": 8,
+    }
+    estimate, hint = check_job_memory(LLAMA_7B, hp, budget_bytes=None)
+    assert hint is None
+    _, hint = check_job_memory(LLAMA_7B, hp, budget_bytes=estimate.total - 1)
+    assert hint is not None and "fits" in hint
+    micro = int(hint.split("micro_batch_size=")[1].split()[0])
+    assert 1 <= micro < 8

@@ -137,24 +137,10 @@ def check_memory(job: Job, model_dir: Path, device: Any) -> None:
     if device.type != "cuda":
         return
     budget = get_settings().gpu_memory_budget_bytes or torch.cuda.get_device_properties(device).total_memory
-    hp = job.hyperparameters
     shape = memory.ModelShape.from_folder(model_dir)
-    options = dict(
-        bits=hp["bits"],
-        group_size=hp["group_size"],
-        lora_r=hp["lora_r"],
-        lora_targets=hp["lora_targets"],
-        gradient_checkpointing=hp["gradient_checkpointing"],
-    )
-    estimate = memory.estimate_training_memory(
-        shape, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **options
-    )
-    if estimate.total <= budget:
+    estimate, hint = memory.check_job_memory(shape, job.hyperparameters, budget)
+    if hint is None:
         return
-    micro = memory.largest_fitting_micro_batch(
-        shape, budget, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **options
-    )
-    hint = f"micro_batch_size={micro} fits" if micro else "reduce max_seq_len or bits"
     raise JobFailure(
         "insufficient_memory",
         f"needs ~{estimate.total / memory.GIB:.1f} GiB of {budget / memory.GIB:.1f} GiB; {hint}",
