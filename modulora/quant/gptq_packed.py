@@ -86,8 +86,12 @@ class GPTQLinear(QuantizedLinear):
         self.bits, self.group_size, self.sym, self.desc_act = bits, group_size, sym, desc_act
         self.zero_offset = zero_offset
         groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
-        self.register_buffer("qweight", torch.zeros(math.ceil(in_features * bits / 32), out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(groups, math.ceil(out_features * bits / 32), dtype=torch.int32))
+        self.register_buffer(
+            "qweight", torch.zeros(math.ceil(in_features * bits / 32), out_features, dtype=torch.int32)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(groups, math.ceil(out_features * bits / 32), dtype=torch.int32)
+        )
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
 
@@ -119,7 +123,9 @@ class GPTQLinear(QuantizedLinear):
         return layer
 
     def materialize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        return materialize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
+        return materialize_gptq(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype
+        )
 
     def format_config(self) -> dict[str, Any]:
         return {

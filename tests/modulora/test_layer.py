@@ -9,7 +9,9 @@ from modulora.quant import FORMATS, QuantConfig, QuantizedLinear, get_quantizer
 QUANTIZED_CASES = [("rtn", bits, group) for bits in (2, 3, 4, 8) for group in (32, -1)]
 
 
-def make_layer(method: str, bits: int, group: int, out_features: int = 96, in_features: int = 160) -> QuantizedLinear:
+def make_layer(
+    method: str, bits: int, group: int, out_features: int = 96, in_features: int = 160
+) -> QuantizedLinear:
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features)
     return get_quantizer(QuantConfig(method=method, bits=bits, group_size=group)).quantize(weight, None, None)
