@@ -24,12 +24,14 @@ from bench._common import (  # noqa: E402
     copies_for,
     do_bench_ms,
     environment,
+    graph_bench_ms,
     print_table,
     random_gptq_buffers,
     rotating,
     write_json,
 )
-from gpu_kernels.gptq_matmul import gptq_matmul_ref, gptq_matmul_triton, matmul_config  # noqa: E402
+from gpu_kernels.gptq_gemv import GEMV_BITS, gptq_gemv  # noqa: E402
+from gpu_kernels.gptq_matmul import gptq_matmul_ref, gptq_matmul_triton  # noqa: E402
 from gpu_kernels.materialize_gguf import materialize_gguf_ref, materialize_gguf_triton  # noqa: E402
 from gpu_kernels.materialize_gptq import materialize_gptq_ref, materialize_gptq_triton  # noqa: E402
 from gpu_kernels.materialize_nf4 import materialize_nf4_ref, materialize_nf4_triton  # noqa: E402
@@ -145,11 +147,21 @@ def bench_materialize_gguf(rows: list, out_f: int, in_f: int) -> None:
 
 
 def _materialized_linear(x: torch.Tensor, *packed_and_flags: object) -> torch.Tensor:
-    *packed, bits, zero_offset, _ = packed_and_flags
+    *packed, bits, zero_offset = packed_and_flags
     return F.linear(x, materialize_gptq_triton(*packed, bits, zero_offset, x.dtype))
 
 
+def _tile_matmul(x: torch.Tensor, *packed_and_flags: object) -> torch.Tensor:
+    return gptq_matmul_triton(x, *packed_and_flags)
+
+
 def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple) -> None:
+    """Few-row matmuls: the decode kernel (`gptq_gemv`, 2/4/8 bits) against the tensor-core tile
+    kernel, materialize + cuBLAS and a bf16 cuBLAS GEMV over the dense weight.
+
+    Device time per call from CUDA-graph replays (`graph_bench_ms`): at a few microseconds per
+    call an eager loop measures the launch, not the kernel. `eager_ms` is the same call eagerly.
+    """
     for in_f, out_f in shapes:
         for m in row_counts:
             x = torch.randn(m, in_f, device=DEV, dtype=torch.bfloat16)
@@ -158,7 +170,7 @@ def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple)
                 (x, torch.randn(out_f, in_f, device=DEV, dtype=torch.bfloat16))
                 for _ in range(copies_for(w_bytes))
             ]
-            ms = do_bench_ms(rotating(F.linear, dense))
+            ms = graph_bench_ms(F.linear, dense)
             moved = w_bytes + nbytes(x) + m * out_f * 2
             rows.append(
                 dict(
@@ -167,23 +179,31 @@ def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple)
             )
             for bits in bit_widths:
                 bufs = random_gptq_buffers(in_f, out_f, bits, 128, DEV)
-                args = (x, *bufs.values(), bits, 1, False)
-                err = rel_err(
-                    gptq_matmul_triton(*args),
-                    gptq_matmul_ref(x.double(), *list(bufs.values()), bits, 1, False),
-                )
+                args = (x, *bufs.values(), bits, 1)
                 moved = nbytes(*bufs.values()) + nbytes(x) + m * out_f * 2
                 sets = [args] + [
-                    (x, *random_gptq_buffers(in_f, out_f, bits, 128, DEV).values(), bits, 1, False)
+                    (x, *random_gptq_buffers(in_f, out_f, bits, 128, DEV).values(), bits, 1)
                     for _ in range(copies_for(moved) - 1)
                 ]
-                ms = do_bench_ms(rotating(gptq_matmul_triton, sets))
-                materialize_ms = do_bench_ms(rotating(_materialized_linear, sets))
-                split = matmul_config(m, in_f, out_f, x.device, bits)["SPLIT_K"]
-                choice = "fused" if ms <= materialize_ms else "materialize+cublas"
-                rows.append(dict(kernel=f"decode gptq {bits}b M={m}", shape=f"{out_f}x{in_f}", ms=ms,
-                                 gbps=moved / ms / 1e6, rel_err=err, split_k=split,
-                                 materialize_ms=materialize_ms, choice=choice))  # fmt: skip
+                want = gptq_matmul_ref(x.double(), *bufs.values(), bits, 1, False)
+                times = {
+                    "tile": graph_bench_ms(_tile_matmul, sets),
+                    "materialize+cublas": graph_bench_ms(_materialized_linear, sets),
+                }
+                kernel = "materialize+cublas"
+                if bits in GEMV_BITS:
+                    kernel = "gemv"
+                    times["gemv"] = graph_bench_ms(gptq_gemv, sets)
+                    err = rel_err(gptq_gemv(*args), want)
+                    eager_ms = do_bench_ms(rotating(gptq_gemv, sets))
+                else:
+                    err = rel_err(_materialized_linear(*args), want)
+                    eager_ms = do_bench_ms(rotating(_materialized_linear, sets))
+                ms = times[kernel]
+                rows.append(dict(kernel=f"decode gptq {bits}b M={m} ({kernel})", shape=f"{out_f}x{in_f}",
+                                 ms=ms, gbps=moved / ms / 1e6, rel_err=err, eager_ms=eager_ms,
+                                 tile_ms=times["tile"], materialize_ms=times["materialize+cublas"],
+                                 choice=min(times, key=times.__getitem__)))  # fmt: skip
 
 
 def _materialized_matmul(x: torch.Tensor, packed: tuple, bits: int, transpose: bool) -> torch.Tensor:
@@ -245,7 +265,7 @@ def main() -> None:
     bench_materialize_gptq(rows, shapes[:1], (3, 4), act_order=True)
     bench_materialize_nf4(rows, 11008, 4096)
     bench_materialize_gguf(rows, 11008, 4096)
-    bench_decode(rows, shapes[:2] if not args.quick else shapes, (2, 3, 4), (1, 4, 16))
+    bench_decode(rows, shapes if not args.quick else shapes[:1], (2, 3, 4), (1, 4, 16))
     training_rows = tuple(int(m) for m in args.training_rows.split(",") if m)
     bench_training(rows, shapes[:3] if not args.quick else shapes, (2, 4), training_rows)
     for r in rows:
@@ -254,11 +274,22 @@ def main() -> None:
     print(f"copy bandwidth (read + write): {copy_gbps:.0f} GB/s")
     print_table(
         [r for r in rows if "gbps" in r],
-        ["kernel", "shape", "ms", "gbps", "copy_ratio", "rel_err", "split_k", "materialize_ms", "choice"],
+        [
+            "kernel",
+            "shape",
+            "ms",
+            "gbps",
+            "copy_ratio",
+            "rel_err",
+            "eager_ms",
+            "tile_ms",
+            "materialize_ms",
+            "choice",
+        ],
     )
     print()
     print_table(
-        [r for r in rows if "choice" in r],
+        [r for r in rows if "fused_ms" in r],
         ["kernel", "shape", "fused_ms", "materialize_ms", "bf16_ms", "choice", "tflops", "rel_err"],
     )
     path = write_json(

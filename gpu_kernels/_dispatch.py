@@ -2,6 +2,7 @@
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,3 +60,31 @@ def launchable(kernel: Any) -> Any:
     if interpreting() and isinstance(kernel, JITFunction):
         return _interpreted(kernel)
     return kernel
+
+
+_fastest: dict[tuple, dict[str, int]] = {}
+
+
+def fastest_config(
+    key: tuple,
+    candidates: list[dict[str, int]],
+    launch: Callable[[dict[str, int]], Any],
+    device: torch.device,
+) -> dict[str, int]:
+    """The candidate with the shortest `launch` time for `key`, timed once per process on CUDA.
+
+    Triton's own autotuner does the same but cannot run under the interpreter, where this returns
+    the first candidate. Each candidate is timed as CUDA-graph replays, so that kernels shorter than
+    their launch (decode matmuls take a few microseconds) compare by device time. The choice must
+    happen outside CUDA-graph capture, which is why the inference engine warms up before capturing.
+    """
+    if device.type != "cuda" or interpreting():
+        return candidates[0]
+    if key not in _fastest:
+        from triton.testing import do_bench_cudagraph
+
+        for c in candidates:  # compile outside the timed graphs
+            launch(c)
+        times = [do_bench_cudagraph(lambda c=c: launch(c), rep=10) for c in candidates]
+        _fastest[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    return _fastest[key]

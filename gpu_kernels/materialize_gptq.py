@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import fastest_config, launchable, triton_available, use_triton
 
 
 def unpack_bits_ref(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -186,10 +186,10 @@ if triton_available():
         tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _materialize_config(bits: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_N, num_warps): 64x128 tiles move 16 KB of output per program at bf16, enough
-    to keep HBM busy on an H200 and on 24/48 GB cards alike (the kernel is bandwidth-bound)."""
-    return 64, 128, 4
+# (BLOCK_K, BLOCK_N, num_warps) timed on first use per shape; the first is the default elsewhere.
+# The kernel is bandwidth-bound: wider K tiles give longer contiguous output rows to store, wider
+# N tiles longer contiguous packed rows to load.
+MATERIALIZE_TILES = [(64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8), (64, 256, 8), (32, 128, 4)]
 
 
 def materialize_gptq_triton(
@@ -200,18 +200,27 @@ def materialize_gptq_triton(
     bits: int,
     zero_offset: int = 1,
     dtype: torch.dtype = torch.float16,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel behind `materialize_gptq` (same arguments and result)."""
+    """The Triton kernel behind `materialize_gptq` (same arguments and result); `config` fixes
+    BLOCK_K, BLOCK_N and num_warps, by default the fastest of MATERIALIZE_TILES for this shape."""
     in_features, out_features = g_idx.shape[0], scales.shape[1]
-    block_k, block_n, num_warps = _materialize_config(bits)
     group_size = contiguous_group_size(g_idx, scales.shape[0])
-    one_group = group_size > 0 and (scales.shape[0] == 1 or group_size % block_k == 0)
-    out = torch.empty(out_features, in_features, dtype=dtype, device=qweight.device)
-    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
-    launchable(_materialize_gptq_kernel)[grid](
-        qweight, qzeros, scales, g_idx, out,
-        in_features, out_features, zero_offset, max(group_size, 1),
-        *qweight.stride(), *qzeros.stride(), *scales.stride(), *out.stride(),
-        BITS=bits, ONE_GROUP=one_group, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
-    return out
+
+    def launch(cfg: dict[str, int]) -> torch.Tensor:
+        one_group = group_size > 0 and (scales.shape[0] == 1 or group_size % cfg["BLOCK_K"] == 0)
+        out = torch.empty(out_features, in_features, dtype=dtype, device=qweight.device)
+        grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), triton.cdiv(out_features, cfg["BLOCK_N"]))
+        launchable(_materialize_gptq_kernel)[grid](
+            qweight, qzeros, scales, g_idx, out,
+            in_features, out_features, zero_offset, max(group_size, 1),
+            *qweight.stride(), *qzeros.stride(), *scales.stride(), *out.stride(),
+            BITS=bits, ONE_GROUP=one_group, **cfg,
+        )  # fmt: skip
+        return out
+
+    if config is None:
+        candidates = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
+        key = ("materialize_gptq", in_features, out_features, bits, group_size, dtype)
+        config = fastest_config(key, candidates, launch, qweight.device)
+    return launch(config)

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from gpu_kernels.materialize_gptq import materialize_gptq, materialize_gptq_ref, materialize_gptq_triton
+from gpu_kernels.materialize_gptq import (
+    MATERIALIZE_TILES,
+    materialize_gptq,
+    materialize_gptq_ref,
+    materialize_gptq_triton,
+)
 from tests.gpu_kernels.conftest import random_gptq_layer
 
 # (in, out, group_size, act_order): non-multiples of the 64x128 tile, groups that split tiles
@@ -25,6 +30,18 @@ def test_materialize_gptq_matches_reference_exactly(device: torch.device, bits: 
     got = materialize_gptq_triton(*buffers, bits, 1, torch.float32)
     want = materialize_gptq_ref(*buffers, bits, 1, torch.float32)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", MATERIALIZE_TILES, ids=str)
+@pytest.mark.parametrize("bits", [3, 4])
+def test_every_tile_the_shape_picker_may_choose_gives_the_same_weight(
+    device: torch.device, tile: tuple, bits: int
+) -> None:
+    layer = random_gptq_layer(320, 72, 64, False, bits=bits, device=device)
+    buffers = layer.qweight, layer.qzeros, layer.scales, layer.g_idx
+    config = dict(BLOCK_K=tile[0], BLOCK_N=tile[1], num_warps=tile[2])
+    got = materialize_gptq_triton(*buffers, bits, 1, torch.float32, config)
+    torch.testing.assert_close(got, materialize_gptq_ref(*buffers, bits, 1, torch.float32), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
