@@ -30,8 +30,7 @@ from bench._common import (  # noqa: E402
     rotating,
     write_json,
 )
-from gpu_kernels.gptq_gemv import GEMV_BITS, gptq_gemv  # noqa: E402
-from gpu_kernels.gptq_matmul import gptq_matmul_ref, gptq_matmul_triton  # noqa: E402
+from gpu_kernels.gptq_matmul import FUSED_BITS, gptq_matmul_ref, gptq_matmul_triton  # noqa: E402
 from gpu_kernels.materialize_gguf import materialize_gguf_ref, materialize_gguf_triton  # noqa: E402
 from gpu_kernels.materialize_gptq import materialize_gptq_ref, materialize_gptq_triton  # noqa: E402
 from gpu_kernels.materialize_nf4 import materialize_nf4_ref, materialize_nf4_triton  # noqa: E402
@@ -39,6 +38,7 @@ from gpu_kernels.materialize_nf4 import materialize_nf4_ref, materialize_nf4_tri
 DEV = "cuda"
 # LLaMA-7B's two MLP shapes (in, out) and its attention shape; 65B's largest.
 SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096), (8192, 22016)]
+SECTIONS = ("materialize", "decode", "training")
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -72,7 +72,7 @@ def bench_materialize_gptq(rows: list, shapes: list, bit_widths: tuple, act_orde
             ]
             if act_order:
                 sets = [(q, z, s, bufs["g_idx"], *rest) for q, z, s, _, *rest in sets]
-            ms = do_bench_ms(rotating(materialize_gptq_triton, sets))
+            ms = graph_bench_ms(materialize_gptq_triton, sets)
             name = f"materialize gptq {bits}b" + (" act-order" if act_order else "")
             rows.append(dict(kernel=name, shape=f"{out_f}x{in_f}", ms=ms, gbps=moved / ms / 1e6, rel_err=err))
 
@@ -156,8 +156,8 @@ def _tile_matmul(x: torch.Tensor, *packed_and_flags: object) -> torch.Tensor:
 
 
 def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple) -> None:
-    """Few-row matmuls: the decode kernel (`gptq_gemv`, 2/4/8 bits) against the tensor-core tile
-    kernel, materialize + cuBLAS and a bf16 cuBLAS GEMV over the dense weight.
+    """Few-row matmuls: the fused tile kernel (2/4/8 bits; 3 bits always materialize) against
+    materialize + cuBLAS and a bf16 cuBLAS GEMV over the dense weight.
 
     Device time per call from CUDA-graph replays (`graph_bench_ms`): at a few microseconds per
     call an eager loop measures the launch, not the kernel. `eager_ms` is the same call eagerly.
@@ -185,24 +185,17 @@ def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple)
                     (x, *random_gptq_buffers(in_f, out_f, bits, 128, DEV).values(), bits, 1)
                     for _ in range(copies_for(moved) - 1)
                 ]
+                kernel = _tile_matmul if bits in FUSED_BITS else _materialized_linear
                 want = gptq_matmul_ref(x.double(), *bufs.values(), bits, 1, False)
                 times = {
                     "tile": graph_bench_ms(_tile_matmul, sets),
                     "materialize+cublas": graph_bench_ms(_materialized_linear, sets),
                 }
-                kernel = "materialize+cublas"
-                if bits in GEMV_BITS:
-                    kernel = "gemv"
-                    times["gemv"] = graph_bench_ms(gptq_gemv, sets)
-                    err = rel_err(gptq_gemv(*args), want)
-                    eager_ms = do_bench_ms(rotating(gptq_gemv, sets))
-                else:
-                    err = rel_err(_materialized_linear(*args), want)
-                    eager_ms = do_bench_ms(rotating(_materialized_linear, sets))
-                ms = times[kernel]
-                rows.append(dict(kernel=f"decode gptq {bits}b M={m} ({kernel})", shape=f"{out_f}x{in_f}",
-                                 ms=ms, gbps=moved / ms / 1e6, rel_err=err, eager_ms=eager_ms,
-                                 tile_ms=times["tile"], materialize_ms=times["materialize+cublas"],
+                ms = times["tile" if bits in FUSED_BITS else "materialize+cublas"]
+                rows.append(dict(kernel=f"decode gptq {bits}b M={m}", shape=f"{out_f}x{in_f}", ms=ms,
+                                 gbps=moved / ms / 1e6, rel_err=rel_err(kernel(*args), want),
+                                 eager_ms=do_bench_ms(rotating(kernel, sets)), tile_ms=times["tile"],
+                                 materialize_ms=times["materialize+cublas"],
                                  choice=min(times, key=times.__getitem__)))  # fmt: skip
 
 
@@ -254,6 +247,9 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file or folder (default: $OUT or the current folder)")
     parser.add_argument("--quick", action="store_true", help="one shape per section (a smoke run)")
     parser.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="what to measure"
+    )
+    parser.add_argument(
         "--training-rows", default="128,512,2048,4096", help="M values of the training matmuls"
     )
     args = parser.parse_args()
@@ -261,13 +257,17 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     copy_gbps = copy_bandwidth()
     rows: list[dict] = []
-    bench_materialize_gptq(rows, shapes, (2, 3, 4, 8))
-    bench_materialize_gptq(rows, shapes[:1], (3, 4), act_order=True)
-    bench_materialize_nf4(rows, 11008, 4096)
-    bench_materialize_gguf(rows, 11008, 4096)
-    bench_decode(rows, shapes if not args.quick else shapes[:1], (2, 3, 4), (1, 4, 16))
-    training_rows = tuple(int(m) for m in args.training_rows.split(",") if m)
-    bench_training(rows, shapes[:3] if not args.quick else shapes, (2, 4), training_rows)
+    sections = set(args.sections)
+    if "materialize" in sections:
+        bench_materialize_gptq(rows, shapes, (2, 3, 4, 8))
+        bench_materialize_gptq(rows, shapes[:1], (3, 4), act_order=True)
+        bench_materialize_nf4(rows, 11008, 4096)
+        bench_materialize_gguf(rows, 11008, 4096)
+    if "decode" in sections:
+        bench_decode(rows, shapes, (2, 3, 4), (1, 4, 16))
+    if "training" in sections:
+        training_rows = tuple(int(m) for m in args.training_rows.split(",") if m)
+        bench_training(rows, shapes[:3] if not args.quick else shapes, (2, 4), training_rows)
     for r in rows:
         if "gbps" in r:
             r["copy_ratio"] = r["gbps"] / copy_gbps

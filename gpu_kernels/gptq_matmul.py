@@ -13,17 +13,16 @@ transpose=True:  x [..., out_features] -> x·W  [..., in_features]    (input gra
 import torch
 
 from gpu_kernels._dispatch import launchable, triton_available, use_triton
-from gpu_kernels.gptq_gemv import GEMV_BITS, GEMV_MAX_ROWS, gptq_gemv
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq, materialize_gptq_ref
 
 # Rows up to which the fused kernel runs (decode). Above, materialize + cuBLAS: on the H200 it beat
 # the fused GEMM at every training shape measured (M = 128..4096, 7B's three weight shapes, 2 and
 # 4 bits, forward and input gradient; docs/bench/kernels.md).
 DECODE_MAX_ROWS = 16
-FUSED_MAX_ROWS = GEMV_MAX_ROWS
+FUSED_MAX_ROWS = 16
 # 3-bit codes straddle words, so the fused kernel pays per-code positions: 89-96 µs at M <= 16 on
 # 7B's MLP shapes vs about 83 µs for materialize (48 µs) + a bf16 GEMV (35 µs) on the H200.
-FUSED_BITS = GEMV_BITS
+FUSED_BITS = (2, 4, 8)
 
 
 def gptq_matmul_ref(
@@ -180,15 +179,12 @@ def gptq_matmul(
 ) -> torch.Tensor:
     """x·Wᵀ ([..., in] -> [..., out]) or, with `transpose`, x·W ([..., out] -> [..., in]), in x's dtype.
 
-    CUDA, up to FUSED_MAX_ROWS rows at 2/4/8 bits: the decode kernel (`gptq_gemv`) forward, the
-    fused tile kernel transposed. Otherwise the Triton materialize + cuBLAS. Elsewhere: the PyTorch
-    reference.
+    CUDA: the fused kernel up to FUSED_MAX_ROWS rows at 2/4/8 bits, else the Triton materialize +
+    cuBLAS. Elsewhere: the PyTorch reference.
     """
     if not use_triton(x, qweight):
         return gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, bits, zero_offset, transpose)
     if bits in FUSED_BITS and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
-        if not transpose:
-            return gptq_gemv(x, qweight, qzeros, scales, g_idx, bits, zero_offset)
         return gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, bits, zero_offset, transpose)
     w = materialize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset, x.dtype)
     return x @ w if transpose else x @ w.T
