@@ -42,6 +42,8 @@ ROWS = {
     "optq-3": {"method": "optq", "bits": 3, "group_size": 64, "n_samples": 64},
     "nf4-4": {"method": "nf4", "bits": 4, "group_size": 64},
     "rtn-4": {"method": "rtn", "bits": 4, "group_size": 64},
+    # QuIP#: E8P codebook on Hadamard-rotated weights (no groups), signs tuned after BlockLDLQ.
+    "quip#-2": {"method": "quip#", "bits": 2, "n_samples": 64, "options": {"tune_signs": True}},
 }
 
 
@@ -82,7 +84,7 @@ def base_model(row: str, cache: Path, device: str, calibration_samples: int, dat
             "n_samples": calibration_samples,
             "calibration": str(datasets / "c4" / "c4_validation_2k.jsonl"),
         }
-    folder = cache / f"{MODEL}-{row}-g{spec['group_size']}-n{spec.get('n_samples', 0)}"
+    folder = cache / f"{MODEL}-{row}-g{spec.get('group_size', 0)}-n{spec.get('n_samples', 0)}"
     if not folder.is_dir():
         started = time.perf_counter()
         quantize_model(MODEL, QuantConfig(**spec), folder)
