@@ -1,7 +1,7 @@
 """Random LLaMA-shaped models for the training-step benchmark, built without dense fp16 weights.
 
-The model is created on the meta device, its targeted linears are swapped for packed layers (GPTQ
-or NF4) and only then is memory allocated, so a 65B model at 2 bits never holds its 130 GB of
+The model is created on the meta device, its targeted linears are swapped for packed layers (GPTQ,
+NF4 or QuIP#'s E8P) and only then is memory allocated, so a 65B model at 2 bits never holds its 130 GB of
 bf16 weights. Peers (PEFT LoRA in bf16, PEFT + bitsandbytes NF4) get dense bf16 weights first.
 """
 
@@ -19,6 +19,7 @@ from bench._common import random_gptq_buffers
 from modulora.lora import ALL_LINEAR
 from modulora.quant.gptq_packed import GPTQLinear
 from modulora.quant.nf4 import NF4Linear
+from modulora.quant.quip import E8PLinear
 
 # CUDA for measurements; BENCH_DEVICE=cpu runs the same code on a tiny model as a smoke test.
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
@@ -70,13 +71,20 @@ def _init_packed(model: nn.Module) -> None:
         elif isinstance(module, NF4Linear):
             module.packed.random_(0, 256)
             module.absmax.uniform_(0.03, 0.06)  # NF4 levels in [-1, 1] times absmax: W std ~0.02
+        elif isinstance(module, E8PLinear):
+            info = torch.iinfo(torch.int16)
+            module.codes.random_(info.min, info.max + 1)
+            # E8P points have entries of order 1 and the Hadamard transforms are orthonormal.
+            module.su.copy_(torch.randint(0, 2, module.su.shape, device=DEVICE) * 2.0 - 1)
+            module.sv.copy_((torch.randint(0, 2, module.sv.shape, device=DEVICE) * 2.0 - 1) * 0.02)
 
 
 def build_model(size: str, method: str, bits: int = 4, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """A LLaMA of `size` in `dtype` on CUDA whose seven linears per layer are stored as `method` wants.
 
     method: "gptq" (ModuLoRA packed ints, group 128, no act-order), "nf4" (ModuLoRA with NF4
-    storage), "bf16" (dense, for PEFT LoRA) or "bnb-nf4" (bitsandbytes Linear4bit, for QLoRA).
+    storage), "e8p" (ModuLoRA on QuIP#'s 2-bit E8P codes), "bf16" (dense, for PEFT LoRA) or
+    "bnb-nf4" (bitsandbytes Linear4bit, for QLoRA).
     """
     config = llama_config(size)
     with torch.device("meta"):
@@ -85,8 +93,10 @@ def build_model(size: str, method: str, bits: int = 4, dtype: torch.dtype = torc
         _swap_linears(model, lambda m: GPTQLinear(m.in_features, m.out_features, bits, 128))
     elif method == "nf4":
         _swap_linears(model, lambda m: NF4Linear(m.in_features, m.out_features))
+    elif method == "e8p":
+        _swap_linears(model, lambda m: E8PLinear(m.in_features, m.out_features))
     elif method not in ("bf16", "bnb-nf4"):
-        raise ValueError(f"method: {method!r} is not one of gptq, nf4, bf16, bnb-nf4")
+        raise ValueError(f"method: {method!r} is not one of gptq, nf4, e8p, bf16, bnb-nf4")
     model.to_empty(device=DEVICE)
     _init_dense(model, config)
     _init_packed(model)

@@ -30,9 +30,9 @@ from bench._common import (
     copies_for,
     do_bench_ms,
     environment,
+    graph_bench_ms,
     print_table,
     random_gptq_buffers,
-    rotating,
     write_json,
 )
 from bench._models import DEVICE, LLAMA_SIZES, build_model
@@ -176,11 +176,12 @@ def measure_matmuls(args: argparse.Namespace, bits: int, ceiling: float) -> list
             random_gptq_buffers(k, n, bits, 128, DEVICE) for _ in range(copies_for(nbytes) - 1)
         ]
         x = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
-        call = rotating(
+        # Device time from CUDA-graph replays, as decode steps run: eagerly, a call of a few
+        # microseconds measures its launch.
+        ms = graph_bench_ms(
             lambda w, x=x: gptq_matmul(x, w["qweight"], w["qzeros"], w["scales"], w["g_idx"], bits),
             [(w,) for w in weights],
         )
-        ms = do_bench_ms(call)
         moved = nbytes + 2 * (k + n)  # packed weight + bf16 x and y
         rows.append(dict(bits=bits, matmul=name, shape=f"1x{k} @ {k}x{n}", us=1000 * ms,
                          gb_s=moved / ms / 1e6, share_of_copy_bw=moved / (ms / 1000) / ceiling))  # fmt: skip
