@@ -190,6 +190,7 @@ if triton_available():
 # The kernel is bandwidth-bound: wider K tiles give longer contiguous output rows to store, wider
 # N tiles longer contiguous packed rows to load.
 MATERIALIZE_TILES = [(64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8), (64, 256, 8), (32, 128, 4)]
+_CANDIDATES = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
 
 
 def materialize_gptq_triton(
@@ -220,7 +221,6 @@ def materialize_gptq_triton(
         return out
 
     if config is None:
-        candidates = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
         key = ("materialize_gptq", in_features, out_features, bits, group_size, dtype)
-        config = fastest_config(key, candidates, launch, qweight.device)
+        config = fastest_config(key, _CANDIDATES, launch, qweight.device)
     return launch(config)
