@@ -73,10 +73,11 @@ def fastest_config(
 ) -> dict[str, int]:
     """The candidate with the shortest `launch` time for `key`, timed once per process on CUDA.
 
-    Triton's own autotuner does the same but cannot run under the interpreter, where this returns
-    the first candidate. Each candidate is timed as CUDA-graph replays, so that kernels shorter than
-    their launch (decode matmuls take a few microseconds) compare by device time. The choice must
-    happen outside CUDA-graph capture, which is why the inference engine warms up before capturing.
+    Triton's autotuner does the same inside the kernel object; this works on the launcher instead,
+    so the same code runs `launchable`'s interpreted kernels in tests, where it returns the first
+    candidate. Each candidate is timed as CUDA-graph replays, so that calls shorter than their launch
+    (small weights materialize in a few microseconds) compare by device time. The choice must happen
+    outside CUDA-graph capture, which is why the inference engine warms up before capturing.
     """
     if device.type != "cuda" or interpreting():
         return candidates[0]
