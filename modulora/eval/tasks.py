@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,31 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
+def _batches(
+    model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches of `examples` on the model's device."""
+    device, pad_id = _device(model), _pad_id(tokenizer)
+    for start in range(0, len(examples), batch_size):
+        yield {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+
+
+def _labelled_logits(
+    model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], batch_size: int, dtype: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch: (next-token targets [b, t-1], their label mask, float logits at the labelled
+    positions [n_labels, vocab]). The vocabulary projection runs on labelled positions only."""
+    for batch in _batches(model, tokenizer, examples, batch_size):
+        with _autocast(dtype, batch["input_ids"].device):
+            hidden = model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            mask = targets != IGNORE_INDEX
+            logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+        yield targets, mask, logits
+
+
 @torch.no_grad()
 def validation_loss(
     model: nn.Module,
@@ -48,11 +73,7 @@ def validation_loss(
     was_training = model.training
     model.eval()
     device, total, count = _device(model), 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in collate(examples[start : start + batch_size], _pad_id(tokenizer)).items()
-        }
+    for batch in _batches(model, tokenizer, examples, batch_size):
         with _autocast(dtype, device):
             loss_sum, n = completion_loss(model, batch)
         total += loss_sum.item()
@@ -71,18 +92,7 @@ def sequence_logprobs(
 ) -> list[float]:
     """Summed log-probability of each example's label tokens given the tokens before them."""
     device, scores = _device(model), []
-    for start in range(0, len(examples), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in collate(examples[start : start + batch_size], _pad_id(tokenizer)).items()
-        }
-        with _autocast(dtype, device):
-            hidden = model.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
-            targets = batch["labels"][:, 1:]
-            mask = targets != IGNORE_INDEX
-            logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # [n_labels, vocab]
+    for targets, mask, logits in _labelled_logits(model, tokenizer, examples, batch_size, dtype):
         token_logprobs = -F.cross_entropy(logits, targets[mask], reduction="none")
         rows = mask.nonzero()[:, 0]  # the example each label token belongs to
         per_example = torch.zeros(len(targets), device=device).index_add_(0, rows, token_logprobs)
@@ -121,18 +131,8 @@ def _next_token_logprobs(
     model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], batch_size: int, dtype: str
 ) -> torch.Tensor:
     """Log-softmax over the vocabulary at each example's single labelled position [n, vocab]."""
-    device, rows = _device(model), []
-    for start in range(0, len(examples), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in collate(examples[start : start + batch_size], _pad_id(tokenizer)).items()
-        }
-        with _autocast(dtype, device):
-            hidden = model.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX
-            logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    rows = []
+    for _, _, logits in _labelled_logits(model, tokenizer, examples, batch_size, dtype):
         rows.append(torch.log_softmax(logits, dim=-1).cpu())
     return torch.cat(rows)
 
