@@ -38,7 +38,7 @@ from bench._common import (
 from bench._models import DEVICE, LLAMA_SIZES, build_model
 from gpu_kernels.gptq_matmul import gptq_matmul
 
-PARTS = ("ours-4bit", "ours-2bit", "hf-bf16", "hf-bnb-nf4", "matmuls")
+PARTS = ("ours-4bit", "ours-2bit", "hf-bf16", "hf-bnb-nf4", "matmuls", "profile")
 
 
 def sync() -> None:
@@ -123,11 +123,28 @@ def check_graph_step(decoder: Decoder, vocab: int) -> dict[str, float]:
     return check
 
 
+def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> None:
+    """Where the device time of a batch-1 decode step goes: kernels of eager steps, by total time."""
+    ids = prompts(1, 32, vocab).to(DEVICE)
+    token = decoder.forward(ids, [0], [0], [0]).argmax(-1)[:, None]
+    decoder.use_graphs = False
+    activity = torch.profiler.ProfilerActivity
+    with torch.profiler.profile(activities=[activity.CUDA if DEVICE == "cuda" else activity.CPU]) as prof:
+        for step in range(steps):
+            decoder.forward(token, [0], [32 + step], [0])
+        sync()
+    decoder.use_graphs = DEVICE == "cuda"
+    print(f"kernels of {steps} eager batch-1 decode steps:")
+    print(prof.key_averages().table(sort_by=f"{DEVICE}_time_total", row_limit=15, max_name_column_width=60))
+
+
 def measure_ours(args: argparse.Namespace, bits: int, results: list[dict]) -> dict[str, float]:
     model = build_model(args.size, "gptq", bits)
     vocab = model.config.vocab_size
     decoder = Decoder(model, rows=max(*args.batches, 8), max_seq_len=args.prompt + args.new)
     check_graph_step(decoder, vocab)
+    if "profile" in args.parts:
+        profile_decode_step(decoder, vocab)
     for batch in args.batches:
         ours_generate(decoder, prompts(batch, args.prompt, vocab), 4, [0] * batch)  # capture graphs, warm up
         seconds, ttft = ours_generate(decoder, prompts(batch, args.prompt, vocab), args.new, [0] * batch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from bench._common import (  # noqa: E402
     rotating,
     write_json,
 )
+from gpu_kernels.gptq_gemv import GEMV_BITS, gemv_candidates, gemv_tile_words, gptq_gemv  # noqa: E402
 from gpu_kernels.gptq_matmul import FUSED_BITS, gptq_matmul_ref, gptq_matmul_triton  # noqa: E402
 from gpu_kernels.materialize_gguf import materialize_gguf_ref, materialize_gguf_triton  # noqa: E402
 from gpu_kernels.materialize_gptq import materialize_gptq_ref, materialize_gptq_triton  # noqa: E402
@@ -155,12 +157,18 @@ def _tile_matmul(x: torch.Tensor, *packed_and_flags: object) -> torch.Tensor:
     return gptq_matmul_triton(x, *packed_and_flags)
 
 
+def _gemv(config: dict | None = None) -> Callable[..., torch.Tensor]:
+    return lambda x, *packed_and_flags: gptq_gemv(x, *packed_and_flags, config=config)
+
+
 def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple) -> None:
-    """Few-row matmuls: the fused tile kernel (2/4/8 bits; 3 bits always materialize) against
-    materialize + cuBLAS and a bf16 cuBLAS GEMV over the dense weight.
+    """Few-row matmuls: the batch-1 kernel (`gptq_gemv`) and the fused tile kernel (2/4/8 bits) against
+    materialize + cuBLAS and a bf16 cuBLAS GEMV over the dense weight; `choice` is the fastest.
 
     Device time per call from CUDA-graph replays (`graph_bench_ms`): at a few microseconds per
-    call an eager loop measures the launch, not the kernel. `eager_ms` is the same call eagerly.
+    call an eager loop measures the launch, not the kernel. `eager_ms` is the chosen call eagerly.
+    At M = 1 every GEMV tile candidate is timed too (`gemv_configs`), streaming from HBM, where the
+    launcher's own pick times them on one weight (from L2 when it fits).
     """
     for in_f, out_f in shapes:
         for m in row_counts:
@@ -185,18 +193,24 @@ def bench_decode(rows: list, shapes: list, bit_widths: tuple, row_counts: tuple)
                     (x, *random_gptq_buffers(in_f, out_f, bits, 128, DEV).values(), bits, 1)
                     for _ in range(copies_for(moved) - 1)
                 ]
-                kernel = _tile_matmul if bits in FUSED_BITS else _materialized_linear
+                variants = {"materialize+cublas": _materialized_linear}
+                if bits in FUSED_BITS:
+                    variants |= {"tile": _tile_matmul, "gemv": _gemv()}
+                times = {name: graph_bench_ms(fn, sets) for name, fn in variants.items()}
+                choice = min(times, key=times.__getitem__)
                 want = gptq_matmul_ref(x.double(), *bufs.values(), bits, 1, False)
-                times = {
-                    "tile": graph_bench_ms(_tile_matmul, sets),
-                    "materialize+cublas": graph_bench_ms(_materialized_linear, sets),
-                }
-                ms = times["tile" if bits in FUSED_BITS else "materialize+cublas"]
-                rows.append(dict(kernel=f"decode gptq {bits}b M={m}", shape=f"{out_f}x{in_f}", ms=ms,
-                                 gbps=moved / ms / 1e6, rel_err=rel_err(kernel(*args), want),
-                                 eager_ms=do_bench_ms(rotating(kernel, sets)), tile_ms=times["tile"],
-                                 materialize_ms=times["materialize+cublas"],
-                                 choice=min(times, key=times.__getitem__)))  # fmt: skip
+                row = dict(kernel=f"decode gptq {bits}b M={m}", shape=f"{out_f}x{in_f}", ms=times[choice],
+                           gbps=moved / times[choice] / 1e6, choice=choice,
+                           **{f"{name}_ms": t for name, t in times.items()},
+                           rel_err=max(rel_err(fn(*args), want) for fn in variants.values()),
+                           eager_ms=do_bench_ms(rotating(variants[choice], sets)))  # fmt: skip
+                if m == 1 and bits in GEMV_BITS:
+                    tile_words = gemv_tile_words(bits, 128, bufs["scales"].shape[0])
+                    row["gemv_configs"] = {
+                        str(cfg): graph_bench_ms(_gemv(cfg), sets)
+                        for cfg in gemv_candidates(in_f, out_f, bits, tile_words)
+                    }
+                rows.append(row)
 
 
 def _materialized_matmul(x: torch.Tensor, packed: tuple, bits: int, transpose: bool) -> torch.Tensor:
@@ -264,7 +278,7 @@ def main() -> None:
         bench_materialize_nf4(rows, 11008, 4096)
         bench_materialize_gguf(rows, 11008, 4096)
     if "decode" in sections:
-        bench_decode(rows, shapes, (2, 3, 4), (1, 4, 16))
+        bench_decode(rows, shapes, (2, 3, 4), (1, 2, 4, 16))
     if "training" in sections:
         training_rows = tuple(int(m) for m in args.training_rows.split(",") if m)
         bench_training(rows, shapes[:3] if not args.quick else shapes, (2, 4), training_rows)
@@ -282,8 +296,9 @@ def main() -> None:
             "copy_ratio",
             "rel_err",
             "eager_ms",
+            "gemv_ms",
             "tile_ms",
-            "materialize_ms",
+            "materialize+cublas_ms",
             "choice",
         ],
     )

@@ -13,6 +13,7 @@ transpose=True:  x [..., out_features] -> x·W  [..., in_features]    (input gra
 import torch
 
 from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels.gptq_gemv import gemv_supports, gptq_gemv
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq, materialize_gptq_ref
 
 # Rows up to which the fused kernel runs (decode). Above, materialize + cuBLAS: on the H200 it beat
@@ -23,6 +24,9 @@ FUSED_MAX_ROWS = 16
 # 3-bit codes straddle words, so the fused kernel pays per-code positions: 89-96 µs at M <= 16 on
 # 7B's MLP shapes vs about 83 µs for materialize (48 µs) + a bf16 GEMV (35 µs) on the H200.
 FUSED_BITS = (2, 4, 8)
+# Rows up to which the forward product takes the batch-1 decode kernel (`gptq_gemv`), which reads
+# each packed word with fewer instructions per code than the tensor-core tile.
+GEMV_MAX_ROWS = 1
 
 
 def gptq_matmul_ref(
@@ -179,12 +183,16 @@ def gptq_matmul(
 ) -> torch.Tensor:
     """x·Wᵀ ([..., in] -> [..., out]) or, with `transpose`, x·W ([..., out] -> [..., in]), in x's dtype.
 
-    CUDA: the fused kernel up to FUSED_MAX_ROWS rows at 2/4/8 bits, else the Triton materialize +
-    cuBLAS. Elsewhere: the PyTorch reference.
+    CUDA: the batch-1 decode kernel up to GEMV_MAX_ROWS rows (forward, contiguous groups), the fused
+    tile kernel up to FUSED_MAX_ROWS rows at 2/4/8 bits, else the Triton materialize + cuBLAS.
+    Elsewhere: the PyTorch reference.
     """
     if not use_triton(x, qweight):
         return gptq_matmul_ref(x, qweight, qzeros, scales, g_idx, bits, zero_offset, transpose)
-    if bits in FUSED_BITS and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS:
+    rows = x.numel() // x.shape[-1]
+    if rows <= GEMV_MAX_ROWS and not transpose and gemv_supports(bits, g_idx, scales):
+        return gptq_gemv(x, qweight, qzeros, scales, g_idx, bits, zero_offset)
+    if bits in FUSED_BITS and rows <= FUSED_MAX_ROWS:
         return gptq_matmul_triton(x, qweight, qzeros, scales, g_idx, bits, zero_offset, transpose)
     w = materialize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset, x.dtype)
     return x @ w if transpose else x @ w.T

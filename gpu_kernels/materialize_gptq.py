@@ -82,7 +82,7 @@ def contiguous_group_size(g_idx: torch.Tensor, n_groups: int) -> int:
     if cached is not None and cached[0] == version:
         return cached[1]
     in_features = g_idx.shape[0]
-    group_size = -(-in_features // n_groups)
+    group_size = int((g_idx == 0).sum()) if n_groups > 1 else in_features
     expected = torch.arange(in_features, device=g_idx.device) // group_size
     result = group_size if torch.equal(g_idx.long(), expected) else 0
     if cached is None:

@@ -1,0 +1,192 @@
+"""y = x·Wᵀ for one row at a time (batch-1 decode) straight from GPTQ-packed 2/4/8-bit weights.
+
+At one row a matmul is a stream of packed words, so the kernel must keep HBM busy while doing as
+little as possible per code. The H200 moves 4.2 TB/s: 8.5 G codes per ms at 4 bits, 17 at 2 bits,
+which leaves about four instructions per code across the chip. So, per tile of `BLOCK_W` packed
+words (all in one quantization group) × `BLOCK_N` output columns:
+- no int→float conversion instruction (a quarter-rate unit): a code masked in place inside the low
+  or high 16 bits of its word and OR-ed into the mantissa of 2²³ *is* the float 2²³ + q·2ᵖ, and
+  subtracting 2²³ + z·2ᵖ gives (q − z)·2ᵖ exactly; x is pre-scaled by 2⁻ᵖ, once per word row;
+- products accumulate elementwise in a [BLOCK_W, BLOCK_N] tile, scaled once per word by its group's
+  scale; the sum over the word rows happens once, after the loop, not per tile;
+- each program owns a column block and one slice of the reduction (split-K adds slices with fp32
+  atomics, for narrow weights whose column blocks alone would not fill the SMs).
+Rows beyond the first are further programs over the same columns: they read the same tiles at
+the same time, mostly from L2. Act-order weights (gathered groups) take `gptq_matmul`'s tile kernel.
+Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.fastest_config`).
+"""
+
+import torch
+
+from gpu_kernels._dispatch import fastest_config, launchable, triton_available
+from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq_ref
+
+GEMV_BITS = (2, 4, 8)
+
+
+def gptq_gemv_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    zero_offset: int = 1,
+) -> torch.Tensor:
+    """x [..., in] -> x·Wᵀ [..., out], W materialized in float32, result in x's dtype."""
+    w = materialize_gptq_ref(qweight, qzeros, scales, g_idx, bits, zero_offset, torch.float32)
+    return (x.to(torch.float32) @ w.T).to(x.dtype)
+
+
+def gemv_tile_words(bits: int, group_size: int, n_groups: int) -> int:
+    """Packed words per tile row block: the most (≤ 32) that never straddle a group, 0 if none fit."""
+    pack = 32 // bits
+    if n_groups == 1:
+        return 32
+    if group_size % pack:
+        return 0
+    words = group_size // pack
+    return min(32, words & -words)  # the largest power of two dividing the words of a group
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gptq_gemv_kernel(
+        x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, y_ptr,
+        K, N, zero_offset, group_size, words_per_split,
+        stride_xm, stride_ym, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+        BITS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Program (n, s, m): row m, columns [n·BLOCK_N, (n+1)·BLOCK_N), packed words of split s.
+
+        The final sum is tl.reduce with tl.sum's combine function: tl.sum is a @triton.jit function,
+        which the interpreter (CPU tests) cannot call from a kernel built before TRITON_INTERPRET was
+        set, while tl.reduce is a builtin that the interpreter runs as one numpy sum.
+        """
+        PACK: tl.constexpr = 32 // BITS
+        HALF: tl.constexpr = PACK // 2
+        MASK: tl.constexpr = (1 << BITS) - 1
+        pid_n, pid_s, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        zero_shift = ((offs_n % PACK) * BITS).to(tl.uint32)
+        w_begin = pid_s * words_per_split
+        w_end = tl.minimum(w_begin + words_per_split, (K + PACK - 1) // PACK)
+        acc = tl.full((BLOCK_W, BLOCK_N), 0.0, tl.float32)
+        word_ptrs = qweight_ptr + tl.arange(0, BLOCK_W)[:, None] * stride_qk + offs_n[None, :] * stride_qn
+        first_mask = (w_begin + tl.arange(0, BLOCK_W) < w_end)[:, None] & n_mask[None, :]
+        words = tl.load(word_ptrs + w_begin * stride_qk, mask=first_mask, other=0)
+        for w_start in range(w_begin, w_end, BLOCK_W):
+            offs_w = w_start + tl.arange(0, BLOCK_W)
+            w_mask = offs_w < w_end
+            # The next tile's load is issued before this tile's arithmetic, so HBM stays busy meanwhile.
+            next_mask = (offs_w + BLOCK_W < w_end)[:, None] & n_mask[None, :]
+            next_words = tl.load(word_ptrs + (w_start + BLOCK_W) * stride_qk, mask=next_mask, other=0)
+            high = words >> 16  # sign bits shifted in are masked off below
+            g = (w_start * PACK) // group_size  # the whole tile lies in this group
+            zero_word = tl.load(qzeros_ptr + g * stride_zg + offs_n // PACK * stride_zn, mask=n_mask, other=0)
+            zero_code = (zero_word.to(tl.uint32, bitcast=True) >> zero_shift) & MASK
+            zeros = zero_code.to(tl.float32) + zero_offset
+            scales = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0)
+            dot = tl.full((BLOCK_W, BLOCK_N), 0.0, tl.float32)
+            for j in tl.static_range(PACK):
+                SHIFT = (j % HALF) * BITS  # a constexpr: j is
+                k = offs_w * PACK + j
+                x = tl.load(x_ptr + row * stride_xm + k, mask=w_mask & (k < K), other=0.0).to(tl.float32)
+                x = x * (1.0 / (1 << SHIFT))
+                if j < HALF:
+                    bits_in_place = words & (MASK << SHIFT)
+                else:
+                    bits_in_place = high & (MASK << SHIFT)
+                code = (bits_in_place | 0x4B000000).to(tl.float32, bitcast=True)  # 2²³ + q·2ᵖ
+                dot += x[:, None] * (code - (8388608.0 + zeros * (1 << SHIFT))[None, :])
+            acc += scales.to(tl.float32)[None, :] * dot
+            words = next_words
+        y = tl.reduce(acc, 0, tl.standard._sum_combine)
+        y_ptrs = y_ptr + row * stride_ym + offs_n
+        if ATOMIC:  # the reduction is split over programs: add this split's part
+            tl.atomic_add(y_ptrs, y, mask=n_mask)
+        else:
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: int) -> list[dict[str, int]]:
+    """Tiles and reduction splits worth timing for this shape (the first is the default).
+
+    Tiles of 8-32 KB of packed words per loop step (the words of one group or fewer rows, up to 512
+    columns), 4 or 8 warps; per tile, the two splits whose grid comes closest to four programs per
+    SM of an H200 (132 SMs; consumer cards have 82-84).
+    """
+    words = -(-in_features * bits // 32)
+    target = 4 * 132
+    candidates = []
+    for block_n, tile_bytes, warps in ((256, 8192, 4), (512, 16384, 8), (256, 16384, 8), (128, 8192, 4)):
+        block_w = min(tile_words, max(1, tile_bytes // 4 // block_n), 32)
+        columns = -(-out_features // block_n)
+        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or words // s >= 2 * block_w]
+        for split in sorted(splits, key=lambda s: abs(columns * s - target))[:2]:
+            candidates.append(dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps))
+    return candidates
+
+
+def gemv_supports(bits: int, g_idx: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the kernel can run this weight: 2/4/8 bits and contiguous groups of whole words."""
+    group_size = contiguous_group_size(g_idx, scales.shape[0])
+    return bits in GEMV_BITS and group_size > 0 and gemv_tile_words(bits, group_size, scales.shape[0]) > 0
+
+
+def gptq_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    zero_offset: int = 1,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """x [..., in] -> x·Wᵀ [..., out] in x's dtype (see `gemv_supports` for the weights it takes).
+
+    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps); by default the fastest of
+    `gemv_candidates` for this shape, timed on first use.
+    """
+    in_features, out_features = g_idx.shape[0], scales.shape[1]
+    if not gemv_supports(bits, g_idx, scales):
+        raise ValueError(
+            f"bits={bits}, g_idx: the decode kernel takes {GEMV_BITS} bits and contiguous groups"
+            " of whole packed words"
+        )
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x: last dim {x.shape[-1]} must be in_features={in_features}")
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    group_size = contiguous_group_size(g_idx, scales.shape[0])
+    tile_words = gemv_tile_words(bits, group_size, scales.shape[0])
+
+    def launch(cfg: dict[str, int]) -> torch.Tensor:
+        cfg = dict(cfg)
+        split, block_w = cfg.pop("SPLIT_K"), cfg["BLOCK_W"]
+        words = qweight.shape[0]
+        words_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
+        split = triton.cdiv(words, words_per_split)
+        y = (torch.zeros if split > 1 else torch.empty)(
+            rows, out_features, dtype=torch.float32 if split > 1 else x.dtype, device=x.device
+        )
+        launchable(_gptq_gemv_kernel)[(triton.cdiv(out_features, cfg["BLOCK_N"]), split, rows)](
+            x2, qweight, qzeros, scales, y,
+            in_features, out_features, zero_offset, group_size, words_per_split,
+            x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
+            BITS=bits, ATOMIC=split > 1, **cfg,
+        )  # fmt: skip
+        return y.to(x.dtype)
+
+    if config is None:
+        key = ("gptq_gemv", rows, in_features, out_features, bits, group_size, x.dtype)
+        candidates = gemv_candidates(in_features, out_features, bits, tile_words)
+        config = fastest_config(key, candidates, launch, x.device)
+    return launch(config).view(*x.shape[:-1], out_features)

@@ -1,0 +1,82 @@
+"""The batch-1 decode kernel (x·Wᵀ from packed 2/4/8-bit codes) against the float64 reference.
+
+Tolerance as for the fused matmul: fp32 accumulation, one rounding to fp16 at the end.
+"""
+
+import pytest
+import torch
+
+from gpu_kernels.gptq_gemv import gemv_candidates, gemv_supports, gemv_tile_words, gptq_gemv, gptq_gemv_ref
+from gpu_kernels.gptq_matmul import gptq_matmul
+from modulora.quant.gptq_packed import GPTQLinear
+from tests.gpu_kernels.conftest import random_gptq_layer
+from tests.gpu_kernels.test_gptq_matmul import RTOL, relative_error
+
+
+def buffers(layer) -> tuple:
+    return layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(
+    "shape",  # (in, out, group size): odd widths, a partial last word, per-channel scales, small groups
+    [(256, 72, 128), (130, 40, -1), (300, 50, 64), (96, 33, 32)],
+    ids=str,
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_matches_reference(device: torch.device, bits: int, shape: tuple, rows: int) -> None:
+    layer = random_gptq_layer(*shape, act_order=False, bits=bits, device=device)
+    x = torch.randn(rows, layer.in_features, device=device).half()
+    got = gptq_gemv(x, *buffers(layer))
+    want = gptq_gemv_ref(x.double(), *buffers(layer))
+    assert got.dtype == torch.float16 and got.shape == want.shape
+    assert relative_error(got, want) < RTOL
+
+
+def test_gemv_codes_at_every_position_of_a_word_decode_exactly(device: torch.device) -> None:
+    """The in-place float trick must give q - z exactly for every code value at every bit position."""
+    for bits in (2, 4, 8):
+        out_features, in_features = 2**bits, 32 // bits * 4
+        codes = torch.arange(out_features)[:, None].expand(out_features, in_features)
+        exact = GPTQLinear.from_codes(
+            codes, torch.ones(1, out_features), torch.ones(1, out_features, dtype=torch.long),
+            torch.zeros(in_features, dtype=torch.int32), bits, -1,
+        ).to(device)  # fmt: skip
+        x = torch.eye(in_features, device=device)  # row i picks input channel i alone
+        for i in range(0, in_features, 3):
+            got = gptq_gemv(x[i : i + 1], *buffers(exact))
+            assert torch.equal(got[0], (torch.arange(out_features, device=device) - 1).float())
+
+
+@pytest.mark.parametrize("config_index", [0, 1, -1])
+def test_gemv_every_candidate_tile_and_split_gives_the_same_product(
+    device: torch.device, config_index: int
+) -> None:
+    """Splits add partial sums with atomics; a split edge must neither skip nor double count words."""
+    layer = random_gptq_layer(512, 96, group_size=64, act_order=False, bits=4, device=device)
+    x = torch.randn(1, 512, device=device).half()
+    candidates = gemv_candidates(512, 96, 4, gemv_tile_words(4, 64, 8))
+    odd_split = dict(BLOCK_W=4, BLOCK_N=32, SPLIT_K=3, num_warps=4)
+    config = candidates[config_index] if config_index >= 0 else odd_split
+    got = gptq_gemv(x, *buffers(layer), config=config)
+    want = gptq_gemv_ref(x.double(), *buffers(layer))
+    assert relative_error(got, want) < RTOL
+
+
+def test_gemv_is_what_gptq_matmul_runs_for_one_row(device: torch.device) -> None:
+    layer = random_gptq_layer(128, 64, group_size=32, act_order=False, bits=4, device=device)
+    x = torch.randn(1, 1, 128, device=device).half()
+    got = gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4)
+    assert got.shape == (1, 1, 64)
+    assert torch.equal(got, gptq_gemv(x, *buffers(layer)))
+
+
+def test_gemv_rejects_what_it_cannot_compute(device: torch.device) -> None:
+    layer = random_gptq_layer(64, 32, group_size=32, act_order=False, bits=4, device=device)
+    with pytest.raises(ValueError, match="in_features=64"):
+        gptq_gemv(torch.randn(1, 65, device=device).half(), *buffers(layer))
+    for bits, act_order in ((3, False), (4, True)):
+        other = random_gptq_layer(64, 32, group_size=32, act_order=act_order, bits=bits, device=device)
+        assert not gemv_supports(other.bits, other.g_idx, other.scales)
+        with pytest.raises(ValueError, match="bits="):
+            gptq_gemv(torch.randn(1, 64, device=device).half(), *buffers(other))
