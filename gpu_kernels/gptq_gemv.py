@@ -3,14 +3,14 @@
 At one row a matmul is a stream of packed words, so the kernel must keep HBM busy while doing as
 little as possible per code. The H200 moves 4.2 TB/s: 8.5 G codes per ms at 4 bits, 17 at 2 bits,
 which leaves about four instructions per code across the chip. So, per tile of `BLOCK_W` packed
-words (all in one quantization group) × `BLOCK_N` output columns:
+words (all in one quantization group) × `BLOCK_N` output columns, a thread holding a few columns:
 - no int→float conversion instruction (a quarter-rate unit): a code masked in place inside the low
   or high 16 bits of its word and OR-ed into the mantissa of 2²³ *is* the float 2²³ + q·2ᵖ, and
-  subtracting 2²³ + z·2ᵖ gives (q − z)·2ᵖ exactly; x is pre-scaled by 2⁻ᵖ, once per word row;
-- products accumulate elementwise in a [BLOCK_W, BLOCK_N] tile, scaled once per word by its group's
-  scale; the sum over the word rows happens once, after the loop, not per tile;
-- each program owns a column block and one slice of the reduction (split-K adds slices with fp32
-  atomics, for narrow weights whose column blocks alone would not fill the SMs).
+  subtracting 2²³ gives q·2ᵖ exactly; x (a scalar, the same for every thread) is scaled by 2⁻ᵖ;
+- the zero point is applied once per tile and column, from the tile's sum of x:
+  Σₖ xₖ·s·(qₖ − z) = s·(Σₖ xₖ·qₖ − z·Σₖ xₖ);
+- each program owns a column block and a short slice of the reduction, a few tiles: many small
+  programs keep more loads in flight than a few long ones (split-K adds slices with fp32 atomics).
 Rows beyond the first are further programs over the same columns: they read the same tiles at
 the same time, mostly from L2. Act-order weights (gathered groups) take `gptq_matmul`'s tile kernel.
 Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.fastest_config`).
@@ -62,9 +62,10 @@ if triton_available():
     ):  # fmt: skip
         """Program (n, s, m): row m, columns [n·BLOCK_N, (n+1)·BLOCK_N), packed words of split s.
 
-        The final sum is tl.reduce with tl.sum's combine function: tl.sum is a @triton.jit function,
-        which the interpreter (CPU tests) cannot call from a kernel built before TRITON_INTERPRET was
-        set, while tl.reduce is a builtin that the interpreter runs as one numpy sum.
+        Every tensor is a row of BLOCK_N columns and every input value a scalar: a thread holds a few
+        columns and walks the tile's words and codes in unrolled loops, so no value ever moves
+        between threads (a [words, columns] tile made Triton convert the input vector's layout
+        through shared memory, with two barriers, for every code position).
         """
         PACK: tl.constexpr = 32 // BITS
         HALF: tl.constexpr = PACK // 2
@@ -75,60 +76,61 @@ if triton_available():
         zero_shift = ((offs_n % PACK) * BITS).to(tl.uint32)
         w_begin = pid_s * words_per_split
         w_end = tl.minimum(w_begin + words_per_split, (K + PACK - 1) // PACK)
-        acc = tl.full((BLOCK_W, BLOCK_N), 0.0, tl.float32)
-        word_ptrs = qweight_ptr + tl.arange(0, BLOCK_W)[:, None] * stride_qk + offs_n[None, :] * stride_qn
-        first_mask = (w_begin + tl.arange(0, BLOCK_W) < w_end)[:, None] & n_mask[None, :]
-        words = tl.load(word_ptrs + w_begin * stride_qk, mask=first_mask, other=0)
+        x_row = x_ptr + row * stride_xm
+        word_ptrs = qweight_ptr + offs_n * stride_qn
+        acc = tl.full((BLOCK_N,), 0.0, tl.float32)
         for w_start in range(w_begin, w_end, BLOCK_W):
-            offs_w = w_start + tl.arange(0, BLOCK_W)
-            w_mask = offs_w < w_end
-            # The next tile's load is issued before this tile's arithmetic, so HBM stays busy meanwhile.
-            next_mask = (offs_w + BLOCK_W < w_end)[:, None] & n_mask[None, :]
-            next_words = tl.load(word_ptrs + (w_start + BLOCK_W) * stride_qk, mask=next_mask, other=0)
-            high = words >> 16  # sign bits shifted in are masked off below
             g = (w_start * PACK) // group_size  # the whole tile lies in this group
             zero_word = tl.load(qzeros_ptr + g * stride_zg + offs_n // PACK * stride_zn, mask=n_mask, other=0)
             zero_code = (zero_word.to(tl.uint32, bitcast=True) >> zero_shift) & MASK
             zeros = zero_code.to(tl.float32) + zero_offset
             scales = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0)
-            dot = tl.full((BLOCK_W, BLOCK_N), 0.0, tl.float32)
-            for j in tl.static_range(PACK):
-                SHIFT = (j % HALF) * BITS  # a constexpr: j is
-                k = offs_w * PACK + j
-                x = tl.load(x_ptr + row * stride_xm + k, mask=w_mask & (k < K), other=0.0).to(tl.float32)
-                x = x * (1.0 / (1 << SHIFT))
-                if j < HALF:
-                    bits_in_place = words & (MASK << SHIFT)
-                else:
-                    bits_in_place = high & (MASK << SHIFT)
-                code = (bits_in_place | 0x4B000000).to(tl.float32, bitcast=True)  # 2²³ + q·2ᵖ
-                dot += x[:, None] * (code - (8388608.0 + zeros * (1 << SHIFT))[None, :])
-            acc += scales.to(tl.float32)[None, :] * dot
-            words = next_words
-        y = tl.reduce(acc, 0, tl.standard._sum_combine)
+            dot = tl.full((BLOCK_N,), 0.0, tl.float32)  # sum of x·q over the tile
+            x_sum = 0.0  # sum of x over the tile, for the zero point
+            x_tile = x_row + w_start * PACK
+            x_left = tl.minimum(w_end * PACK, K) - w_start * PACK  # inputs of this tile inside split and x
+            for i in tl.static_range(BLOCK_W):
+                # offs_n < N unless the word is past the split, which Triton's interpreter cannot
+                # write as n_mask & (scalar condition): it types that mask int32
+                word_mask = offs_n < tl.where(w_start + i < w_end, N, 0)
+                word = tl.load(word_ptrs + (w_start + i) * stride_qk, mask=word_mask, other=0)
+                high = word >> 16  # sign bits shifted in are masked off below
+                for j in tl.static_range(PACK):
+                    SHIFT = (j % HALF) * BITS  # a constexpr: j is
+                    x = tl.load(x_tile + i * PACK + j, mask=i * PACK + j < x_left, other=0.0).to(tl.float32)
+                    x_sum += x
+                    if j < HALF:
+                        bits_in_place = word & (MASK << SHIFT)
+                    else:
+                        bits_in_place = high & (MASK << SHIFT)
+                    code = (bits_in_place | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q·2ᵖ
+                    dot += (x * (1.0 / (1 << SHIFT))) * code
+            acc += scales.to(tl.float32) * (dot - zeros * x_sum)
         y_ptrs = y_ptr + row * stride_ym + offs_n
         if ATOMIC:  # the reduction is split over programs: add this split's part
-            tl.atomic_add(y_ptrs, y, mask=n_mask)
+            tl.atomic_add(y_ptrs, acc, mask=n_mask)
         else:
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: int) -> list[dict[str, int]]:
     """Tiles and reduction splits worth timing for this shape (the first is the default).
 
-    Tiles of 8-32 KB of packed words per loop step (the words of one group or fewer rows, up to 512
-    columns), 4 or 8 warps; per tile, the two splits whose grid comes closest to four programs per
-    SM of an H200 (132 SMs; consumer cards have 82-84).
+    Measured on the H200 (docs/bench/kernels.md, run 4): the kernel is limited by instructions per
+    code, and wants many small programs: 4 packed words per step, 8 columns per thread at 4/8 bits
+    (4 at 2 bits, where 8 spill registers), and the reduction split so that each program covers
+    only a few tiles, whose partial sums the fp32 atomics then add.
     """
     words = -(-in_features * bits // 32)
-    target = 4 * 132
+    shapes = ((256, 1), (512, 2), (1024, 4)) if bits > 2 else ((256, 2), (512, 4))
     candidates = []
-    for block_n, tile_bytes, warps in ((256, 8192, 4), (512, 16384, 8), (256, 16384, 8), (128, 8192, 4)):
-        block_w = min(tile_words, max(1, tile_bytes // 4 // block_n), 32)
-        columns = -(-out_features // block_n)
-        splits = [s for s in (1, 2, 4, 8, 16) if s == 1 or words // s >= 2 * block_w]
-        for split in sorted(splits, key=lambda s: abs(columns * s - target))[:2]:
-            candidates.append(dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps))
+    for block_w in sorted({min(tile_words, 4), min(tile_words, 8)}):
+        for split in (128, 64):
+            split = max(1, min(split, words // block_w))
+            for block_n, warps in shapes:
+                config = dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
+                if config not in candidates:  # small weights clamp both splits to the same one
+                    candidates.append(config)
     return candidates
 
 
