@@ -172,18 +172,18 @@ def largest_fitting_seq_len(shape: ModelShape, budget_bytes: int, *, seq_len: in
     return 0
 
 
+def job_memory_fields(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved hyperparameters that the estimators take besides sequence length and batch."""
+    keys = ("bits", "group_size", "lora_r", "lora_targets", "gradient_checkpointing")
+    return {key: hp[key] for key in keys}
+
+
 def check_job_memory(
     shape: ModelShape, hp: Mapping[str, Any], budget_bytes: int | None
 ) -> tuple[MemoryEstimate, str | None]:
     """A job's estimate from its resolved hyperparameters, and — when it exceeds `budget_bytes`
     (None: no budget) — a hint naming what would fit (None when the job fits)."""
-    job = {
-        "bits": hp["bits"],
-        "group_size": hp["group_size"],
-        "lora_r": hp["lora_r"],
-        "lora_targets": hp["lora_targets"],
-        "gradient_checkpointing": hp["gradient_checkpointing"],
-    }
+    job = job_memory_fields(hp)
     seq_len, micro_batch = hp["max_seq_len"], hp["micro_batch_size"]
     estimate = estimate_training_memory(shape, seq_len=seq_len, micro_batch=micro_batch, **job)
     if budget_bytes is None or estimate.total <= budget_bytes:

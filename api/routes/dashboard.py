@@ -129,13 +129,7 @@ def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep
             code="model_not_ready",
         )
     shape = memory.ModelShape.from_folder(config.parent)
-    job = {
-        "bits": hp["bits"],
-        "group_size": hp["group_size"],
-        "lora_r": hp["lora_r"],
-        "lora_targets": hp["lora_targets"],
-        "gradient_checkpointing": hp["gradient_checkpointing"],
-    }
+    job = memory.job_memory_fields(hp)
     try:
         estimate = memory.estimate_training_memory(
             shape, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **job
