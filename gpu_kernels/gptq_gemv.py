@@ -39,7 +39,10 @@ def gptq_gemv_ref(
 
 
 def gemv_tile_words(bits: int, group_size: int, n_groups: int) -> int:
-    """Packed words per tile row block: the most (≤ 32) that never straddle a group, 0 if none fit."""
+    """Packed words per tile row block: the most (≤ 32) that never straddle a group; 0 where the
+    kernel cannot run the weight (other bit widths, gathered groups, groups of part words)."""
+    if bits not in GEMV_BITS or group_size <= 0:
+        return 0
     pack = 32 // bits
     if n_groups == 1:
         return 32
@@ -136,8 +139,7 @@ def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: 
 
 def gemv_supports(bits: int, g_idx: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether the kernel can run this weight: 2/4/8 bits and contiguous groups of whole words."""
-    group_size = contiguous_group_size(g_idx, scales.shape[0])
-    return bits in GEMV_BITS and group_size > 0 and gemv_tile_words(bits, group_size, scales.shape[0]) > 0
+    return gemv_tile_words(bits, contiguous_group_size(g_idx, scales.shape[0]), scales.shape[0]) > 0
 
 
 def gptq_gemv(
@@ -156,7 +158,9 @@ def gptq_gemv(
     `gemv_candidates` for this shape, timed on first use.
     """
     in_features, out_features = g_idx.shape[0], scales.shape[1]
-    if not gemv_supports(bits, g_idx, scales):
+    group_size = contiguous_group_size(g_idx, scales.shape[0])
+    tile_words = gemv_tile_words(bits, group_size, scales.shape[0])
+    if not tile_words:
         raise ValueError(
             f"bits={bits}, g_idx: the decode kernel takes {GEMV_BITS} bits and contiguous groups"
             " of whole packed words"
@@ -167,8 +171,6 @@ def gptq_gemv(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    group_size = contiguous_group_size(g_idx, scales.shape[0])
-    tile_words = gemv_tile_words(bits, group_size, scales.shape[0])
 
     def launch(cfg: dict[str, int]) -> torch.Tensor:
         cfg = dict(cfg)
