@@ -1,13 +1,15 @@
 """One LoRA training step: ModuLoRA (GPTQ 2/3/4-bit, NF4, QuIP# 2-bit) vs PEFT LoRA and PEFT QLoRA.
 
-    python bench/train_step.py [--plan full|7b|large|parity] [--out docs/bench/train-step-h200.json]
+    python bench/train_step.py [--plan full|7b|graphs|large|parity|profile] [--out $OUT/]
 
 Same for every method: random LLaMA-1-shaped weights, LoRA r=16 (alpha 16, dropout 0.05) on all
-seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast, causal-LM loss
-on random tokens. Step time is the mean of 5 steps after 2 warm-up steps; peak memory is
-`torch.cuda.max_memory_allocated` over building the adapters and those 7 steps (the model's packed
-weights included). `--plan parity` also trains a tiny model 20 steps with the Triton kernels and with
-the PyTorch reference (MODULORA_DISABLE_TRITON=1) on the same data and compares the losses.
+seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast,
+causal-LM loss on random tokens. Step time is the mean of 5 steps after 2 warm-up steps; peak
+memory is `torch.cuda.max_memory_allocated` over building the adapters and those 7 steps (the
+model's packed weights included). Methods ending in "+graphs" replay each step's forward and
+backward from a CUDA graph (`modulora.step_graph`, as `modulora.train` does on a GPU). `--plan
+parity` also trains a tiny model 20 steps with the Triton kernels and with the PyTorch reference
+(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import environment, print_table, write_json  # noqa: E402
 from bench._models import DEVICE, build_model  # noqa: E402
 from modulora.lora import ALL_LINEAR, LoraConfig, add_lora_  # noqa: E402
+from modulora.step_graph import StepGraphs  # noqa: E402
+from modulora.train import set_activation_checkpointing  # noqa: E402
 
 GIB = 2**30
 METHODS = {  # name -> (build method, bits, adapter library)
@@ -38,6 +42,11 @@ METHODS = {  # name -> (build method, bits, adapter library)
     "peft-qlora-bnb-nf4": ("bnb-nf4", 4, "peft"),
 }
 ALL = list(METHODS)
+# "+graphs": each step's forward and backward replayed from a CUDA graph (`modulora.step_graph`),
+# as `modulora.train` runs on a GPU; the optimizer step stays eager.
+GRAPHED = ["modulora-2bit+graphs", "modulora-3bit+graphs", "modulora-4bit+graphs", "modulora-nf4+graphs"]
+METHODS |= {name: METHODS[name.removesuffix("+graphs")] for name in GRAPHED}
+METHODS["peft-lora-bf16+graphs"] = METHODS["peft-lora-bf16"]  # how much of the gain is the graphs
 PLANS = {  # (size, batch, seq, methods)
     "7b": [("7b", 1, 512, ALL), ("7b", 4, 1024, ALL)],
     "large": [
@@ -52,11 +61,20 @@ PLANS["2bit"] = [  # QuIP#'s E8P next to GPTQ 2-bit, at the 7B and 65B shapes (i
     ("7b", 1, 512, ["modulora-2bit", "modulora-quip#-2bit"]),
     ("65b", 1, 128, ["modulora-2bit", "modulora-quip#-2bit", "modulora-4bit"]),
 ]
+PLANS["graphs"] = [  # eager and graphed ModuLoRA beside the peers (issue 3's 7B targets)
+    (
+        size,
+        batch,
+        seq,
+        ["modulora-4bit", *GRAPHED, "peft-lora-bf16", "peft-qlora-bnb-nf4", "peft-lora-bf16+graphs"],
+    )
+    for size, batch, seq, _ in PLANS["7b"]
+]
 PLANS["smoke"] = [("tiny", 2, 64, ALL[:5])]  # BENCH_DEVICE=cpu: the code path, no measurement
 
 
 def add_adapters(model: torch.nn.Module, library: str) -> torch.nn.Module:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, True)
     if library == "modulora":
         add_lora_(model, LoraConfig(r=16, alpha=16, dropout=0.05))
         return model
@@ -66,8 +84,17 @@ def add_adapters(model: torch.nn.Module, library: str) -> torch.nn.Module:
     return peft.get_peft_model(model, config)
 
 
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
 def train_steps(
-    model: torch.nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-4, autocast: bool = True
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    steps: int,
+    lr: float = 1e-4,
+    autocast: bool = True,
+    graphs: StepGraphs | None = None,
 ) -> list[float]:
     # Fused on CUDA, as `modulora.train` runs it: the default multi-tensor AdamW allocates a
     # temporary as large as all adapter parameters (about 0.75 GiB at 65B with r=16) at every step.
@@ -75,11 +102,14 @@ def train_steps(
     optimizer = torch.optim.AdamW(params, lr=lr, fused=DEVICE == "cuda")
     losses = []
     for _ in range(steps):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        if graphs is not None:
+            loss = graphs.run({"input_ids": input_ids})
+        else:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+                loss = causal_lm_loss(model, {"input_ids": input_ids})
+            loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphs is None)
         losses.append(loss.item())
     return losses
 
@@ -99,7 +129,7 @@ def allocated_gib(peak: bool = False) -> float:
 def run_one(size: str, batch: int, seq: int, name: str) -> dict:
     build, bits, library = METHODS[name]
     row = dict(model=size, batch=batch, seq=seq, method=name)
-    model = None
+    model = graphs = None
     try:
         torch.manual_seed(0)
         model = build_model(size, build, bits)
@@ -109,16 +139,20 @@ def run_one(size: str, batch: int, seq: int, name: str) -> dict:
         row["weights_gib"] = allocated_gib()
         model = add_adapters(model, library)
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
-        train_steps(model, input_ids, 2)
+        graphs = None
+        if name.endswith("+graphs"):
+            params = [p for p in model.parameters() if p.requires_grad]
+            graphs = StepGraphs(model, causal_lm_loss, params, autocast_dtype=torch.bfloat16)
+        train_steps(model, input_ids, 2, graphs=graphs)  # the first graphed step captures
         start = time.perf_counter()  # train_steps syncs: it reads every loss
-        losses = train_steps(model, input_ids, 5)
+        losses = train_steps(model, input_ids, 5, graphs=graphs)
         row["step_s"] = (time.perf_counter() - start) / 5
         row["peak_gib"] = allocated_gib(peak=True)
         row["loss"] = losses[-1]
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     finally:
-        del model
+        del model, graphs
         free()
     print(row, flush=True)
     return row

@@ -18,6 +18,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from modulora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from modulora.data import IGNORE_INDEX, collate
@@ -33,6 +35,12 @@ from modulora.data import IGNORE_INDEX, collate
 SCHEDULES = ("linear", "cosine", "constant")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_CONFIG_VERSION = 1
+# Graphed steps pad sequences to a multiple of this many tokens: few shapes (few captures, one memory
+# pool) at the cost of at most 63 padding tokens per row.
+GRAPH_SEQ_MULTIPLE = 64
+# Positions whose logits are computed at once by `token_loss_sum` (fp32 logits of one chunk exist at
+# a time: 2048 x 32000 x 4 bytes = 262 MB for a LLaMA vocabulary).
+LOSS_CHUNK_TOKENS = 2048
 
 
 @dataclasses.dataclass
@@ -46,6 +54,10 @@ class TrainConfig:
     max_seq_len/packing/train_on_prompt: how the examples were built (recorded in the manifest).
     eval_every/save_every: steps between validations/checkpoints (0: only at the end).
     keep_checkpoints: how many recent checkpoints to keep (0 keeps all).
+    cuda_graphs: on a GPU, replay each micro-batch's forward and backward from a CUDA graph
+        (`modulora.step_graph`); batches are then padded to `micro_batch_size` rows and a multiple
+        of `GRAPH_SEQ_MULTIPLE` tokens, one graph per padded length. Falls back to eager steps if a
+        model cannot be captured.
     """
 
     learning_rate: float = 2e-4
@@ -71,6 +83,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     output_dir: str | None = None
     dtype: str = "fp32"
+    cuda_graphs: bool = True
     version: int = TRAIN_CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -159,6 +172,65 @@ def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
     logits = model.get_output_embeddings()(hidden[:, :-1][mask])  # [n_labels, vocab]
     loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
     return loss, int(mask.sum())
+
+
+def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`completion_loss`'s sum with fixed shapes and no host synchronization, for CUDA graphs.
+
+    Needs right-padded rows and runs without an attention mask: under the causal mask a real token
+    never sees the padding after it, so its logits are those of the masked model. Every position
+    goes through the LM head, in chunks of LOSS_CHUNK_TOKENS under activation checkpointing, so one
+    chunk's logits exist at a time (padding and prompt positions contribute nothing to the sum).
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = batch["labels"][:, 1:].reshape(-1)
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], LOSS_CHUNK_TOKENS):
+        chunk = slice(start, start + LOSS_CHUNK_TOKENS)
+        total = total + activation_checkpoint(
+            _chunk_loss_sum,
+            head,
+            hidden[chunk],
+            targets[chunk],
+            use_reentrant=False,
+            preserve_rng_state=False,
+        )
+    return total
+
+
+def pad_for_graph(batch: dict[str, torch.Tensor], rows: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids/labels right-padded to `rows` rows and a multiple of GRAPH_SEQ_MULTIPLE tokens."""
+    length = -(-batch["input_ids"].shape[1] // GRAPH_SEQ_MULTIPLE) * GRAPH_SEQ_MULTIPLE
+    padded = {}
+    for name, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX)):
+        tensor = batch[name]
+        out = tensor.new_full((rows, length), fill)
+        out[: tensor.shape[0], : tensor.shape[1]] = tensor
+        padded[name] = out
+    return padded
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Non-reentrant activation checkpointing on or off, in any transformers 5.x.
+
+    Recent transformers (5.24 here) name it `activation_checkpointing_enable` and warn on the old
+    `gradient_checkpointing_enable`; earlier 5.x releases (5.17 on the H200 image) have only the old name.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -277,8 +349,13 @@ def finetune(
     val_losses = {int(k): v for k, v in state["val_losses"].items()}
 
     if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     model.train()
+    graphs = None
+    if config.cuda_graphs and device.type == "cuda":
+        from modulora.step_graph import StepGraphs
+
+        graphs = StepGraphs(model, token_loss_sum, params, AUTOCAST_DTYPES[config.dtype])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -296,11 +373,23 @@ def finetune(
     for step, epoch, micro_batches in _step_batches(train_examples, config, state["step"], total_steps):
         step_start = time.perf_counter()
         batches = [collate(b, pad_id) for b in micro_batches]
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         # Normalize by the step's label-token count so accumulation equals one large batch.
         n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         step_loss = torch.zeros((), device=device)
         for batch in batches:
+            if graphs is not None:
+                try:
+                    padded = pad_for_graph(batch, config.micro_batch_size, pad_id)
+                    scale = scaler.scale(torch.full((), 1.0 / n_labels, device=device))
+                    step_loss += graphs.run({k: v.to(device) for k, v in padded.items()}, scale)
+                    continue
+                except RuntimeError as error:  # a model that cannot be captured trains eagerly
+                    warnings.warn(
+                        f"cuda_graphs: capture failed, training without graphs ({error})", stacklevel=2
+                    )
+                    graphs = None
+            batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(config, device):
                 loss_sum, _ = completion_loss(model, batch)
             scaler.scale(loss_sum / n_labels).backward()
@@ -312,10 +401,9 @@ def finetune(
         scaler.update()
         learning_rate = scheduler.get_last_lr()[0]
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphs is None)  # graphs add into the .grad they captured
 
         loss = step_loss.item() / n_labels
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         state["losses"].append(loss)
         state["trained_tokens"] += tokens
         val_loss = None
@@ -358,5 +446,5 @@ def finetune(
         last_checkpoint = latest_checkpoint(config.output_dir)
     model.eval()
     if config.gradient_checkpointing:
-        model.activation_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     return TrainResult(status, step, total_steps, list(state["losses"]), val_losses, last_checkpoint)

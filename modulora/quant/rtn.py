@@ -32,6 +32,12 @@ class RTNQuantizer(Quantizer):
             zeros.append(zero)
         g_idx = torch.arange(in_features, device=w.device) // group
         return GPTQLinear.from_codes(
-            codes, torch.stack(scales), torch.stack(zeros).to(torch.int32), g_idx, bits,
-            self.config.group_size, bias, self.config.sym,
+            codes,
+            torch.stack(scales),
+            torch.stack(zeros).to(torch.int32),
+            g_idx,
+            bits,
+            self.config.group_size,
+            bias,
+            self.config.sym,
         )

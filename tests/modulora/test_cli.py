@@ -50,26 +50,66 @@ def test_cli_flow_quantize_finetune_generate_eval_on_smollm2(tmp_path: Path, cap
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in cli.DEMO_ROWS))
 
-    assert modulora("quantize", "--model", "smollm2-135m-instruct", "--method", "rtn", "--bits", 4,
-                    "--group-size", 64, "--out", base) == 0
+    assert (
+        modulora(
+            "quantize",
+            "--model",
+            "smollm2-135m-instruct",
+            "--method",
+            "rtn",
+            "--bits",
+            4,
+            "--group-size",
+            64,
+            "--out",
+            base,
+        )
+        == 0
+    )
     assert (base / "quantize_config.json").is_file()
 
-    assert modulora("finetune", "--model", base, "--data", data, "--max-steps", 2, "--micro-batch-size", 2,
-                    "--learning-rate", "1e-3", "--lora-r", 4, "--max-seq-len", 48, "--out", run) == 0
+    assert (
+        modulora(
+            "finetune",
+            "--model",
+            base,
+            "--data",
+            data,
+            "--max-steps",
+            2,
+            "--micro-batch-size",
+            2,
+            "--learning-rate",
+            "1e-3",
+            "--lora-r",
+            4,
+            "--max-seq-len",
+            48,
+            "--out",
+            run,
+        )
+        == 0
+    )
     manifest = json.loads((run / "adapter" / "manifest.json").read_text())
     assert manifest["base_model"] == str(base) and manifest["quantization"]["method"] == "rtn"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     capsys.readouterr()
 
     prompt = "Question: Who wrote Hamlet?\nType:"
-    assert modulora("generate", "--model", base, "--adapter", run, "--max-new-tokens", 3,
-                    "--prompt", prompt) == 0
+    assert (
+        modulora("generate", "--model", base, "--adapter", run, "--max-new-tokens", 3, "--prompt", prompt)
+        == 0
+    )
     assert capsys.readouterr().out.strip()
 
     wiki = tmp_path / "wiki.txt"
     wiki.write_text((shared_datasets / "wikitext2" / "wiki.test.raw").read_text()[:3000])
-    assert modulora("eval", "--model", base, "--adapter", run, "--task", "perplexity", "--data", wiki,
-                    "--window", 128) == 0
+    assert (
+        modulora(
+            "eval", "--model", base, "--adapter", run, "--task", "perplexity", "--data", wiki, "--window", 128
+        )
+        == 0
+    )
     value = float(re.search(r"^perplexity: (\S+)$", capsys.readouterr().out, re.M).group(1))
     assert math.isfinite(value) and 1 < value < 1000
 

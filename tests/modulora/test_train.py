@@ -8,7 +8,16 @@ from utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokeniz
 
 from modulora.data import build_examples, collate
 from modulora.lora import LoraConfig, add_lora_
-from modulora.train import StepMetrics, TrainConfig, completion_loss, finetune, latest_checkpoint
+from modulora.train import (
+    StepMetrics,
+    TrainConfig,
+    completion_loss,
+    finetune,
+    latest_checkpoint,
+    pad_for_graph,
+    set_activation_checkpointing,
+    token_loss_sum,
+)
 
 ROWS = [{"prompt": f"Question: what is {i} plus {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(24)]
 
@@ -47,6 +56,33 @@ def test_completion_loss_equals_full_logits_loss(tokenizer, examples) -> None:
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
     )
     torch.testing.assert_close(loss_sum / count, reference.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_loss_on_padded_batch_equals_completion_loss(tokenizer, examples, monkeypatch) -> None:
+    # The graphed step's loss: fixed shapes (rows and tokens padded), no attention mask, logits in
+    # chunks (3 tokens here, so chunks straddle rows); it must sum to the masked model's loss.
+    monkeypatch.setattr("modulora.train.LOSS_CHUNK_TOKENS", 3)
+    model = lora_model(dropout=0.0)
+    batch = collate(examples[:3], tokenizer.pad_token_id)
+    padded = pad_for_graph(batch, rows=4, pad_token_id=tokenizer.pad_token_id)
+    assert padded["input_ids"].shape == (4, 64) and set(padded) == {"input_ids", "labels"}
+    expected, _ = completion_loss(model, batch)
+    torch.testing.assert_close(token_loss_sum(model, padded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_loss_gradients_equal_completion_loss_gradients(tokenizer, examples) -> None:
+    batch = collate(examples[:2], tokenizer.pad_token_id)
+    grads = []
+    for loss_of in (
+        lambda m: completion_loss(m, batch)[0],
+        lambda m: token_loss_sum(m, pad_for_graph(batch, 2, 0)),
+    ):
+        model = lora_model(dropout=0.0)
+        finetune(model, tokenizer, examples[:4], config(max_steps=1))  # B != 0, so A gets gradients too
+        loss_of(model).backward()
+        grads.append(lora_grads(model))
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_training_step_changes_only_lora_parameters(tokenizer, examples) -> None:
@@ -127,7 +163,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, examples) ->
         model = lora_model()
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(model, True)
         for p in model.parameters():
             p.grad = None
         # make B non-zero so that A gets a gradient as well
