@@ -89,3 +89,33 @@ def fastest_config(
         times = [do_bench_cudagraph(lambda c=c: launch(c), rep=10) for c in candidates]
         _fastest[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
     return _fastest[key]
+
+
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []  # captured CUDA graphs may still point at these
+WORKSPACE_MIN_VALUES = 1 << 20
+
+
+def split_k_workspace(device: torch.device, values: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 accumulators (≥ `values`) and int32 arrival counters (≥ `counters`) for split-K kernels.
+
+    Every kernel that uses them leaves them zero (its last program per output block takes the sum
+    and zeroes its part), so one pair per device serves every call, in order on that device: calls
+    from concurrent streams would mix their sums. The pair only grows, and outgrown pairs stay
+    allocated because CUDA graphs captured earlier replay with their addresses. It is allocated
+    outside any capture: run a call of each shape before capturing (graph warm-ups do).
+    """
+    pair = _workspaces.get(device)
+    if pair is None or pair[0].numel() < values or pair[1].numel() < counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split_k_workspace: grow it before capture (run each shape once first)")
+        if pair is not None:
+            _outgrown.append(pair)
+        values = max(values, WORKSPACE_MIN_VALUES, 0 if pair is None else pair[0].numel())
+        counters = max(counters, WORKSPACE_MIN_VALUES // 64, 0 if pair is None else pair[1].numel())
+        pair = (
+            torch.zeros(values, dtype=torch.float32, device=device),
+            torch.zeros(counters, dtype=torch.int32, device=device),
+        )
+        _workspaces[device] = pair
+    return pair

@@ -10,7 +10,10 @@ words (all in one quantization group) × `BLOCK_N` output columns, a thread hold
 - the zero point is applied once per tile and column, from the tile's sum of x:
   Σₖ xₖ·s·(qₖ − z) = s·(Σₖ xₖ·qₖ − z·Σₖ xₖ);
 - each program owns a column block and a short slice of the reduction, a few tiles: many small
-  programs keep more loads in flight than a few long ones (split-K adds slices with fp32 atomics).
+  programs keep more loads in flight than a few long ones. Split-K adds the slices with fp32
+  atomics into a workspace that is zero between calls; the last program to arrive at a column
+  block takes the sum (and zeroes it), writes the output in x's dtype and resets the
+  block's arrival counter. One kernel per product: no zeroing before, no cast after.
 Rows beyond the first are further programs over the same columns: they read the same tiles at
 the same time, mostly from L2. Act-order weights (gathered groups) take `gptq_matmul`'s tile kernel.
 Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.fastest_config`).
@@ -18,7 +21,7 @@ Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.
 
 import torch
 
-from gpu_kernels._dispatch import fastest_config, launchable, triton_available
+from gpu_kernels._dispatch import fastest_config, launchable, split_k_workspace, triton_available
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq_ref
 
 GEMV_BITS = (2, 4, 8)
@@ -58,8 +61,8 @@ if triton_available():
 
     @triton.jit
     def _gptq_gemv_kernel(
-        x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, y_ptr,
-        K, N, zero_offset, group_size, words_per_split,
+        x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, y_ptr, acc_ptr, arrivals_ptr,
+        K, N, zero_offset, group_size, words_per_split, n_splits,
         stride_xm, stride_ym, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         BITS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
@@ -111,7 +114,15 @@ if triton_available():
             acc += scales.to(tl.float32) * (dot - zeros * x_sum)
         y_ptrs = y_ptr + row * stride_ym + offs_n
         if ATOMIC:  # the reduction is split over programs: add this split's part
-            tl.atomic_add(y_ptrs, acc, mask=n_mask)
+            acc_ptrs = acc_ptr + row * N + offs_n
+            tl.atomic_add(acc_ptrs, acc, mask=n_mask)
+            tl.debug_barrier()  # every thread's add is done before the program counts as arrived
+            arrivals = arrivals_ptr + row * tl.num_programs(0) + pid_n
+            if tl.atomic_add(arrivals, 1) == n_splits - 1:  # acq_rel: the others' adds are visible
+                acc = tl.atomic_add(acc_ptrs, 0.0, mask=n_mask)  # read at L2 (atomic_xchg of floats
+                tl.store(acc_ptrs, 0.0, mask=n_mask)  # does not interpret)
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(arrivals, 0)
         else:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -178,16 +189,16 @@ def gptq_gemv(
         words = qweight.shape[0]
         words_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
         split = triton.cdiv(words, words_per_split)
-        y = (torch.zeros if split > 1 else torch.empty)(
-            rows, out_features, dtype=torch.float32 if split > 1 else x.dtype, device=x.device
-        )
-        launchable(_gptq_gemv_kernel)[(triton.cdiv(out_features, cfg["BLOCK_N"]), split, rows)](
-            x2, qweight, qzeros, scales, y,
-            in_features, out_features, zero_offset, group_size, words_per_split,
+        blocks = triton.cdiv(out_features, cfg["BLOCK_N"])
+        y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+        acc, arrivals = split_k_workspace(x.device, rows * out_features, rows * blocks)
+        launchable(_gptq_gemv_kernel)[(blocks, split, rows)](
+            x2, qweight, qzeros, scales, y, acc, arrivals,
+            in_features, out_features, zero_offset, group_size, words_per_split, split,
             x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
             BITS=bits, ATOMIC=split > 1, **cfg,
         )  # fmt: skip
-        return y.to(x.dtype)
+        return y
 
     if config is None:
         key = ("gptq_gemv", rows, in_features, out_features, bits, group_size, x.dtype)

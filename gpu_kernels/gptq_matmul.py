@@ -1,7 +1,8 @@
 """Y = X·Wᵀ (or dY·W) straight from GPTQ-packed weights: dequantize tiles in registers, tensor-core dot.
 
 One kernel serves both regimes. For decode (M = 1..16 rows) it splits the reduction over extra
-programs (split-K, fp32 atomics) so that every SM streams packed weights, and each packed word is
+programs (split-K, fp32 atomics into a workspace that the last program per output tile reads,
+writes out in x's dtype and zeroes) so that every SM streams packed weights, and each packed word is
 read once. For training (many rows) it is a tiled GEMM whose B operand is dequantized per tile;
 whether that beats materialize + cuBLAS depends on the shape, so `gptq_matmul` picks the path per
 shape from measurements on the H200 (see `docs/bench/kernels.md`).
@@ -12,7 +13,7 @@ transpose=True:  x [..., out_features] -> x·W  [..., in_features]    (input gra
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import launchable, split_k_workspace, triton_available, use_triton
 from gpu_kernels.gptq_gemv import gemv_supports, gptq_gemv
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq, materialize_gptq_ref
 
@@ -52,8 +53,8 @@ if triton_available():
 
     @triton.jit
     def _gptq_matmul_kernel(
-        x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
-        M, K, N, zero_offset, group_size, r_per_split,
+        x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr, acc_ptr, arrivals_ptr,
+        M, K, N, zero_offset, group_size, r_per_split, n_splits,
         stride_xm, stride_xr, stride_ym, stride_yc,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         BITS: tl.constexpr, ONE_GROUP: tl.constexpr, TRANSPOSE: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -96,8 +97,16 @@ if triton_available():
         y_mask = (offs_m[:, None] < M) & (offs_c[None, :] < (K if TRANSPOSE else N))
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-        else:
-            tl.atomic_add(y_ptrs, acc, mask=y_mask)
+        else:  # as in gptq_gemv: add into the workspace; the last program to arrive writes y
+            acc_ptrs = acc_ptr + offs_m[:, None] * stride_ym + offs_c[None, :] * stride_yc
+            tl.atomic_add(acc_ptrs, acc, mask=y_mask)
+            tl.debug_barrier()
+            arrivals = arrivals_ptr + pid_m * tl.num_programs(1) + pid_c
+            if tl.atomic_add(arrivals, 1) == n_splits - 1:
+                acc = tl.atomic_add(acc_ptrs, 0.0, mask=y_mask)
+                tl.store(acc_ptrs, 0.0, mask=y_mask)
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+                tl.atomic_xchg(arrivals, 0)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -158,17 +167,16 @@ def gptq_matmul_triton(
     one_group = group_size > 0 and (scales.shape[0] == 1 or group_size % tile_in == 0)
     r_per_split = triton.cdiv(triton.cdiv(reduction, split), cfg["BLOCK_R"]) * cfg["BLOCK_R"]
     split = triton.cdiv(reduction, r_per_split)
-    y = (torch.zeros if split > 1 else torch.empty)(
-        rows, cols, dtype=torch.float32 if split > 1 else x.dtype, device=x.device
-    )
+    y = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_C"]), split)
+    acc, arrivals = split_k_workspace(x.device, rows * cols, grid[0] * grid[1])
     launchable(_gptq_matmul_kernel)[grid](
-        x2, qweight, qzeros, scales, g_idx, y,
-        rows, in_features, out_features, zero_offset, max(group_size, 1), r_per_split,
+        x2, qweight, qzeros, scales, g_idx, y, acc, arrivals,
+        rows, in_features, out_features, zero_offset, max(group_size, 1), r_per_split, split,
         *x2.stride(), *y.stride(), *qweight.stride(), *qzeros.stride(), *scales.stride(),
         BITS=bits, ONE_GROUP=one_group, TRANSPOSE=transpose, SPLIT_K=split, **cfg,
     )  # fmt: skip
-    return y.to(x.dtype).view(*x.shape[:-1], cols)
+    return y.view(*x.shape[:-1], cols)
 
 
 def gptq_matmul(

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from api.inference.multi_lora import LoraPlan, MultiLoraLinear
+from gpu_kernels.rmsnorm import add_rmsnorm
+from gpu_kernels.rotary import apply_rotary_
+from gpu_kernels.swiglu import silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,9 +41,11 @@ class _Graph:
     logits: torch.Tensor | None = None  # [batch, vocab] float32
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _norm(
+    norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x): the model's RMSNorm fused with the residual add before it."""
+    return add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
 
 
 class Decoder:
@@ -126,24 +131,28 @@ class Decoder:
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, T, length]
         hidden = self.embed(tokens)
         cos, sin = self.model.model.rotary_emb(hidden, positions)  # [batch, T, head_dim]
-        cos, sin = cos[:, None], sin[:, None]
+        norms = [layer.input_layernorm for layer in self.layers] + [self.model.model.norm]
+        h, hidden = _norm(norms[0], hidden, None)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(hidden)
-            q = attn.q_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+            q = apply_rotary_(attn.q_proj(h).view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
+            k = apply_rotary_(attn.k_proj(h).view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
             v = attn.v_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             k_all, v_all = self._update_cache(i, rows, positions, k, v, length)
             gqa = self.n_heads != self.n_kv_heads
             out = F.scaled_dot_product_attention(
                 q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
             )
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = self.model.model.norm(hidden[:, -1:])
-        return self.model.lm_head(hidden)[:, 0].float()
+            h, hidden = _norm(
+                layer.post_attention_layernorm, attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1)), hidden
+            )
+            h, hidden = _norm(norms[i + 1], self._mlp(layer.mlp, h), hidden)
+        return self.model.lm_head(h[:, -1:])[:, 0].float()
+
+    def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.config.hidden_act != "silu":
+            return mlp(h)
+        return mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
 
     def _update_cache(
         self,

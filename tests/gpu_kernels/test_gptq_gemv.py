@@ -6,6 +6,7 @@ Tolerance as for the fused matmul: fp32 accumulation, one rounding to fp16 at th
 import pytest
 import torch
 
+from gpu_kernels._dispatch import split_k_workspace
 from gpu_kernels.gptq_gemv import gemv_candidates, gemv_supports, gemv_tile_words, gptq_gemv, gptq_gemv_ref
 from gpu_kernels.gptq_matmul import gptq_matmul
 from modulora.quant.gptq_packed import GPTQLinear
@@ -61,6 +62,23 @@ def test_gemv_every_candidate_tile_and_split_gives_the_same_product(
     got = gptq_gemv(x, *buffers(layer), config=config)
     want = gptq_gemv_ref(x.double(), *buffers(layer))
     assert relative_error(got, want) < RTOL
+
+
+def test_split_k_leaves_its_workspace_zero_for_the_next_call(device: torch.device) -> None:
+    """The last program per column block writes the output and zeroes the sums and counters, so
+    back-to-back calls of different shapes share one workspace and each gets its own product."""
+    split = dict(BLOCK_W=2, BLOCK_N=32, SPLIT_K=3, num_warps=4)  # tiles within 2-bit's 2-word groups
+    layers = [
+        random_gptq_layer(512, 96, group_size=64, act_order=False, bits=4, device=device),
+        random_gptq_layer(256, 40, group_size=32, act_order=False, bits=2, device=device),
+    ]
+    for _ in range(2):
+        for layer in layers:
+            x = torch.randn(2, layer.in_features, device=device).half()
+            got = gptq_gemv(x, *buffers(layer), config=split)
+            assert relative_error(got, gptq_gemv_ref(x.double(), *buffers(layer))) < RTOL
+            acc, arrivals = split_k_workspace(device, 0, 0)
+            assert not acc.any() and not arrivals.any()
 
 
 def test_gemv_is_what_gptq_matmul_runs_for_one_row(device: torch.device) -> None:

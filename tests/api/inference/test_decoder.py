@@ -94,3 +94,17 @@ def test_cuda_graph_decode_matches_eager_decode_with_mixed_adapters() -> None:
         logits[graphs] = torch.stack(steps)
     assert decoders[True]._graphs, "the decode steps should have replayed a captured graph"
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_decoder_with_fused_kernels_matches_hf_forward() -> None:
+    """On a GPU the decoder runs its own kernels (residual add + RMSNorm, rotary, SwiGLU, the low-bit
+    matmuls); the logits of a prefill and of the decode steps after it match the model's forward."""
+    model = tiny_quantized_llama(vocab_size=1000).to("cuda", torch.bfloat16)
+    tokens = torch.randint(0, 1000, (1, 14), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        expected = model(tokens).logits[0, 9:].float()  # positions 9..13: prefill's last, then decode
+    decoder = Decoder(copy.deepcopy(model), rows=1, max_seq_len=32, use_graphs=False)
+    got = [decoder.forward(tokens[:, :10], [0], [0], [0])[0]]
+    got += [decoder.forward(tokens[:, p : p + 1], [0], [p], [0])[0] for p in range(10, 14)]
+    torch.testing.assert_close(torch.stack(got), expected, rtol=0.05, atol=0.05)
