@@ -184,7 +184,13 @@ def copy_bandwidth() -> float:
 
 def measure_matmuls(args: argparse.Namespace, bits: int, ceiling: float) -> list[dict]:
     hidden, inter, _, _ = LLAMA_SIZES[args.size]
-    shapes = {"q/k/v/o_proj": (hidden, hidden), "gate/up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    shapes = {  # the fused products are what the decoder runs on a GPU (api.inference.decoder)
+        "q/k/v/o_proj": (hidden, hidden),
+        "gate/up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+        "fused qkv": (hidden, 3 * hidden),
+        "fused gate+up": (hidden, 2 * inter),
+    }
     rows = []
     for name, (k, n) in shapes.items():
         first = random_gptq_buffers(k, n, bits, 128, DEVICE)

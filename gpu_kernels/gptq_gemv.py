@@ -99,7 +99,12 @@ if triton_available():
                 # offs_n < N unless the word is past the split, which Triton's interpreter cannot
                 # write as n_mask & (scalar condition): it types that mask int32
                 word_mask = offs_n < tl.where(w_start + i < w_end, N, 0)
-                word = tl.load(word_ptrs + (w_start + i) * stride_qk, mask=word_mask, other=0)
+                word = tl.load(
+                    word_ptrs + (w_start + i) * stride_qk,
+                    mask=word_mask,
+                    other=0,
+                    eviction_policy="evict_first",
+                )  # read once: leave L2 to x and the sums
                 high = word >> 16  # sign bits shifted in are masked off below
                 for j in tl.static_range(PACK):
                     SHIFT = (j % HALF) * BITS  # a constexpr: j is
@@ -115,7 +120,8 @@ if triton_available():
         y_ptrs = y_ptr + row * stride_ym + offs_n
         if ATOMIC:  # the reduction is split over programs: add this split's part
             acc_ptrs = acc_ptr + row * N + offs_n
-            tl.atomic_add(acc_ptrs, acc, mask=n_mask)
+            # relaxed: the barrier and the counter's acq_rel order these adds for the last program
+            tl.atomic_add(acc_ptrs, acc, mask=n_mask, sem="relaxed")
             tl.debug_barrier()  # every thread's add is done before the program counts as arrived
             arrivals = arrivals_ptr + row * tl.num_programs(0) + pid_n
             if tl.atomic_add(arrivals, 1) == n_splits - 1:  # acq_rel: the others' adds are visible

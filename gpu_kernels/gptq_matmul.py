@@ -99,7 +99,7 @@ if triton_available():
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
         else:  # as in gptq_gemv: add into the workspace; the last program to arrive writes y
             acc_ptrs = acc_ptr + offs_m[:, None] * stride_ym + offs_c[None, :] * stride_yc
-            tl.atomic_add(acc_ptrs, acc, mask=y_mask)
+            tl.atomic_add(acc_ptrs, acc, mask=y_mask, sem="relaxed")
             tl.debug_barrier()
             arrivals = arrivals_ptr + pid_m * tl.num_programs(1) + pid_c
             if tl.atomic_add(arrivals, 1) == n_splits - 1:

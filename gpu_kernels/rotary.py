@@ -23,15 +23,28 @@ def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, tokens, heads, head_dim] in place (contiguous) and return it."""
-    if not use_triton(x, cos) or not x.is_contiguous():
-        return x.copy_(apply_rotary_ref(x, cos, sin))
+    """Rotate x [batch, tokens, heads, head_dim] in place and return it.
+
+    x may be a column slice of a wider projection output (q of a fused q/k/v product): its heads
+    must be contiguous, its tokens any stride.
+    """
     batch, tokens, heads, head_dim = x.shape
+    rows = x.view(batch * tokens, heads, head_dim) if _rows_flatten(x) else None
+    if not use_triton(x, cos) or rows is None:
+        return x.copy_(apply_rotary_ref(x, cos, sin))
     cos, sin = cos.contiguous(), sin.contiguous()
     launchable(_rotary_kernel)[(batch * tokens,)](
-        x, cos.to(x.dtype), sin.to(x.dtype), heads, HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads)
-    )
+        rows, cos.to(x.dtype), sin.to(x.dtype), heads, rows.stride(0),
+        HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads),
+    )  # fmt: skip
     return x
+
+
+def _rows_flatten(x: torch.Tensor) -> bool:
+    """Whether x [batch, tokens, heads, head_dim] views as [batch·tokens, heads, head_dim] with
+    contiguous heads."""
+    head_dim = x.shape[-1]
+    return x.stride(3) == 1 and x.stride(2) == head_dim and x.stride(0) == x.shape[1] * x.stride(1)
 
 
 if triton_available():
@@ -39,13 +52,13 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, heads, stride_t, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         """Program t: every head of token t; x1/x2 are the two halves of each head."""
         t = tl.program_id(0)
         offs_h = tl.arange(0, BLOCK_H)[:, None]
         offs_d = tl.arange(0, HALF)[None, :]
         mask = offs_h < heads
-        ptrs = x_ptr + t * heads * 2 * HALF + offs_h * 2 * HALF + offs_d
+        ptrs = x_ptr + t * stride_t + offs_h * 2 * HALF + offs_d
         x1 = tl.load(ptrs, mask=mask, other=0.0)
         x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
         c1 = tl.load(cos_ptr + t * 2 * HALF + offs_d)

@@ -15,14 +15,19 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate)·up, same shapes; Triton on CUDA, the reference elsewhere."""
-    if not use_triton(gate, up) or gate.shape != up.shape:
+    """silu(gate)·up [..., n] -> a new contiguous tensor; Triton on CUDA, the reference elsewhere.
+
+    gate and up may be column slices of one wider product (a fused gate/up projection): rows of
+    any stride, columns contiguous.
+    """
+    n = gate.shape[-1]
+    if not use_triton(gate, up) or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
         return silu_mul_ref(gate, up)
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    gate2, up2 = gate.reshape(-1, n), up.reshape(-1, n)  # views when the leading dims flatten
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    launchable(_silu_mul_kernel)[(triton.cdiv(gate.numel(), block),)](
-        gate, up, out, gate.numel(), BLOCK=block
+    launchable(_silu_mul_kernel)[(gate2.shape[0], triton.cdiv(n, block))](
+        gate2, up2, out, n, gate2.stride(0), up2.stride(0), BLOCK=block
     )
     return out
 
@@ -32,13 +37,16 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, stride_gate, stride_up, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        gate = tl.load(gate_ptr + offs, mask=mask, other=0.0)
-        up = tl.load(up_ptr + offs, mask=mask, other=0.0)
+        gate = tl.load(gate_ptr + row * stride_gate + offs, mask=mask, other=0.0)
+        up = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0)
         g = gate.to(tl.float32)
         silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
         tl.store(
-            out_ptr + offs, (silu.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask
+            out_ptr + row * n + offs,
+            (silu.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty),
+            mask=mask,
         )

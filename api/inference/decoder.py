@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from api.inference.multi_lora import LoraPlan, MultiLoraLinear
+from api.inference.multi_lora import LoraPlan, MultiLoraLinear, base_product
 from gpu_kernels.rmsnorm import add_rmsnorm
 from gpu_kernels.rotary import apply_rotary_
 from gpu_kernels.swiglu import silu_mul
+from modulora.quant.gptq_packed import GPTQLinear, fuse_outputs_
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,6 +40,22 @@ class _Graph:
     positions: torch.Tensor  # [batch, 1]
     slot_ids: torch.Tensor  # [batch]
     logits: torch.Tensor | None = None  # [batch, vocab] float32
+
+
+def _fuse(block: nn.Module, names: tuple[str, ...]) -> GPTQLinear | None:
+    """One GPTQ product for the base layers of `names` (`fuse_outputs_`), or None."""
+    bases = [getattr(block, name).base_layer for name in names]
+    return fuse_outputs_(bases) if all(isinstance(b, GPTQLinear) for b in bases) else None
+
+
+def _project(
+    projections: tuple[MultiLoraLinear, ...], fused: GPTQLinear | None, h: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each projection of h; with `fused`, their base outputs come from one product, split."""
+    if fused is None:
+        return [p(h) for p in projections]
+    bases = base_product(fused, h).split([p.out_features for p in projections], dim=-1)
+    return [p(h, base) for p, base in zip(projections, bases, strict=True)]
 
 
 def _norm(
@@ -72,6 +89,15 @@ class Decoder:
                 setattr(model.get_submodule(parent_name), leaf, wrapped)
                 self.lora_layers[name] = wrapped
         self.layers = model.model.layers
+        # On a GPU, q/k/v and gate/up each run as one low-bit product (None where they cannot).
+        on_gpu = self.device.type == "cuda"
+        self.fused_qkv = [
+            _fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj")) if on_gpu else None
+            for layer in self.layers
+        ]
+        self.fused_gate_up = [
+            _fuse(layer.mlp, ("gate_proj", "up_proj")) if on_gpu else None for layer in self.layers
+        ]
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         shape = (len(self.layers), rows, self.n_kv_heads, max_seq_len, self.head_dim)
@@ -135,9 +161,10 @@ class Decoder:
         h, hidden = _norm(norms[0], hidden, None)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q = apply_rotary_(attn.q_proj(h).view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
-            k = apply_rotary_(attn.k_proj(h).view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+            q, k, v = _project((attn.q_proj, attn.k_proj, attn.v_proj), self.fused_qkv[i], h)
+            q = apply_rotary_(q.view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
+            k = apply_rotary_(k.view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
+            v = v.view(batch, t, -1, self.head_dim).transpose(1, 2)
             k_all, v_all = self._update_cache(i, rows, positions, k, v, length)
             gqa = self.n_heads != self.n_kv_heads
             out = F.scaled_dot_product_attention(
@@ -146,13 +173,13 @@ class Decoder:
             h, hidden = _norm(
                 layer.post_attention_layernorm, attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1)), hidden
             )
-            h, hidden = _norm(norms[i + 1], self._mlp(layer.mlp, h), hidden)
+            h, hidden = _norm(norms[i + 1], self._mlp(layer.mlp, self.fused_gate_up[i], h), hidden)
         return self.model.lm_head(h[:, -1:])[:, 0].float()
 
-    def _mlp(self, mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, mlp: nn.Module, fused: GPTQLinear | None, h: torch.Tensor) -> torch.Tensor:
         if self.config.hidden_act != "silu":
             return mlp(h)
-        return mlp.down_proj(silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        return mlp.down_proj(silu_mul(*_project((mlp.gate_proj, mlp.up_proj), fused, h)))
 
     def _update_cache(
         self,

@@ -22,6 +22,14 @@ from gpu_kernels.gptq_matmul import gptq_matmul
 from modulora.quant.gptq_packed import GPTQLinear
 
 
+def base_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A frozen base layer's output; a GPTQ layer on a GPU goes straight to the low-bit kernels."""
+    if not (x.is_cuda and isinstance(layer, GPTQLinear)):
+        return layer(x)
+    y = gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
 class LoraPlan:
     """The adapter slot of each row of the next forward (shared by all layers of one base)."""
 
@@ -86,9 +94,12 @@ class MultiLoraLinear(nn.Module):
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [batch, tokens, in_features] -> [batch, tokens, out_features]."""
-        y = self._base(x)
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """x [batch, tokens, in_features] -> [batch, tokens, out_features].
+
+        `base`: the base layer's output for x when a fused product already computed it.
+        """
+        y = base_product(self.base_layer, x) if base is None else base
         single = self.plan.single
         if self.rank == 0 or single == 0:
             return y
@@ -100,15 +111,6 @@ class MultiLoraLinear(nn.Module):
             b = self.lora_B[self.plan.slot_ids]  # [batch, out, r]
             delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
         return y + delta.to(y.dtype)
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.base_layer
-        if not (x.is_cuda and isinstance(layer, GPTQLinear)):
-            return layer(x)
-        y = gptq_matmul(
-            x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset
-        )
-        return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"

@@ -9,6 +9,7 @@ read both v1 and v2.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Self
 
 import torch
@@ -148,3 +149,51 @@ class GPTQLinear(QuantizedLinear):
             config.get("desc_act", False),
             config.get("zero_offset", 1),
         )
+
+
+def fuse_outputs_(layers: Sequence[GPTQLinear]) -> GPTQLinear | None:
+    """One layer computing the layers' outputs side by side (q, k and v of an attention block; gate
+    and up of an MLP), so that one product reads all their codes; at batch-1 decode one large
+    product streams memory better than three small ones. Each layer's buffers become views into
+    the fused layer's, so no code is stored twice and the layers still compute alone.
+
+    None when the layers cannot share one product: other bit widths or groups, different g_idx
+    (act-order permutations) or zero offsets, 3-bit codes, or an output width that would split a
+    packed zero-point word.
+    """
+    first = layers[0]
+    pack = 32 // first.bits
+    compatible = first.bits != 3 and all(
+        layer.bits == first.bits
+        and layer.group_size == first.group_size
+        and layer.zero_offset == first.zero_offset
+        and layer.in_features == first.in_features
+        and layer.scales.dtype == first.scales.dtype
+        and (layer.bias is None) == (first.bias is None)
+        and layer.out_features % pack == 0
+        and torch.equal(layer.g_idx, first.g_idx)
+        for layer in layers
+    )
+    if not compatible:
+        return None
+    widths = [layer.out_features for layer in layers]
+    with torch.device("meta"):
+        fused = GPTQLinear(
+            first.in_features, sum(widths), first.bits, first.group_size, first.bias is not None,
+            first.sym, first.desc_act, first.zero_offset,
+        )  # fmt: skip
+    for name in ("qweight", "qzeros", "scales", "bias"):
+        if getattr(first, name) is not None:
+            setattr(fused, name, torch.cat([getattr(layer, name) for layer in layers], dim=-1))
+    fused.g_idx = first.g_idx
+    start = 0
+    for layer, width in zip(layers, widths, strict=True):
+        end = start + width
+        layer.qweight = fused.qweight[:, start:end]
+        layer.qzeros = fused.qzeros[:, start // pack : end // pack]
+        layer.scales = fused.scales[:, start:end]
+        layer.g_idx = fused.g_idx
+        if layer.bias is not None:
+            layer.bias = fused.bias[start:end]
+        start = end
+    return fused

@@ -46,3 +46,23 @@ def test_rotary_in_place_matches_reference(device: torch.device, heads: int) -> 
 def test_silu_mul_matches_reference(device: torch.device, shape: tuple) -> None:
     gate, up = torch.randn(shape, device=device) * 4, torch.randn(shape, device=device)
     torch.testing.assert_close(silu_mul(gate, up), silu_mul_ref(gate, up), rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_rotates_a_column_slice_of_a_fused_projection(device: torch.device) -> None:
+    qkv = torch.randn(2, 3, 3 * 4 * 16, device=device)  # q, k, v side by side, 4 heads of 16 each
+    q = qkv[..., : 4 * 16].view(2, 3, 4, 16)
+    angles = torch.rand(2, 3, 8, device=device)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rest = qkv[..., 4 * 16 :].clone()
+    want = apply_rotary_ref(q, cos, sin)
+    apply_rotary_(q, cos, sin)
+    torch.testing.assert_close(q, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[..., 4 * 16 :], rest), "k and v must be left alone"
+
+
+def test_silu_mul_reads_column_slices_of_a_fused_gate_up_product(device: torch.device) -> None:
+    gate_up = torch.randn(2, 3, 2 * 300, device=device)
+    gate, up = gate_up.split(300, dim=-1)
+    got = silu_mul(gate, up)
+    assert got.is_contiguous() and got.shape == (2, 3, 300)
+    torch.testing.assert_close(got, silu_mul_ref(gate, up), rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import torch
 
-from api.inference.decoder import Decoder
+from api.inference.decoder import Decoder, _fuse
 from tests.api.inference.factories import tiny_quantized_llama
 
 
@@ -35,6 +35,34 @@ def test_prefill_logits_match_hf_forward(tiny_base: torch.nn.Module) -> None:
         expected = tiny_base(prompt).logits[:, -1]
     decoder = Decoder(copy.deepcopy(tiny_base), rows=1, max_seq_len=16)
     torch.testing.assert_close(decoder.forward(prompt, [0], [0], [0]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_qkv_and_gate_up_products_give_the_model_logits() -> None:
+    # GPUs run q/k/v and gate/up as one low-bit product each; forced here on CPU, with adapters in
+    # the batch so that the LoRA branch is applied to each split output.
+    model = tiny_quantized_llama(vocab_size=1000)
+    prompt = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(prompt).logits[:, -1]
+    decoder = Decoder(copy.deepcopy(model), rows=1, max_seq_len=16)
+    decoder.fused_qkv = [_fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in decoder.layers]
+    decoder.fused_gate_up = [_fuse(layer.mlp, ("gate_proj", "up_proj")) for layer in decoder.layers]
+    assert all(f is not None for f in decoder.fused_qkv + decoder.fused_gate_up)
+    torch.testing.assert_close(decoder.forward(prompt, [0], [0], [0]), expected, rtol=1e-4, atol=1e-4)
+
+    for layer in decoder.lora_layers.values():
+        layer.resize_(2, 2)
+        layer.load_slot_(
+            1, torch.randn(2, layer.in_features) * 0.1, torch.randn(layer.out_features, 2) * 0.1, 1.0
+        )
+    unfused = Decoder(copy.deepcopy(model), rows=1, max_seq_len=16)
+    for name, layer in unfused.lora_layers.items():
+        layer.resize_(2, 2)
+        layer.lora_A.copy_(decoder.lora_layers[name].lora_A)
+        layer.lora_B.copy_(decoder.lora_layers[name].lora_B)
+    torch.testing.assert_close(
+        decoder.forward(prompt, [0], [0], [1]), unfused.forward(prompt, [0], [0], [1]), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_batch_rows_at_different_positions_match_each_row_alone(

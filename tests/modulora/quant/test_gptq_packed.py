@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from gpu_kernels import unpack_bits_ref
 from modulora.models import load_model, save_quantized
 from modulora.quant import QuantConfig
-from modulora.quant.gptq_packed import GPTQLinear, fit_scale_zero, pack_bits, quantize_codes
+from modulora.quant.gptq_packed import GPTQLinear, fit_scale_zero, fuse_outputs_, pack_bits, quantize_codes
 from modulora.quantize import quantize_
 from tests.utils.tiny_lm import tiny_llama, tiny_tokenizer
 
@@ -137,3 +137,36 @@ def test_saving_over_a_folder_that_is_not_a_quantized_model_is_refused(tmp_path)
     with pytest.raises(FileExistsError, match="out_dir"):
         save_quantized(model, tokenizer, config, tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def random_layer(out_features: int, bits: int, g_idx: torch.Tensor, bias: bool = False) -> GPTQLinear:
+    groups = int(g_idx.max()) + 1
+    return GPTQLinear.from_codes(
+        torch.randint(0, 2**bits, (out_features, g_idx.shape[0])),
+        torch.rand(groups, out_features) / 8 + 0.01,
+        torch.randint(1, 2**bits, (groups, out_features)),
+        g_idx, bits, 32, bias=torch.randn(out_features) if bias else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_outputs_are_the_layers_outputs_side_by_side_without_a_second_copy(bits: int) -> None:
+    g_idx = torch.arange(96) // 32
+    layers = [random_layer(width, bits, g_idx, bias=True) for width in (64, 32, 32)]  # q, k, v (GQA)
+    x = torch.randn(3, 96)
+    alone = [layer(x) for layer in layers]
+    fused = fuse_outputs_(layers)
+    assert fused is not None and fused.out_features == 128
+    torch.testing.assert_close(fused(x), torch.cat(alone, dim=-1))
+    for layer, want in zip(layers, alone, strict=True):
+        assert layer.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
+def test_layers_that_cannot_share_one_product_are_not_fused() -> None:
+    g_idx = torch.arange(96) // 32
+    permuted = g_idx[torch.randperm(96, generator=torch.Generator().manual_seed(0))]  # act-order
+    assert fuse_outputs_([random_layer(64, 4, g_idx), random_layer(64, 4, permuted)]) is None
+    assert fuse_outputs_([random_layer(64, 4, g_idx), random_layer(64, 2, g_idx)]) is None
+    assert fuse_outputs_([random_layer(64, 4, g_idx), random_layer(36, 4, g_idx)]) is None  # 36 % 8
+    assert fuse_outputs_([random_layer(64, 3, g_idx), random_layer(64, 3, g_idx)]) is None
