@@ -50,9 +50,14 @@ METHODS["peft-lora-bf16+graphs"] = METHODS["peft-lora-bf16"]  # how much of the 
 PLANS = {  # (size, batch, seq, methods)
     "7b": [("7b", 1, 512, ALL), ("7b", 4, 1024, ALL)],
     "large": [
-        ("13b", 1, 128, ["modulora-2bit", "modulora-4bit", "peft-lora-bf16", "peft-qlora-bnb-nf4"]),
-        ("30b", 1, 128, ["modulora-2bit", "modulora-4bit", "peft-qlora-bnb-nf4"]),
-        ("65b", 1, 128, ["modulora-2bit", "modulora-quip#-2bit", "modulora-4bit"]),
+        (
+            "13b",
+            1,
+            128,
+            ["modulora-2bit+graphs", "modulora-4bit+graphs", "peft-lora-bf16", "peft-qlora-bnb-nf4"],
+        ),
+        ("30b", 1, 128, ["modulora-2bit+graphs", "modulora-4bit+graphs", "peft-qlora-bnb-nf4"]),
+        ("65b", 1, 128, ["modulora-2bit", "modulora-quip#-2bit", "modulora-4bit", "modulora-4bit+graphs"]),
     ],
 }
 PLANS["full"] = PLANS["7b"] + PLANS["large"]

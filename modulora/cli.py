@@ -155,6 +155,10 @@ def register_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--packing", action="store_true")
     p.add_argument("--train-on-prompt", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+        help="on a GPU, run every step eagerly instead of replaying CUDA graphs",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
@@ -184,6 +188,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        cuda_graphs=args.cuda_graphs,
         max_seq_len=args.max_seq_len,
         packing=args.packing,
         train_on_prompt=args.train_on_prompt,

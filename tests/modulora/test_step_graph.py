@@ -72,5 +72,9 @@ def test_graph_replay_gradients_equal_eager_gradients_with_dropout(dtype) -> Non
         eager_loss = token_loss_sum(model, batch)
     (eager_loss * 0.5).backward()
     torch.testing.assert_close(graphed_loss, eager_loss.detach(), rtol=1e-5, atol=1e-5)
+    # A mask drawn differently changes a fifth of the entries; bf16 rounding differs between the
+    # captured and the eager cuBLAS calls by far less (measured ~1e-3 relative on the H200).
+    tolerance = 1e-5 if dtype is None else 1e-2
     for name, grad in lora_grads(model).items():
-        torch.testing.assert_close(graphed[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+        error = float((graphed[name] - grad).norm() / grad.norm())
+        assert error < tolerance, f"{name}: relative error {error:.2e}"
