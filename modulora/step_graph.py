@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -32,12 +33,26 @@ from torch import nn
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+class CaptureError(RuntimeError):
+    """The model could not be captured (a host synchronization, a dynamic shape, ...)."""
+
+
 @dataclasses.dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
     batch: dict[str, torch.Tensor]  # static inputs, copied into before each replay
     scale: torch.Tensor  # 0-dim float32: the loss is multiplied by it before backward
     loss: torch.Tensor  # 0-dim: the unscaled loss of the last replay
+
+
+def _reset_generator_capture_state() -> None:
+    """End the capture state a failed capture leaves in the CUDA generator (seen with PyTorch 2.11:
+    every later random op then fails with "Offset increment outside graph capture"); an empty
+    capture that succeeds resets it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "The CUDA Graph is empty"
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
 
 
 @functools.cache
@@ -70,7 +85,15 @@ class StepGraphs:
     def run(self, batch: dict[str, torch.Tensor], scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """Adds d(loss·scale)/dθ into every parameter's `.grad`; returns the loss (a new 0-dim tensor)."""
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(batch.items()))
-        captured = self.graphs.get(key) or self._capture(key, batch)
+        captured = self.graphs.get(key)
+        if captured is None:
+            try:
+                captured = self._capture(key, batch)
+            except RuntimeError as error:
+                _reset_generator_capture_state()
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise  # the caller decides (the worker retries with a smaller micro-batch)
+                raise CaptureError(str(error)) from error
         for name, tensor in batch.items():
             captured.batch[name].copy_(tensor, non_blocking=True)
         captured.scale.copy_(scale) if isinstance(scale, torch.Tensor) else captured.scale.fill_(scale)

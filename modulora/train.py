@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from modulora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from modulora.data import IGNORE_INDEX, collate
+from modulora.step_graph import CaptureError, StepGraphs
 
 SCHEDULES = ("linear", "cosine", "constant")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -353,8 +354,6 @@ def finetune(
     model.train()
     graphs = None
     if config.cuda_graphs and device.type == "cuda":
-        from modulora.step_graph import StepGraphs
-
         graphs = StepGraphs(model, token_loss_sum, params, AUTOCAST_DTYPES[config.dtype])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -384,10 +383,8 @@ def finetune(
                     scale = scaler.scale(torch.full((), 1.0 / n_labels, device=device))
                     step_loss += graphs.run({k: v.to(device) for k, v in padded.items()}, scale)
                     continue
-                except RuntimeError as error:  # a model that cannot be captured trains eagerly
-                    warnings.warn(
-                        f"cuda_graphs: capture failed, training without graphs ({error})", stacklevel=2
-                    )
+                except CaptureError as error:  # a model that cannot be captured trains eagerly
+                    warnings.warn(f"cuda_graphs: capture failed, training eagerly ({error})", stacklevel=2)
                     graphs = None
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(config, device):

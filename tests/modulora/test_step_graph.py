@@ -1,6 +1,7 @@
 """Graphed training steps (CUDA only): the same losses and gradients as eager steps."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from utils.tiny_lm import quantize_rtn_, tiny_llama, tiny_tokenizer
 
 from modulora.data import build_examples, collate
 from modulora.lora import LoraConfig, add_lora_
-from modulora.step_graph import StepGraphs
+from modulora.step_graph import CaptureError, StepGraphs
 from modulora.train import TrainConfig, finetune, pad_for_graph, set_activation_checkpointing, token_loss_sum
 
 pytestmark = pytest.mark.gpu
@@ -78,3 +79,30 @@ def test_graph_replay_gradients_equal_eager_gradients_with_dropout(dtype) -> Non
     for name, grad in lora_grads(model).items():
         error = float((graphed[name] - grad).norm() / grad.norm())
         assert error < tolerance, f"{name}: relative error {error:.2e}"
+
+
+def test_a_model_that_cannot_be_captured_trains_eagerly_with_a_warning(monkeypatch) -> None:
+    # A loss that reads a value on the host cannot be captured: StepGraphs says so, the warm-up's
+    # gradients are put back, and finetune falls back to eager steps (same losses as without graphs).
+    def syncing_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = token_loss_sum(model, batch)
+        return loss * 1.0 if float(loss) >= 0 else loss
+
+    tokenizer = tiny_tokenizer()
+    examples = build_examples(ROWS, "auto", tokenizer, max_seq_len=128)
+    batch = pad_for_graph(collate(examples[:4], tokenizer.pad_token_id), 4, tokenizer.pad_token_id)
+    model = lora_model(dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(CaptureError):
+        StepGraphs(model, syncing_loss, params).run({k: v.cuda() for k, v in batch.items()})
+    assert all(not p.grad.any() for p in params)
+    torch.rand(4, device="cuda")  # the failed capture left the random generator usable
+
+    monkeypatch.setattr("modulora.train.token_loss_sum", syncing_loss)
+    cfg = TrainConfig(learning_rate=1e-2, max_steps=3, micro_batch_size=4, seed=0, dtype="fp32")
+    with pytest.warns(UserWarning, match="capture failed"):
+        graphed = finetune(lora_model(dropout=0.0), tokenizer, examples, cfg).losses
+    eager = finetune(
+        lora_model(dropout=0.0), tokenizer, examples, dataclasses.replace(cfg, cuda_graphs=False)
+    ).losses
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
