@@ -110,6 +110,52 @@ if triton_available():
         return codes & ((1 << BITS) - 1)
 
     @triton.jit
+    def _triplet_word(ptr, ti, tn, i, n_words, N, stride_qk, stride_qn, TRANSPOSED: tl.constexpr):
+        """Word i of each triplet ti, columns tn, with a unit axis where the 32 codes will go."""
+        mask = (3 * ti + i < n_words) & (tn < N)
+        word = tl.load(ptr + (3 * ti + i) * stride_qk + tn * stride_qn, mask=mask, other=0)
+        word = word.to(tl.uint32, bitcast=True)
+        return word[:, :, None] if TRANSPOSED else word[:, None, :]
+
+    @triton.jit
+    def _three_bit_codes(
+        qweight_ptr, offs_n, k_start, K, N, stride_qk, stride_qn,
+        TRANSPOSED: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """uint32 3-bit codes k_start..k_start+BLOCK_K-1 (k_start a multiple of 32) of columns offs_n,
+        as [k, n] (or [n, k] when TRANSPOSED).
+
+        Three words hold 32 codes; code j sits at bit 3j of the triplet, so codes 10 and 21 take bits
+        from two words. Each word of the tile is loaded once and every code is cut out of its
+        triplet by constant shifts and selects, instead of a load per code.
+        """
+        TRIPLETS: tl.constexpr = BLOCK_K // 32
+        offs_t = k_start // 32 + tl.arange(0, TRIPLETS)
+        j = tl.arange(0, 32)
+        word_of = (j * 3) // 32  # which word of the triplet holds the code's low bit
+        shift = ((j * 3) % 32).to(tl.uint32)
+        straddles = shift > 29
+        n_words = (3 * K + 31) // 32
+        if TRANSPOSED:  # [n, triplet, code]
+            ti, tn = offs_t[None, :], offs_n[:, None]
+            word_of, shift, straddles = word_of[None, None, :], shift[None, None, :], straddles[None, None, :]
+        else:  # [triplet, code, n]
+            ti, tn = offs_t[:, None], offs_n[None, :]
+            word_of, shift, straddles = word_of[None, :, None], shift[None, :, None], straddles[None, :, None]
+        w0 = _triplet_word(qweight_ptr, ti, tn, 0, n_words, N, stride_qk, stride_qn, TRANSPOSED)
+        w1 = _triplet_word(qweight_ptr, ti, tn, 1, n_words, N, stride_qk, stride_qn, TRANSPOSED)
+        w2 = _triplet_word(qweight_ptr, ti, tn, 2, n_words, N, stride_qk, stride_qn, TRANSPOSED)
+        low = tl.where(word_of == 0, w0, tl.where(word_of == 1, w1, w2))
+        high = tl.where(word_of == 0, w1, w2)
+        codes = (low >> shift) | tl.where(straddles, high << tl.where(straddles, 32 - shift, 0), 0)
+        codes = codes & 7
+        if TRANSPOSED:
+            codes = tl.reshape(codes, (codes.shape[0], BLOCK_K))
+        else:
+            codes = tl.reshape(codes, (BLOCK_K, codes.shape[2]))
+        return codes
+
+    @triton.jit
     def dequant_gptq_tile(
         qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr,
         offs_k, offs_n, k_start, K, N, zero_offset, group_size,
@@ -147,7 +193,11 @@ if triton_available():
             else:  # [word, code in word, n] -> [k, n]
                 codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
                 codes = tl.reshape(codes, (BLOCK_K, codes.shape[2]))
-        else:  # 3 bits: codes straddle words, so each code computes its own position
+        elif BLOCK_K % 32 == 0:
+            codes = _three_bit_codes(
+                qweight_ptr, offs_n, k_start, K, N, stride_qk, stride_qn, TRANSPOSED, BLOCK_K
+            )
+        else:  # 3 bits in a tile narrower than a word triplet: each code computes its own position
             codes = _load_codes(qweight_ptr, ki, ni * stride_qn, stride_qk, mask, BITS)
         if ONE_GROUP:
             g = k_start // group_size
