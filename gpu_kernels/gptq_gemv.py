@@ -60,6 +60,22 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def add_split(part, acc_ptrs, y_ptrs, arrivals_ptr, mask, n_splits):
+        """Add this program's partial sums into the zeroed workspace; the last of `n_splits`
+        programs to arrive at the block writes the total to y (in y's dtype) and zeroes the block's
+        sums and its arrival counter again."""
+        # Relaxed adds: the barrier and the counter's acquire-release order them for the last program.
+        tl.atomic_add(acc_ptrs, part, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's add is done before the program counts as arrived
+        if tl.atomic_add(arrivals_ptr, 1) == n_splits - 1:
+            # An atomic read sees every add at L2; then zero the sums with plain stores (nothing else
+            # touches the block now; an atomic exchange of floats would not run in the interpreter).
+            total = tl.atomic_add(acc_ptrs, 0.0, mask=mask)
+            tl.store(acc_ptrs, 0.0, mask=mask)
+            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(arrivals_ptr, 0)
+
+    @triton.jit
     def _gptq_gemv_kernel(
         x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, y_ptr, acc_ptr, arrivals_ptr,
         K, N, zero_offset, group_size, words_per_split, n_splits,
@@ -119,16 +135,8 @@ if triton_available():
             acc += scales.to(tl.float32) * (dot - zeros * x_sum)
         y_ptrs = y_ptr + row * stride_ym + offs_n
         if ATOMIC:  # the reduction is split over programs: add this split's part
-            acc_ptrs = acc_ptr + row * N + offs_n
-            # relaxed: the barrier and the counter's acq_rel order these adds for the last program
-            tl.atomic_add(acc_ptrs, acc, mask=n_mask, sem="relaxed")
-            tl.debug_barrier()  # every thread's add is done before the program counts as arrived
             arrivals = arrivals_ptr + row * tl.num_programs(0) + pid_n
-            if tl.atomic_add(arrivals, 1) == n_splits - 1:  # acq_rel: the others' adds are visible
-                acc = tl.atomic_add(acc_ptrs, 0.0, mask=n_mask)  # read at L2 (atomic_xchg of floats
-                tl.store(acc_ptrs, 0.0, mask=n_mask)  # does not interpret)
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
-                tl.atomic_xchg(arrivals, 0)
+            add_split(acc, acc_ptr + row * N + offs_n, y_ptrs, arrivals, n_mask, n_splits)
         else:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 

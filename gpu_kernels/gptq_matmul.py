@@ -49,6 +49,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from gpu_kernels.gptq_gemv import add_split
     from gpu_kernels.materialize_gptq import dequant_gptq_tile
 
     @triton.jit
@@ -97,16 +98,10 @@ if triton_available():
         y_mask = (offs_m[:, None] < M) & (offs_c[None, :] < (K if TRANSPOSE else N))
         if SPLIT_K == 1:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-        else:  # as in gptq_gemv: add into the workspace; the last program to arrive writes y
+        else:
             acc_ptrs = acc_ptr + offs_m[:, None] * stride_ym + offs_c[None, :] * stride_yc
-            tl.atomic_add(acc_ptrs, acc, mask=y_mask, sem="relaxed")
-            tl.debug_barrier()
             arrivals = arrivals_ptr + pid_m * tl.num_programs(1) + pid_c
-            if tl.atomic_add(arrivals, 1) == n_splits - 1:
-                acc = tl.atomic_add(acc_ptrs, 0.0, mask=y_mask)
-                tl.store(acc_ptrs, 0.0, mask=y_mask)
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-                tl.atomic_xchg(arrivals, 0)
+            add_split(acc, acc_ptrs, y_ptrs, arrivals, y_mask, n_splits)
 
 
 def _num_sms(device: torch.device) -> int:
