@@ -96,7 +96,10 @@ class StepGraphs:
                 raise CaptureError(str(error)) from error
         for name, tensor in batch.items():
             captured.batch[name].copy_(tensor, non_blocking=True)
-        captured.scale.copy_(scale) if isinstance(scale, torch.Tensor) else captured.scale.fill_(scale)
+        if isinstance(scale, torch.Tensor):
+            captured.scale.copy_(scale)
+        else:
+            captured.scale.fill_(scale)
         captured.graph.replay()
         return captured.loss.clone()
 
