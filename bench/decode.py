@@ -123,7 +123,7 @@ def check_graph_step(decoder: Decoder, vocab: int) -> dict[str, float]:
     return check
 
 
-def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> None:
+def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> str:
     """Where the device time of a batch-1 decode step goes: kernels of eager steps, by total time."""
     ids = prompts(1, 32, vocab).to(DEVICE)
     token = decoder.forward(ids, [0], [0], [0]).argmax(-1)[:, None]
@@ -134,17 +134,20 @@ def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> None:
             decoder.forward(token, [0], [32 + step], [0])
         sync()
     decoder.use_graphs = DEVICE == "cuda"
-    print(f"kernels of {steps} eager batch-1 decode steps:")
-    print(prof.key_averages().table(sort_by=f"{DEVICE}_time_total", row_limit=15, max_name_column_width=60))
+    table = prof.key_averages().table(sort_by=f"{DEVICE}_time_total", row_limit=25, max_name_column_width=60)
+    print(f"kernels of {steps} eager batch-1 decode steps:\n{table}")
+    return table
 
 
-def measure_ours(args: argparse.Namespace, bits: int, results: list[dict]) -> dict[str, float]:
+def measure_ours(
+    args: argparse.Namespace, bits: int, results: list[dict], profiles: dict[str, str]
+) -> dict[str, float]:
     model = build_model(args.size, "gptq", bits)
     vocab = model.config.vocab_size
     decoder = Decoder(model, rows=max(*args.batches, 8), max_seq_len=args.prompt + args.new)
     check_graph_step(decoder, vocab)
     if "profile" in args.parts:
-        profile_decode_step(decoder, vocab)
+        profiles[f"{bits}-bit"] = profile_decode_step(decoder, vocab)
     for batch in args.batches:
         ours_generate(decoder, prompts(batch, args.prompt, vocab), 4, [0] * batch)  # capture graphs, warm up
         seconds, ttft = ours_generate(decoder, prompts(batch, args.prompt, vocab), args.new, [0] * batch)
@@ -225,9 +228,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     results: list[dict] = []
-    adapters = measure_ours(args, 4, results) if "ours-4bit" in args.parts else {}
+    profiles: dict[str, str] = {}
+    adapters = measure_ours(args, 4, results, profiles) if "ours-4bit" in args.parts else {}
     if "ours-2bit" in args.parts:
-        measure_ours(args, 2, results)
+        measure_ours(args, 2, results, profiles)
     for method in ("bf16", "bnb-nf4"):
         if f"hf-{method}" in args.parts:
             measure_hf(args, method, results)
@@ -241,7 +245,7 @@ def main() -> None:
         print(f"copy bandwidth: {ceiling / 1e9:.0f} GB/s")
         print_table(matmuls, ["bits", "matmul", "shape", "us", "gb_s", "share_of_copy_bw"])
     payload = dict(args=vars(args), environment=environment(), generation=results, adapters=adapters,
-                   copy_bandwidth_gb_s=ceiling / 1e9, matmuls=matmuls)  # fmt: skip
+                   copy_bandwidth_gb_s=ceiling / 1e9, matmuls=matmuls, profiles=profiles)  # fmt: skip
     print("wrote", write_json("decode.json", payload, args.out))
 
 
