@@ -281,18 +281,20 @@ def _finetune_with_oom_retry(
                 raise JobFailure(
                     "out_of_memory", f"out of memory at micro_batch_size={micro}", "hyperparameters"
                 ) from e
-            torch.cuda.empty_cache()
-            micro //= 2
-            _event(
-                job.id,
-                f"Out of memory; retrying with micro_batch_size={micro} and gradient accumulation "
-                f"{job.hyperparameters['batch_size'] // micro}",
-                level="warn",
-                data={
-                    "micro_batch_size": micro,
-                    "gradient_accumulation": job.hyperparameters["batch_size"] // micro,
-                },
-            )
+        # Only here, with the exception gone, are the failed attempt's frames freed (activations and
+        # the CUDA-graph memory pool of its training steps), so the cache can give their memory back.
+        torch.cuda.empty_cache()
+        micro //= 2
+        _event(
+            job.id,
+            f"Out of memory; retrying with micro_batch_size={micro} and gradient accumulation "
+            f"{job.hyperparameters['batch_size'] // micro}",
+            level="warn",
+            data={
+                "micro_batch_size": micro,
+                "gradient_accumulation": job.hyperparameters["batch_size"] // micro,
+            },
+        )
     raise AssertionError("unreachable")
 
 
