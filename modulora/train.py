@@ -441,6 +441,7 @@ def finetune(
         last_checkpoint = checkpoint(step)
     elif resume_from is not None:
         last_checkpoint = latest_checkpoint(config.output_dir)
+    optimizer.zero_grad(set_to_none=True)  # graphed steps kept .grad allocated between steps
     model.eval()
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, False)
