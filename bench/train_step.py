@@ -144,7 +144,6 @@ def run_one(size: str, batch: int, seq: int, name: str) -> dict:
         row["weights_gib"] = allocated_gib()
         model = add_adapters(model, library)
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
-        graphs = None
         if name.endswith("+graphs"):
             params = [p for p in model.parameters() if p.requires_grad]
             graphs = StepGraphs(model, causal_lm_loss, params, autocast_dtype=torch.bfloat16)
