@@ -25,6 +25,10 @@ from gpu_kernels._dispatch import fastest_config, launchable, split_k_workspace,
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq_ref
 
 GEMV_BITS = (2, 4, 8)
+# The exponent bits of the float 2²³, which make a code in the low mantissa bits a float. The kernel
+# takes them as an argument: as a literal, the compiler folds them into every code's AND, which then
+# needs a second constant in a register, rebuilt per code.
+EXPONENT_BITS = 0x4B000000
 
 
 def gptq_gemv_ref(
@@ -78,9 +82,10 @@ if triton_available():
     @triton.jit
     def _gptq_gemv_kernel(
         x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, y_ptr, acc_ptr, arrivals_ptr,
-        K, N, zero_offset, group_size, words_per_split, n_splits,
+        K, N, zero_offset, group_size, words_per_split, n_splits, exponent_bits,
         stride_xm, stride_ym, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-        BITS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+        BITS: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """Program (n, s, m): row m, columns [n·BLOCK_N, (n+1)·BLOCK_N), packed words of split s.
 
@@ -101,7 +106,7 @@ if triton_available():
         x_row = x_ptr + row * stride_xm
         word_ptrs = qweight_ptr + offs_n * stride_qn
         acc = tl.full((BLOCK_N,), 0.0, tl.float32)
-        for w_start in range(w_begin, w_end, BLOCK_W):
+        for w_start in tl.range(w_begin, w_end, BLOCK_W, num_stages=STAGES):
             g = (w_start * PACK) // group_size  # the whole tile lies in this group
             zero_word = tl.load(qzeros_ptr + g * stride_zg + offs_n // PACK * stride_zn, mask=n_mask, other=0)
             zero_code = (zero_word.to(tl.uint32, bitcast=True) >> zero_shift) & MASK
@@ -112,25 +117,33 @@ if triton_available():
             x_tile = x_row + w_start * PACK
             x_left = tl.minimum(w_end * PACK, K) - w_start * PACK  # inputs of this tile inside split and x
             for i in tl.static_range(BLOCK_W):
-                # offs_n < N unless the word is past the split, which Triton's interpreter cannot
-                # write as n_mask & (scalar condition): it types that mask int32
-                word_mask = offs_n < tl.where(w_start + i < w_end, N, 0)
+                if EVEN:
+                    word_mask = n_mask
+                else:
+                    # offs_n < N unless the word is past the split, which Triton's interpreter cannot
+                    # write as n_mask & (scalar condition): it types that mask int32
+                    word_mask = offs_n < tl.where(w_start + i < w_end, N, 0)
                 word = tl.load(
                     word_ptrs + (w_start + i) * stride_qk,
                     mask=word_mask,
                     other=0,
                     eviction_policy="evict_first",
                 )  # read once: leave L2 to x and the sums
-                high = word >> 16  # sign bits shifted in are masked off below
+                # Each half-word under the exponent bits of 2²³; one AND with a constant then cuts a
+                # code out in place as a float. The low half keeps the high half's bits too: the AND
+                # clears them (except the exponent bits, which the OR set).
+                word = word.to(tl.uint32, bitcast=True)
+                halves = (word | exponent_bits, (word >> 16) | exponent_bits)
                 for j in tl.static_range(PACK):
                     SHIFT = (j % HALF) * BITS  # a constexpr: j is
-                    x = tl.load(x_tile + i * PACK + j, mask=i * PACK + j < x_left, other=0.0).to(tl.float32)
-                    x_sum += x
-                    if j < HALF:
-                        bits_in_place = word & (MASK << SHIFT)
+                    if EVEN:
+                        x = tl.load(x_tile + i * PACK + j)
                     else:
-                        bits_in_place = high & (MASK << SHIFT)
-                    code = (bits_in_place | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # q·2ᵖ
+                        x = tl.load(x_tile + i * PACK + j, mask=i * PACK + j < x_left, other=0.0)
+                    x = x.to(tl.float32)
+                    x_sum += x
+                    in_place = halves[j // HALF] & (0x4B000000 | (MASK << SHIFT))
+                    code = in_place.to(tl.float32, bitcast=True) - 8388608.0  # q·2ᵖ
                     dot += (x * (1.0 / (1 << SHIFT))) * code
             acc += scales.to(tl.float32) * (dot - zeros * x_sum)
         y_ptrs = y_ptr + row * stride_ym + offs_n
@@ -144,22 +157,35 @@ if triton_available():
 def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: int) -> list[dict[str, int]]:
     """Tiles and reduction splits worth timing for this shape (the first is the default).
 
-    Measured on the H200 (docs/bench/kernels.md, run 4): the kernel is limited by instructions per
-    code, and wants many small programs: 4 packed words per step, 8 columns per thread at 4/8 bits
-    (4 at 2 bits, where 8 spill registers), and the reduction split so that each program covers
-    only a few tiles, whose partial sums the fp32 atomics then add.
+    The kernel is limited by instructions per code (docs/bench/kernels.md, runs 4 and 8): wider
+    column blocks per thread share each input value's load and conversion over more columns, and a
+    program covering a few tiles spreads its setup and its atomic adds over more codes.
     """
     words = -(-in_features * bits // 32)
-    shapes = ((256, 1), (512, 2), (1024, 4)) if bits > 2 else ((256, 2), (512, 4))
+    shapes = ((512, 2), (1024, 4), (2048, 4)) if bits > 2 else ((256, 2), (512, 4), (1024, 4))
     candidates = []
     for block_w in sorted({min(tile_words, 4), min(tile_words, 8)}):
-        for split in (128, 64):
+        for split in (128, 64, 32):
             split = max(1, min(split, words // block_w))
-            for block_n, warps in shapes:
-                config = dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
-                if config not in candidates:  # small weights clamp both splits to the same one
-                    candidates.append(config)
+            # Programs of several tiles may load the next tiles while they work on one (STAGES > 1).
+            for stages in (1, 3) if words // split > block_w else (1,):
+                for block_n, warps in shapes:
+                    config = dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, STAGES=stages)
+                    config["num_warps"] = warps
+                    if config not in candidates:  # small weights clamp the splits to the same one
+                        candidates.append(config)
     return candidates
+
+
+def words_per_split(words: int, split: int, block_w: int) -> int:
+    """Packed words per program for about `split` programs per column block: a multiple of the
+    tile, and a divisor of `words` where one is near, so that no program needs bounds checks."""
+    target = max(block_w, words // split // block_w * block_w)
+    for per_split in range(target, max(block_w, target // 2) - 1, -block_w):
+        if words % per_split == 0:
+            return per_split
+    per_split = -(-words // split)
+    return -(-per_split // block_w) * block_w
 
 
 def gemv_supports(bits: int, g_idx: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -179,8 +205,8 @@ def gptq_gemv(
 ) -> torch.Tensor:
     """x [..., in] -> x·Wᵀ [..., out] in x's dtype (see `gemv_supports` for the weights it takes).
 
-    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps); by default the fastest of
-    `gemv_candidates` for this shape, timed on first use.
+    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps, and STAGES: 1 unless given); by
+    default the fastest of `gemv_candidates` for this shape, timed on first use.
     """
     in_features, out_features = g_idx.shape[0], scales.shape[1]
     group_size = contiguous_group_size(g_idx, scales.shape[0])
@@ -198,19 +224,19 @@ def gptq_gemv(
     rows = x2.shape[0]
 
     def launch(cfg: dict[str, int]) -> torch.Tensor:
-        cfg = dict(cfg)
-        split, block_w = cfg.pop("SPLIT_K"), cfg["BLOCK_W"]
+        cfg = {"STAGES": 1, **cfg}
         words = qweight.shape[0]
-        words_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
-        split = triton.cdiv(words, words_per_split)
+        per_split = words_per_split(words, cfg.pop("SPLIT_K"), cfg["BLOCK_W"])
+        split = triton.cdiv(words, per_split)
         blocks = triton.cdiv(out_features, cfg["BLOCK_N"])
         y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
         acc, arrivals = split_k_workspace(x.device, rows * out_features, rows * blocks)
         launchable(_gptq_gemv_kernel)[(blocks, split, rows)](
             x2, qweight, qzeros, scales, y, acc, arrivals,
-            in_features, out_features, zero_offset, group_size, words_per_split, split,
+            in_features, out_features, zero_offset, group_size, per_split, split, EXPONENT_BITS,
             x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
-            BITS=bits, ATOMIC=split > 1, **cfg,
+            BITS=bits, ATOMIC=split > 1, EVEN=words % per_split == 0 and in_features % (32 // bits) == 0,
+            **cfg,
         )  # fmt: skip
         return y
 

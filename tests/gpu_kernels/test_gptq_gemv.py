@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from gpu_kernels._dispatch import split_k_workspace
-from gpu_kernels.gptq_gemv import gemv_candidates, gemv_supports, gemv_tile_words, gptq_gemv, gptq_gemv_ref
+from gpu_kernels.gptq_gemv import (
+    gemv_candidates,
+    gemv_supports,
+    gemv_tile_words,
+    gptq_gemv,
+    gptq_gemv_ref,
+    words_per_split,
+)
 from gpu_kernels.gptq_matmul import gptq_matmul
 from modulora.quant.gptq_packed import GPTQLinear
 from tests.gpu_kernels.conftest import random_gptq_layer
@@ -62,6 +69,22 @@ def test_gemv_every_candidate_tile_and_split_gives_the_same_product(
     got = gptq_gemv(x, *buffers(layer), config=config)
     want = gptq_gemv_ref(x.double(), *buffers(layer))
     assert relative_error(got, want) < RTOL
+
+
+@pytest.mark.parametrize(
+    "words, split, block_w, divides",  # 7B's 4096 and 11008 inputs at 4 bits, and two without a divisor
+    [(512, 128, 4, True), (1376, 128, 4, True), (1376, 32, 8, True), (17, 3, 4, False), (18, 4, 4, False)],
+)
+def test_words_per_split_takes_whole_tiles_and_a_divisor_of_the_words_where_one_is_near(
+    words: int, split: int, block_w: int, divides: bool
+) -> None:
+    """A split that divides the words spares every program the bounds checks (the kernel's EVEN)."""
+    per_split = words_per_split(words, split, block_w)
+    assert per_split % block_w == 0
+    assert (words % per_split == 0) == divides
+    programs = -(-words // per_split)
+    assert programs * per_split >= words > (programs - 1) * per_split
+    assert split / 2 <= programs <= 2 * split
 
 
 def test_split_k_leaves_its_workspace_zero_for_the_next_call(device: torch.device) -> None:
