@@ -1,0 +1,167 @@
+"""Attention of one new query per batch row over a static KV cache (batch-1 decode), flash-decoding.
+
+PyTorch's scaled_dot_product_attention with a boolean mask reads the whole cache of max_seq_len
+positions for every step, and building the mask and reshaping the heads are launches of their own.
+Here the keys are split into chunks of `CHUNK` positions: program (b, kv head, chunk) reads its
+chunk of keys and values once for every query head of its GQA group and writes, per query head,
+the chunk's softmax-weighted value mean and its log-sum-exp to an fp32 workspace; chunks past the
+row's length load nothing. A second small kernel combines the chunks of each (row, head). The grid
+depends only on the shapes and the lengths stay on the device, so the call can be captured in a
+CUDA graph and replayed as the lengths grow. Scores and softmax are fp32 (scores = q·k·scale).
+"""
+
+import torch
+
+from gpu_kernels._dispatch import launchable, triton_available, use_triton
+
+CHUNK = 64  # keys per program: [64, head_dim] tiles of K and V fit a 4-warp program's registers
+COMBINE_BLOCK = 32  # chunks the combining program reads at a time (a longer cache takes more steps)
+
+
+def decode_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [batch, heads, head_dim], caches [rows ≥ batch, kv_heads, max_seq_len, head_dim], lengths
+    [batch] -> [batch, heads, head_dim] in q's dtype: row b attends to keys 0..lengths[b]-1 of cache
+    row b (fp32 masked softmax; positions past the lengths must hold finite values)."""
+    batch, heads, head_dim = q.shape
+    kv_heads, max_seq_len = k_cache.shape[1], k_cache.shape[2]
+    qg = q.to(torch.float32).reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    k, v = k_cache[:batch].to(torch.float32), v_cache[:batch].to(torch.float32)
+    scores = torch.einsum("bkgd,bksd->bkgs", qg, k) * scale
+    valid = torch.arange(max_seq_len, device=q.device) < lengths.view(batch, 1, 1, 1)
+    weights = scores.masked_fill(~valid, float("-inf")).softmax(-1)
+    return torch.einsum("bkgs,bksd->bkgd", weights, v).reshape(batch, heads, head_dim).to(q.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of q [batch, heads, head_dim] over the first lengths[b] positions of cache row b.
+
+    heads must be a multiple of kv_heads (query head h reads kv head h // (heads // kv_heads)),
+    lengths int32/int64 on q's device, each at least 1. Triton where it runs, for a power-of-two
+    head_dim, q with a contiguous last dim (heads and rows of any stride: a view of a fused q/k/v
+    projection) and contiguous caches [rows, kv_heads, max_seq_len, head_dim]; the reference
+    elsewhere. The result is a new contiguous tensor in q's dtype.
+    """
+    head_dim = q.shape[-1]
+    if (
+        not use_triton(q, k_cache)
+        or head_dim & (head_dim - 1)
+        or q.stride(-1) != 1
+        or not k_cache.is_contiguous()
+        or not v_cache.is_contiguous()
+    ):
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+    return decode_attention_triton(q, k_cache, v_cache, lengths, scale)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # tl.reduce with our own combine functions rather than tl.sum / tl.max, whose standard-library
+    # JIT functions Triton's interpreter cannot call from a kernel imported before it was enabled
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _max(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _decode_attention_chunk_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, part_ptr, lse_ptr,
+        max_seq_len, stride_qb, stride_qh, scale,
+        GROUP: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b, kv head, c): keys [c·CHUNK, (c+1)·CHUNK) of row b for the GROUP query heads
+        of the kv head. The K and V tiles are loaded once; each query head is a broadcast multiply
+        and a sum over head_dim (a tl.dot would need 16 query rows, and without GQA there is one).
+        Writes softmax(scores)·V over the chunk and the scores' log-sum-exp, per query head."""
+        b, kv_head, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_kv_heads, n_chunks = tl.num_programs(1), tl.num_programs(2)
+        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), max_seq_len)
+        start = chunk * CHUNK
+        if start < length:  # chunks past the row's keys read and write nothing
+            offs_s = start + tl.arange(0, CHUNK)
+            offs_d = tl.arange(0, HEAD_DIM)
+            valid = offs_s < length
+            head_base = (b * n_kv_heads + kv_head).to(tl.int64) * max_seq_len
+            offs = (head_base + offs_s[:, None]) * HEAD_DIM + offs_d[None, :]
+            k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            for g in tl.static_range(GROUP):
+                head = kv_head * GROUP + g
+                q = tl.load(q_ptr + b * stride_qb + head * stride_qh + offs_d).to(tl.float32)
+                scores = tl.reduce(k * q[None, :], 1, _add) * scale
+                scores = tl.where(valid, scores, float("-inf"))
+                m = tl.reduce(scores, 0, _max)  # finite: the chunk holds at least one key
+                p = tl.exp(scores - m)
+                total = tl.reduce(p, 0, _add)
+                part = tl.reduce(p[:, None] * v, 0, _add) / total
+                slot = (b * n_kv_heads * GROUP + head) * n_chunks + chunk
+                tl.store(part_ptr + slot * HEAD_DIM + offs_d, part)
+                tl.store(lse_ptr + slot, m + tl.log(total))
+
+    @triton.jit
+    def _decode_attention_combine_kernel(
+        part_ptr, lse_ptr, lengths_ptr, out_ptr, max_seq_len, n_chunks,
+        CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b, head): the chunks' means weighted by exp(lse − max lse), BLOCK_C chunks at a
+        time with a running max (only the row's chunks, which the first kernel wrote)."""
+        b, head = tl.program_id(0), tl.program_id(1)
+        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), max_seq_len)
+        n_valid = (length + CHUNK - 1) // CHUNK
+        first_slot = (b * tl.num_programs(1) + head) * n_chunks
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_run = float("-inf")
+        weight_sum = 0.0
+        acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        for c0 in range(0, n_valid, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = offs_c < n_valid
+            lse = tl.load(lse_ptr + first_slot + offs_c, mask=mask, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.reduce(lse, 0, _max))
+            rescale = tl.exp(m_run - m_new)  # 0 on the first block
+            w = tl.exp(lse - m_new)  # 0 past the row's chunks
+            parts = tl.load(
+                part_ptr + (first_slot + offs_c[:, None]) * HEAD_DIM + offs_d[None, :],
+                mask=mask[:, None],
+                other=0.0,
+            )
+            acc = acc * rescale + tl.reduce(w[:, None] * parts, 0, _add)
+            weight_sum = weight_sum * rescale + tl.reduce(w, 0, _add)
+            m_run = m_new
+        out = (acc / weight_sum).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + (b * tl.num_programs(1) + head) * HEAD_DIM + offs_d, out)
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """`decode_attention` in Triton; `chunk` (a power of two) lets tests cover many chunks in a short
+    cache."""
+    batch, heads, head_dim = q.shape
+    kv_heads, max_seq_len = k_cache.shape[1], k_cache.shape[2]
+    n_chunks = triton.cdiv(max_seq_len, chunk)
+    part = torch.empty((batch, heads, n_chunks, head_dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, n_chunks), dtype=torch.float32, device=q.device)
+    out = torch.empty((batch, heads, head_dim), dtype=q.dtype, device=q.device)
+    launchable(_decode_attention_chunk_kernel)[(batch, kv_heads, n_chunks)](
+        q, k_cache, v_cache, lengths, part, lse, max_seq_len, q.stride(0), q.stride(1), scale,
+        GROUP=heads // kv_heads, CHUNK=chunk, HEAD_DIM=head_dim,
+    )  # fmt: skip
+    launchable(_decode_attention_combine_kernel)[(batch, heads)](
+        part, lse, lengths, out, max_seq_len, n_chunks,
+        CHUNK=chunk, HEAD_DIM=head_dim, BLOCK_C=min(COMBINE_BLOCK, triton.next_power_of_2(n_chunks)),
+    )  # fmt: skip
+    return out
