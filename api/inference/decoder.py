@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from api.inference.multi_lora import LoraPlan, MultiLoraLinear, base_product
+from gpu_kernels.decode_attention import decode_attention
+from gpu_kernels.kv_cache import rotary_kv_write_
 from gpu_kernels.rmsnorm import add_rmsnorm
 from gpu_kernels.rotary import apply_rotary_
 from gpu_kernels.swiglu import silu_mul
@@ -37,9 +39,16 @@ class _Graph:
 
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor  # [batch, 1]
-    positions: torch.Tensor  # [batch, 1]
-    slot_ids: torch.Tensor  # [batch]
+    rows: torch.Tensor  # [2, batch]: each row's position, then its adapter slot
     logits: torch.Tensor | None = None  # [batch, vocab] float32
+
+    @property
+    def positions(self) -> torch.Tensor:  # [batch, 1]
+        return self.rows[0, :, None]
+
+    @property
+    def slot_ids(self) -> torch.Tensor:  # [batch]
+        return self.rows[1]
 
 
 def _fuse(block: nn.Module, names: tuple[str, ...]) -> GPTQLinear | None:
@@ -103,6 +112,10 @@ class Decoder:
         shape = (len(self.layers), rows, self.n_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # On a GPU, decode steps (one token per row, rows from 0) write the cache with the rotary
+        # embedding in one kernel and attend over each row's own length only (flash-decoding).
+        self.decode_kernels = on_gpu
+        self._row_ids = torch.arange(rows, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -152,9 +165,12 @@ class Decoder:
         """The model over tokens [batch, T] at positions [batch, T] of cache `rows` (a slice of
         consecutive rows, or an index tensor); attention reads the first `length` cache positions."""
         batch, t = tokens.shape
-        # Key j is visible to query position p when j <= p; keys past a row's own length are stale.
-        keys = torch.arange(length, device=self.device)
-        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, T, length]
+        decoding = self.decode_kernels and t == 1 and isinstance(rows, slice) and rows.start == 0
+        if decoding:
+            lengths = positions[:, 0] + 1
+        else:  # key j is visible to query position p when j <= p; keys past a row's own length are stale
+            keys = torch.arange(length, device=self.device)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, T, length]
         hidden = self.embed(tokens)
         cos, sin = self.model.model.rotary_emb(hidden, positions)  # [batch, T, head_dim]
         norms = [layer.input_layernorm for layer in self.layers] + [self.model.model.norm]
@@ -162,17 +178,20 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = _project((attn.q_proj, attn.k_proj, attn.v_proj), self.fused_qkv[i], h)
-            q = apply_rotary_(q.view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
-            k = apply_rotary_(k.view(batch, t, -1, self.head_dim), cos, sin).transpose(1, 2)
-            v = v.view(batch, t, -1, self.head_dim).transpose(1, 2)
-            k_all, v_all = self._update_cache(i, rows, positions, k, v, length)
-            gqa = self.n_heads != self.n_kv_heads
-            out = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
-            )
-            h, hidden = _norm(
-                layer.post_attention_layernorm, attn.o_proj(out.transpose(1, 2).reshape(batch, t, -1)), hidden
-            )
+            q, k, v = (p.view(batch, t, -1, self.head_dim) for p in (q, k, v))
+            if decoding:
+                k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+                rotary_kv_write_(q, k, v, cos, sin, k_cache, v_cache, self._row_ids[:batch], positions)
+                out = decode_attention(q[:, 0], k_cache, v_cache, lengths, attn.scaling)[:, None]
+            else:
+                q = apply_rotary_(q, cos, sin).transpose(1, 2)
+                k = apply_rotary_(k, cos, sin).transpose(1, 2)
+                k_all, v_all = self._update_cache(i, rows, positions, k, v.transpose(1, 2), length)
+                gqa = self.n_heads != self.n_kv_heads
+                out = F.scaled_dot_product_attention(
+                    q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
+                ).transpose(1, 2)
+            h, hidden = _norm(layer.post_attention_layernorm, attn.o_proj(out.reshape(batch, t, -1)), hidden)
             h, hidden = _norm(norms[i + 1], self._mlp(layer.mlp, self.fused_gate_up[i], h), hidden)
         return self.model.lm_head(h[:, -1:])[:, 0].float()
 
@@ -226,12 +245,11 @@ class Decoder:
         padded = min(self.rows, 1 << (batch - 1).bit_length())
         with_lora = any(slots)
         graph = self._graphs.get((padded, with_lora)) or self._capture(padded, with_lora)
-        graph.tokens.zero_()
-        graph.tokens[:batch].copy_(tokens)
-        graph.positions.fill_(self.max_seq_len - 1)
-        graph.positions[:batch, 0] = torch.tensor(start, device=self.device)
-        graph.slot_ids.zero_()
-        graph.slot_ids[:batch] = torch.tensor(slots, device=self.device)
+        graph.tokens[:batch].copy_(tokens)  # padding rows keep stale tokens: their output is unused
+        pad = padded - batch
+        rows = torch.tensor([start + [self.max_seq_len - 1] * pad, slots + [0] * pad], dtype=torch.int64)
+        # From pinned memory the copy is asynchronous: the host does not wait for the last step.
+        graph.rows.copy_(rows.pin_memory(), non_blocking=True)
         graph.graph.replay()
         return graph.logits[:batch].clone()
 
@@ -240,8 +258,7 @@ class Decoder:
             torch.cuda.CUDAGraph(),
             torch.zeros(batch, 1, dtype=torch.int64, device=self.device),
             # Capture writes at the last cache position, which a row only reads after overwriting it.
-            torch.full((batch, 1), self.max_seq_len - 1, dtype=torch.int64, device=self.device),
-            torch.zeros(batch, dtype=torch.int64, device=self.device),
+            torch.tensor([[self.max_seq_len - 1] * batch, [0] * batch], device=self.device),
         )
         self.plan.single, self.plan.slot_ids = (None if with_lora else 0), static.slot_ids
         rows = slice(0, batch)

@@ -65,6 +65,26 @@ def test_fused_qkv_and_gate_up_products_give_the_model_logits() -> None:
     )
 
 
+def test_decode_kernels_give_the_logits_of_the_masked_attention_path(tiny_base: torch.nn.Module) -> None:
+    # GPUs decode with the rotary + cache-write kernel and flash-decoding over each row's own
+    # length; forced here on CPU (their references) against the masked SDPA over the whole cache.
+    prompts = [list(range(100, 105)), list(range(200, 212))]
+    decoders = [Decoder(copy.deepcopy(tiny_base), rows=2, max_seq_len=32) for _ in range(2)]
+    decoders[0].decode_kernels, decoders[1].decode_kernels = True, False
+    last = []
+    for decoder in decoders:
+        last.append(
+            [int(decoder.forward(torch.tensor([p]), [r], [0], [0]).argmax()) for r, p in enumerate(prompts)]
+        )
+    assert last[0] == last[1]
+    tokens = torch.tensor([[t] for t in last[0]])
+    for step in range(4):
+        start = [len(p) + step for p in prompts]
+        kernels, masked = (d.forward(tokens, [0, 1], start, [0, 0]) for d in decoders)
+        torch.testing.assert_close(kernels, masked, rtol=1e-4, atol=1e-4)
+        tokens = kernels.argmax(-1, keepdim=True)
+
+
 def test_batch_rows_at_different_positions_match_each_row_alone(
     tiny_base: torch.nn.Module, tokenizer: Any
 ) -> None:
