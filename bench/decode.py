@@ -123,24 +123,30 @@ def check_graph_step(decoder: Decoder, vocab: int) -> dict[str, float]:
     return check
 
 
-def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> str:
-    """Where the device time of a batch-1 decode step goes: kernels of eager steps, by total time."""
+def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> dict[str, Any]:
+    """Where a batch-1 decode step goes on the device: the kernels of replayed step graphs, by total
+    time, and their sum against the steps' wall time (the difference is the gaps between kernels)."""
     ids = prompts(1, 32, vocab).to(DEVICE)
     token = decoder.forward(ids, [0], [0], [0]).argmax(-1)[:, None]
-    decoder.use_graphs = False
+    decoder.forward(token, [0], [32], [0])  # captures the step graph
+    sync()
     activity = torch.profiler.ProfilerActivity
     with torch.profiler.profile(activities=[activity.CUDA if DEVICE == "cuda" else activity.CPU]) as prof:
+        started = time.perf_counter()
         for step in range(steps):
-            decoder.forward(token, [0], [32 + step], [0])
+            decoder.forward(token, [0], [33 + step], [0])
         sync()
-    decoder.use_graphs = DEVICE == "cuda"
+        wall_ms = 1000 * (time.perf_counter() - started) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000 / steps
     table = prof.key_averages().table(sort_by=f"{DEVICE}_time_total", row_limit=25, max_name_column_width=60)
-    print(f"kernels of {steps} eager batch-1 decode steps:\n{table}")
-    return table
+    summary = dict(step_wall_ms=wall_ms, kernel_ms_per_step=kernel_ms, kernels_per_step=len(kernels) / steps)
+    print(f"kernels of {steps} batch-1 decode steps (graph replays): {summary}\n{table}")
+    return dict(summary, table=table)
 
 
 def measure_ours(
-    args: argparse.Namespace, bits: int, results: list[dict], profiles: dict[str, str]
+    args: argparse.Namespace, bits: int, results: list[dict], profiles: dict[str, dict[str, Any]]
 ) -> dict[str, float]:
     model = build_model(args.size, "gptq", bits)
     vocab = model.config.vocab_size
@@ -228,7 +234,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     results: list[dict] = []
-    profiles: dict[str, str] = {}
+    profiles: dict[str, dict[str, Any]] = {}
     adapters = measure_ours(args, 4, results, profiles) if "ours-4bit" in args.parts else {}
     if "ours-2bit" in args.parts:
         measure_ours(args, 2, results, profiles)
