@@ -4,13 +4,15 @@ At one row a matmul is a stream of packed words, so the kernel must keep HBM bus
 little as possible per code. The H200 moves 4.2 TB/s: 8.5 G codes per ms at 4 bits, 17 at 2 bits,
 which leaves about four instructions per code across the chip. So, per tile of `BLOCK_W` packed
 words (all in one quantization group) × `BLOCK_N` output columns, a thread holding a few columns:
-- no int→float conversion instruction (a quarter-rate unit): a code masked in place inside the low
-  or high 16 bits of its word and OR-ed into the mantissa of 2²³ *is* the float 2²³ + q·2ᵖ, and
-  subtracting 2²³ gives q·2ᵖ exactly; x (a scalar, the same for every thread) is scaled by 2⁻ᵖ;
+- no int→float conversion instruction (a quarter-rate unit): each half-word OR-ed once with the
+  exponent bits of 2²³, one AND with a constant cuts a code out in place as the float 2²³ + q·2ᵖ,
+  and subtracting 2²³ gives q·2ᵖ exactly; x (a scalar, the same for every thread) is scaled by 2⁻ᵖ.
+  Three instructions per code (AND, subtract, FMA) plus the input value's share;
 - the zero point is applied once per tile and column, from the tile's sum of x:
   Σₖ xₖ·s·(qₖ − z) = s·(Σₖ xₖ·qₖ − z·Σₖ xₖ);
 - each program owns a column block and a short slice of the reduction, a few tiles: many small
-  programs keep more loads in flight than a few long ones. Split-K adds the slices with fp32
+  programs keep more loads in flight than a few long ones; where the slices divide the words,
+  no load needs a bounds check (`EVEN`). Split-K adds the slices with fp32
   atomics into a workspace that is zero between calls; the last program to arrive at a column
   block takes the sum (and zeroes it), writes the output in x's dtype and resets the
   block's arrival counter. One kernel per product: no zeroing before, no cast after.
