@@ -86,6 +86,9 @@ def fastest_config(
 
         for c in candidates:  # compile outside the timed graphs
             launch(c)
+        # do_bench_cudagraph runs on a stream of its own that does not wait for this one: without the
+        # sync, its calls would share the split-K workspace with the calls still queued here.
+        torch.cuda.synchronize(device)
         times = [do_bench_cudagraph(lambda c=c: launch(c), rep=10) for c in candidates]
         _fastest[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
     return _fastest[key]

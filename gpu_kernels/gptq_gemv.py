@@ -135,7 +135,8 @@ if triton_available():
                 # code out in place as a float. The low half keeps the high half's bits too: the AND
                 # clears them (except the exponent bits, which the OR set).
                 word = word.to(tl.uint32, bitcast=True)
-                halves = (word | exponent_bits, (word >> 16) | exponent_bits)
+                exponent = exponent_bits.to(tl.uint32)
+                halves = (word | exponent, (word >> 16) | exponent)
                 for j in tl.static_range(PACK):
                     SHIFT = (j % HALF) * BITS  # a constexpr: j is
                     if EVEN:

@@ -104,6 +104,29 @@ def test_split_k_leaves_its_workspace_zero_for_the_next_call(device: torch.devic
             assert not acc.any() and not arrivals.any()
 
 
+@pytest.mark.gpu
+def test_timing_a_new_shape_leaves_the_workspace_to_the_products_still_queued() -> None:
+    """The first call of a shape times every candidate on a stream of Triton's own; products queued
+    before it on this stream share the split-K workspace and must still come out right (run 8 of
+    docs/bench/kernels.md found wrong products after such timings)."""
+    device = torch.device("cuda")
+    tuned = random_gptq_layer(4096, 4096, group_size=128, act_order=False, bits=4, device=device)
+    x = torch.randn(1, 4096, device=device).half()
+    want = gptq_gemv_ref(x.double(), *buffers(tuned))
+    gptq_gemv(x, *buffers(tuned))
+    for in_features, out_features in [(1024, 3072), (2048, 1536), (3072, 1024)]:
+        fresh = random_gptq_layer(
+            in_features, out_features, group_size=128, act_order=False, bits=4, device=device
+        )
+        x_fresh = torch.randn(1, in_features, device=device).half()
+        queued = [gptq_gemv(x, *buffers(tuned)) for _ in range(50)]
+        got = gptq_gemv(x_fresh, *buffers(fresh))
+        assert all(relative_error(y, want) < RTOL for y in queued)
+        assert relative_error(got, gptq_gemv_ref(x_fresh.double(), *buffers(fresh))) < RTOL
+        acc, arrivals = split_k_workspace(device, 0, 0)
+        assert not acc.any() and not arrivals.any()
+
+
 def test_gemv_is_what_gptq_matmul_runs_for_one_row(device: torch.device) -> None:
     layer = random_gptq_layer(128, 64, group_size=32, act_order=False, bits=4, device=device)
     x = torch.randn(1, 1, 128, device=device).half()
