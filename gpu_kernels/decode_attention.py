@@ -120,7 +120,7 @@ if triton_available():
         offs_d = tl.arange(0, HEAD_DIM)
         m_run = float("-inf")
         weight_sum = 0.0
-        acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        acc = tl.full((HEAD_DIM,), 0.0, tl.float32)  # a builtin (tl.zeros is not), so it also interprets
         for c0 in range(0, n_valid, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = offs_c < n_valid
