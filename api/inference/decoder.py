@@ -39,16 +39,16 @@ class _Graph:
 
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor  # [batch, 1]
-    rows: torch.Tensor  # [2, batch]: each row's position, then its adapter slot
+    row_inputs: torch.Tensor  # [2, batch]: each row's position, then its adapter slot
     logits: torch.Tensor | None = None  # [batch, vocab] float32
 
     @property
     def positions(self) -> torch.Tensor:  # [batch, 1]
-        return self.rows[0, :, None]
+        return self.row_inputs[0, :, None]
 
     @property
     def slot_ids(self) -> torch.Tensor:  # [batch]
-        return self.rows[1]
+        return self.row_inputs[1]
 
 
 def _fuse(block: nn.Module, names: tuple[str, ...]) -> GPTQLinear | None:
@@ -247,9 +247,9 @@ class Decoder:
         graph = self._graphs.get((padded, with_lora)) or self._capture(padded, with_lora)
         graph.tokens[:batch].copy_(tokens)  # padding rows keep stale tokens: their output is unused
         pad = padded - batch
-        rows = torch.tensor([start + [self.max_seq_len - 1] * pad, slots + [0] * pad], dtype=torch.int64)
+        row_inputs = torch.tensor([start + [self.max_seq_len - 1] * pad, slots + [0] * pad])
         # From pinned memory the copy is asynchronous: the host does not wait for the last step.
-        graph.rows.copy_(rows.pin_memory(), non_blocking=True)
+        graph.row_inputs.copy_(row_inputs.pin_memory(), non_blocking=True)
         graph.graph.replay()
         return graph.logits[:batch].clone()
 
