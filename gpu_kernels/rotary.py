@@ -36,6 +36,7 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     launchable(_rotary_kernel)[(batch * tokens,)](
         rows, cos.to(x.dtype), sin.to(x.dtype), heads, rows.stride(0),
         HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads),
+        enable_fp_fusion=False,  # in fp32 a fused multiply-add would skip the products' rounding
     )  # fmt: skip
     return x
 
