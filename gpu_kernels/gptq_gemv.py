@@ -87,7 +87,7 @@ if triton_available():
         K, N, zero_offset, group_size, words_per_split, n_splits, exponent_bits,
         stride_xm, stride_ym, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         BITS: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_W: tl.constexpr,
-        BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """Program (n, s, m): row m, columns [n·BLOCK_N, (n+1)·BLOCK_N), packed words of split s.
 
@@ -108,7 +108,7 @@ if triton_available():
         x_row = x_ptr + row * stride_xm
         word_ptrs = qweight_ptr + offs_n * stride_qn
         acc = tl.full((BLOCK_N,), 0.0, tl.float32)
-        for w_start in tl.range(w_begin, w_end, BLOCK_W, num_stages=STAGES):
+        for w_start in range(w_begin, w_end, BLOCK_W):
             g = (w_start * PACK) // group_size  # the whole tile lies in this group
             zero_word = tl.load(qzeros_ptr + g * stride_zg + offs_n // PACK * stride_zn, mask=n_mask, other=0)
             zero_code = (zero_word.to(tl.uint32, bitcast=True) >> zero_shift) & MASK
@@ -170,13 +170,10 @@ def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: 
     for block_w in sorted({min(tile_words, 4), min(tile_words, 8)}):
         for split in (128, 64, 32):
             split = max(1, min(split, words // block_w))
-            # Programs of several tiles may load the next tiles while they work on one (STAGES > 1).
-            for stages in (1, 3) if words // split > block_w else (1,):
-                for block_n, warps in shapes:
-                    config = dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, STAGES=stages)
-                    config["num_warps"] = warps
-                    if config not in candidates:  # small weights clamp the splits to the same one
-                        candidates.append(config)
+            for block_n, warps in shapes:
+                config = dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
+                if config not in candidates:  # small weights clamp the splits to the same one
+                    candidates.append(config)
     return candidates
 
 
@@ -208,8 +205,8 @@ def gptq_gemv(
 ) -> torch.Tensor:
     """x [..., in] -> x·Wᵀ [..., out] in x's dtype (see `gemv_supports` for the weights it takes).
 
-    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps, and STAGES: 1 unless given); by
-    default the fastest of `gemv_candidates` for this shape, timed on first use.
+    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps); by default the fastest of
+    `gemv_candidates` for this shape, timed on first use.
     """
     in_features, out_features = g_idx.shape[0], scales.shape[1]
     group_size = contiguous_group_size(g_idx, scales.shape[0])
@@ -227,7 +224,7 @@ def gptq_gemv(
     rows = x2.shape[0]
 
     def launch(cfg: dict[str, int]) -> torch.Tensor:
-        cfg = {"STAGES": 1, **cfg}
+        cfg = dict(cfg)
         words = qweight.shape[0]
         per_split = words_per_split(words, cfg.pop("SPLIT_K"), cfg["BLOCK_W"])
         split = triton.cdiv(words, per_split)
