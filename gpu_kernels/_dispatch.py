@@ -45,12 +45,19 @@ def _interpreted(kernel: Any) -> Any:
 
     fn = kernel.fn
     globals_ = dict(fn.__globals__)
-    for name in fn.__code__.co_names:  # the helpers this function calls (kernels never recurse)
-        if isinstance(globals_.get(name), JITFunction):
-            globals_[name] = _interpreted(globals_[name])
+    calls_itself = []
+    for name in fn.__code__.co_names:  # the helpers this function calls
+        helper = globals_.get(name)
+        if helper is kernel:
+            calls_itself.append(name)
+        elif isinstance(helper, JITFunction):
+            globals_[name] = _interpreted(helper)
     rebuilt = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, fn.__closure__)
     rebuilt.__annotations__ = fn.__annotations__
-    return InterpretedFunction(rebuilt)
+    interpreted = InterpretedFunction(rebuilt)
+    for name in calls_itself:  # a recursive helper (unrolled by constexpr arguments) calls its twin
+        globals_[name] = interpreted
+    return interpreted
 
 
 def launchable(kernel: Any) -> Any:

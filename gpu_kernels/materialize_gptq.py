@@ -10,6 +10,11 @@ Layout (AutoGPTQ / GPTQModel checkpoints, shared by every integer quantizer here
 - `g_idx` int32 [in_features]: the group of each input channel (act-order permutes it).
 
 W[o, i] = scales[g, o] * (code[i, o] - zero[g, o]) with g = g_idx[i].
+
+The kernel writes far more than it reads (2 bytes per code against 2-4 bits), so it must keep the
+stores streaming with few instructions per code: where a tile lies in one group, each thread
+expands whole units of 32 codes (`bits` words of one column) with constant shifts and masks, three
+instructions per code (`_scaled_code`), and writes each unit as 64 contiguous bytes.
 """
 
 import weakref
@@ -67,6 +72,11 @@ def materialize_gptq(
 
 
 # --- Triton -------------------------------------------------------------------------------------
+
+# The exponent bits of the float 2²³: a code in the low mantissa bits under them is the float
+# 2²³ + code. Kernels take them as an argument: as a literal, the compiler folds them into every
+# code's AND, which then needs a second constant in a register, rebuilt per code.
+EXPONENT_BITS = 0x4B000000
 
 _group_cache: dict[int, tuple[int, int]] = {}  # id(g_idx) -> (g_idx._version, contiguous group size or 0)
 
@@ -212,24 +222,108 @@ if triton_available():
             g = tl.load(g_idx_ptr + ki, mask=ki < K, other=0)
             zeros = _load_codes(qzeros_ptr, ni, g * stride_zg, stride_zn, mask, BITS)
             scales = tl.load(scales_ptr + g * stride_sg + ni * stride_sn, mask=mask, other=0.0)
-        q = codes.to(tl.int32) - (zeros.to(tl.int32) + zero_offset)
-        return q.to(tl.float32) * scales.to(tl.float32)
+        # Under the exponent bits of 2²³ a code is the float 2²³ + code, and so is a zero point: their
+        # difference is exact, with no int-to-float conversion per element.
+        code_f = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+        zero_f = (zeros | 0x4B000000).to(tl.float32, bitcast=True) + zero_offset
+        return (code_f - zero_f) * scales.to(tl.float32)
+
+    @triton.jit
+    def _unit_word(
+        qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, A: tl.constexpr, BITS: tl.constexpr
+    ):
+        """Word A of each 32-code unit (BITS words) offs_t, columns offs_n, as uint32 [n, unit]."""
+        row = offs_t[None, :] * BITS + A
+        mask = (row < n_words) & (offs_n[:, None] < N)
+        if A < BITS:
+            word = tl.load(qweight_ptr + row * stride_qk + offs_n[:, None] * stride_qn, mask=mask, other=0)
+        else:  # past the unit: never read
+            word = tl.full(mask.shape, 0, tl.int32)
+        return word.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _scaled_code(words, zeros, scales, exponent, J: tl.constexpr, BITS: tl.constexpr):
+        """Code J of the units held in `words`, dequantized: fp32 [n, unit].
+
+        The code is cut out in place under the exponent bits of 2²³ (`exponent`, an argument so the
+        compiler keeps one constant per mask): one AND gives the float 2²³ + q·2ᵖ, one subtraction
+        of 2²³ + z·2ᵖ the exact (q - z)·2ᵖ, one multiply by s·2⁻ᵖ the weight, as the reference
+        rounds it. A code above the 23 mantissa bits is cut from the word shifted down 16 bits; a
+        3-bit code that straddles two words is shifted together first.
+        """
+        MASK: tl.constexpr = (1 << BITS) - 1
+        A: tl.constexpr = J * BITS // 32
+        P: tl.constexpr = J * BITS % 32
+        STRADDLES: tl.constexpr = P + BITS > 32
+        HIGH: tl.constexpr = P + BITS > 23 and not STRADDLES
+        Q: tl.constexpr = 0 if STRADDLES else (P - 16 if HIGH else P)
+        if STRADDLES:
+            in_place = (((words[A] >> P) | (words[A + 1] << (32 - P))) & MASK) | exponent
+        elif HIGH:
+            in_place = ((words[A] >> 16) | exponent) & (exponent | (MASK << Q))
+        else:
+            in_place = (words[A] | exponent) & (exponent | (MASK << Q))
+        zero = zeros * (1 << Q) + 8388608.0
+        return (in_place.to(tl.float32, bitcast=True) - zero) * (scales * (1.0 / (1 << Q)))
+
+    @triton.jit
+    def _scaled_codes(
+        words, zeros, scales, exponent, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
+        BITS: tl.constexpr,
+    ):  # fmt: skip
+        """Codes J, J + STRIDE, ... (COUNT of them) of the units, dequantized: [n, unit, 2, ..., 2].
+
+        Joined pairwise, so each thread holds its units' codes and every shift and mask above is a
+        constant. A join appends the pair's axis last, so the outer join pairs even and odd codes
+        and the flattened axes come out in code order.
+        """
+        if COUNT == 1:
+            return _scaled_code(words, zeros, scales, exponent, J, BITS)
+        else:
+            return tl.join(
+                _scaled_codes(words, zeros, scales, exponent, J, 2 * STRIDE, COUNT // 2, BITS),
+                _scaled_codes(words, zeros, scales, exponent, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS),
+            )
 
     @triton.jit
     def _materialize_gptq_kernel(
         qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
-        K, N, zero_offset, group_size,
+        K, N, zero_offset, group_size, exponent_bits,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, stride_on, stride_ok,
         BITS: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         k_start = tl.program_id(0) * BLOCK_K
         offs_k = k_start + tl.arange(0, BLOCK_K)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        w = dequant_gptq_tile(
-            qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N, zero_offset,
-            group_size, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
-            BITS, ONE_GROUP, True, BLOCK_K,
-        )  # fmt: skip
+        if ONE_GROUP:
+            # Units of 32 codes (BITS words), each expanded by one thread with constant shifts.
+            offs_t = k_start // 32 + tl.arange(0, BLOCK_K // 32)
+            n_words = (K * BITS + 31) // 32
+            words = (
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 0, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 1, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 2, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 3, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 4, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 5, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 6, BITS),
+                _unit_word(qweight_ptr, offs_t, offs_n, n_words, N, stride_qk, stride_qn, 7, BITS),
+            )
+            g = k_start // group_size
+            n_mask = offs_n < N
+            zero_codes = _load_codes(qzeros_ptr, offs_n, g * stride_zg, stride_zn, n_mask, BITS)
+            zeros = (zero_codes.to(tl.float32) + zero_offset)[:, None]
+            scales = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=n_mask, other=0.0)
+            scales = scales.to(tl.float32)[:, None]
+            exponent = exponent_bits.to(tl.uint32)
+            w = _scaled_codes(words, zeros, scales, exponent, 0, 1, 32, BITS)
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        else:  # a group per input channel (act-order): gather scales and zeros per element
+            w = dequant_gptq_tile(
+                qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N, zero_offset,
+                group_size, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
+                BITS, ONE_GROUP, True, BLOCK_K,
+            )  # fmt: skip
         # w is [BLOCK_N, BLOCK_K]: the output is [out, in], contiguous along in.
         mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
         out = out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok
@@ -237,9 +331,10 @@ if triton_available():
 
 
 # (BLOCK_K, BLOCK_N, num_warps) timed on first use per shape; the first is the default elsewhere.
-# The kernel is bandwidth-bound: wider K tiles give longer contiguous output rows to store, wider
-# N tiles longer contiguous packed rows to load.
-MATERIALIZE_TILES = [(64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8), (64, 256, 8), (32, 128, 4)]
+# 128x64 with 4 warps (two units of 32 codes per thread) was the fastest at 2, 3 and 4 bits on every
+# 7B and 65B shape of docs/bench/kernels.md run 9; tiles of 256 inputs stay in one group only for
+# groups of 256 or more (and one group for the whole row), and gather scales otherwise.
+MATERIALIZE_TILES = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (256, 64, 8), (64, 256, 8)]
 _CANDIDATES = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
 
 
@@ -264,7 +359,7 @@ def materialize_gptq_triton(
         grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), triton.cdiv(out_features, cfg["BLOCK_N"]))
         launchable(_materialize_gptq_kernel)[grid](
             qweight, qzeros, scales, g_idx, out,
-            in_features, out_features, zero_offset, max(group_size, 1),
+            in_features, out_features, zero_offset, max(group_size, 1), EXPONENT_BITS,
             *qweight.stride(), *qzeros.stride(), *scales.stride(), *out.stride(),
             BITS=bits, ONE_GROUP=one_group, **cfg,
         )  # fmt: skip
