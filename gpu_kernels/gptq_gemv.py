@@ -24,13 +24,10 @@ Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.
 import torch
 
 from gpu_kernels._dispatch import fastest_config, launchable, split_k_workspace, triton_available
-from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq_ref
+from gpu_kernels.materialize_gptq import EXPONENT_BITS, contiguous_group_size, materialize_gptq_ref
 
 GEMV_BITS = (2, 4, 8)
-# The exponent bits of the float 2²³, which make a code in the low mantissa bits a float. The kernel
-# takes them as an argument: as a literal, the compiler folds them into every code's AND, which then
-# needs a second constant in a register, rebuilt per code.
-EXPONENT_BITS = 0x4B000000
+GEMV_MAX_REGISTERS = 80
 
 
 def gptq_gemv_ref(
@@ -174,7 +171,9 @@ def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: 
                 config = dict(BLOCK_W=block_w, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps)
                 if config not in candidates:  # small weights clamp the splits to the same one
                     candidates.append(config)
-    return candidates
+    # The same tiles under a register cap: more resident warps keep more loads in flight, which
+    # won 2-8% at 7B's shapes on the H200 (docs/bench/kernels.md, run 9).
+    return candidates + [dict(config, maxnreg=GEMV_MAX_REGISTERS) for config in candidates]
 
 
 def words_per_split(words: int, split: int, block_w: int) -> int:
@@ -205,8 +204,8 @@ def gptq_gemv(
 ) -> torch.Tensor:
     """x [..., in] -> x·Wᵀ [..., out] in x's dtype (see `gemv_supports` for the weights it takes).
 
-    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps); by default the fastest of
-    `gemv_candidates` for this shape, timed on first use.
+    `config` fixes the tile (BLOCK_W, BLOCK_N, SPLIT_K, num_warps, optionally maxnreg); by default
+    the fastest of `gemv_candidates` for this shape, timed on first use.
     """
     in_features, out_features = g_idx.shape[0], scales.shape[1]
     group_size = contiguous_group_size(g_idx, scales.shape[0])

@@ -56,16 +56,18 @@ def test_gemv_codes_at_every_position_of_a_word_decode_exactly(device: torch.dev
             assert torch.equal(got[0], (torch.arange(out_features, device=device) - 1).float())
 
 
-@pytest.mark.parametrize("config_index", [0, 1, -1])
-def test_gemv_every_candidate_tile_and_split_gives_the_same_product(
-    device: torch.device, config_index: int
-) -> None:
+@pytest.mark.parametrize("which", ["first", "second", "last (register cap)", "odd split"])
+def test_gemv_every_candidate_tile_and_split_gives_the_same_product(device: torch.device, which: str) -> None:
     """Splits add partial sums with atomics; a split edge must neither skip nor double count words."""
     layer = random_gptq_layer(512, 96, group_size=64, act_order=False, bits=4, device=device)
     x = torch.randn(1, 512, device=device).half()
     candidates = gemv_candidates(512, 96, 4, gemv_tile_words(4, 64, 8))
-    odd_split = dict(BLOCK_W=4, BLOCK_N=32, SPLIT_K=3, num_warps=4)
-    config = candidates[config_index] if config_index >= 0 else odd_split
+    config = {
+        "first": candidates[0],
+        "second": candidates[1],
+        "last (register cap)": candidates[-1],
+        "odd split": dict(BLOCK_W=4, BLOCK_N=32, SPLIT_K=3, num_warps=4),
+    }[which]
     got = gptq_gemv(x, *buffers(layer), config=config)
     want = gptq_gemv_ref(x.double(), *buffers(layer))
     assert relative_error(got, want) < RTOL
