@@ -107,7 +107,8 @@ WORKSPACE_MIN_VALUES = 1 << 20
 
 
 def split_k_workspace(device: torch.device, values: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 accumulators (≥ `values`) and int32 arrival counters (≥ `counters`) for split-K kernels.
+    """fp32 accumulators (≥ `values`) and int32 arrival counters (≥ `counters`) for kernels whose
+    programs meet at a counter (split-K matmuls, decode attention's chunks).
 
     Every kernel that uses them leaves them zero (its last program per output block takes the sum
     and zeroes its part), so one pair per device serves every call, in order on that device: calls

@@ -5,14 +5,15 @@ positions for every step, and building the mask and reshaping the heads are laun
 Here the keys are split into chunks of `CHUNK` positions: program (b, kv head, chunk) reads its
 chunk of keys and values once for every query head of its GQA group and writes, per query head,
 the chunk's softmax-weighted value mean and its log-sum-exp to an fp32 workspace; chunks past the
-row's length load nothing. A second small kernel combines the chunks of each (row, head). The grid
-depends only on the shapes and the lengths stay on the device, so the call can be captured in a
-CUDA graph and replayed as the lengths grow. Scores and softmax are fp32 (scores = q·k·scale).
+row's length load nothing. The last program of a (row, kv head) to finish its chunk combines them
+(an arrival counter, as split-K does), so a call is one launch. The grid depends only on the shapes
+and the lengths stay on the device, so the call can be captured in a CUDA graph and replayed as the
+lengths grow. Scores and softmax are fp32 (scores = q·k·scale).
 """
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import launchable, split_k_workspace, triton_available, use_triton
 
 CHUNK = 64  # keys per program: [64, head_dim] tiles of K and V fit a 4-warp program's registers
 COMBINE_BLOCK = 32  # chunks the combining program reads at a time (a longer cache takes more steps)
@@ -72,15 +73,44 @@ if triton_available():
         return tl.maximum(a, b)
 
     @triton.jit
-    def _decode_attention_chunk_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, part_ptr, lse_ptr,
+    def _combine_chunks(
+        part_ptr, lse_ptr, out_ptr, first_slot, n_valid, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        """out = the n_valid chunks' means from first_slot on, weighted by exp(lse − max lse), BLOCK_C
+        chunks at a time with a running max. Loads skip L1: other programs wrote the chunks."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_run = float("-inf")
+        weight_sum = 0.0
+        acc = tl.full((HEAD_DIM,), 0.0, tl.float32)  # a builtin (tl.zeros is not), so it also interprets
+        for c0 in range(0, n_valid, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = offs_c < n_valid
+            lse = tl.load(lse_ptr + first_slot + offs_c, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m_run, tl.reduce(lse, 0, _max))
+            rescale = tl.exp(m_run - m_new)  # 0 on the first block
+            w = tl.exp(lse - m_new)  # 0 past the row's chunks
+            parts = tl.load(
+                part_ptr + (first_slot + offs_c[:, None]) * HEAD_DIM + offs_d[None, :],
+                mask=mask[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            acc = acc * rescale + tl.reduce(w[:, None] * parts, 0, _add)
+            weight_sum = weight_sum * rescale + tl.reduce(w, 0, _add)
+            m_run = m_new
+        tl.store(out_ptr + offs_d, (acc / weight_sum).to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, part_ptr, lse_ptr, out_ptr, arrivals_ptr,
         max_seq_len, stride_qb, stride_qh, scale,
-        GROUP: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        GROUP: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         """Program (b, kv head, c): keys [c·CHUNK, (c+1)·CHUNK) of row b for the GROUP query heads
         of the kv head. The K and V tiles are loaded once; each query head is a broadcast multiply
         and a sum over head_dim (a tl.dot would need 16 query rows, and without GQA there is one).
-        Writes softmax(scores)·V over the chunk and the scores' log-sum-exp, per query head."""
+        Writes softmax(scores)·V over the chunk and the scores' log-sum-exp, per query head; the
+        last of the row's chunks to arrive combines them into the output and resets the counter."""
         b, kv_head, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kv_heads, n_chunks = tl.num_programs(1), tl.num_programs(2)
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), max_seq_len)
@@ -93,51 +123,27 @@ if triton_available():
             offs = (head_base + offs_s[:, None]) * HEAD_DIM + offs_d[None, :]
             k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
             v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            first_head_slot = (b * n_kv_heads * GROUP + kv_head * GROUP) * n_chunks
             for g in tl.static_range(GROUP):
-                head = kv_head * GROUP + g
-                q = tl.load(q_ptr + b * stride_qb + head * stride_qh + offs_d).to(tl.float32)
+                q = tl.load(q_ptr + b * stride_qb + (kv_head * GROUP + g) * stride_qh + offs_d).to(tl.float32)
                 scores = tl.reduce(k * q[None, :], 1, _add) * scale
                 scores = tl.where(valid, scores, float("-inf"))
                 m = tl.reduce(scores, 0, _max)  # finite: the chunk holds at least one key
                 p = tl.exp(scores - m)
                 total = tl.reduce(p, 0, _add)
                 part = tl.reduce(p[:, None] * v, 0, _add) / total
-                slot = (b * n_kv_heads * GROUP + head) * n_chunks + chunk
+                slot = first_head_slot + g * n_chunks + chunk
                 tl.store(part_ptr + slot * HEAD_DIM + offs_d, part)
                 tl.store(lse_ptr + slot, m + tl.log(total))
-
-    @triton.jit
-    def _decode_attention_combine_kernel(
-        part_ptr, lse_ptr, lengths_ptr, out_ptr, max_seq_len, n_chunks,
-        CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        """Program (b, head): the chunks' means weighted by exp(lse − max lse), BLOCK_C chunks at a
-        time with a running max (only the row's chunks, which the first kernel wrote)."""
-        b, head = tl.program_id(0), tl.program_id(1)
-        length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), max_seq_len)
-        n_valid = (length + CHUNK - 1) // CHUNK
-        first_slot = (b * tl.num_programs(1) + head) * n_chunks
-        offs_d = tl.arange(0, HEAD_DIM)
-        m_run = float("-inf")
-        weight_sum = 0.0
-        acc = tl.full((HEAD_DIM,), 0.0, tl.float32)  # a builtin (tl.zeros is not), so it also interprets
-        for c0 in range(0, n_valid, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask = offs_c < n_valid
-            lse = tl.load(lse_ptr + first_slot + offs_c, mask=mask, other=float("-inf"))
-            m_new = tl.maximum(m_run, tl.reduce(lse, 0, _max))
-            rescale = tl.exp(m_run - m_new)  # 0 on the first block
-            w = tl.exp(lse - m_new)  # 0 past the row's chunks
-            parts = tl.load(
-                part_ptr + (first_slot + offs_c[:, None]) * HEAD_DIM + offs_d[None, :],
-                mask=mask[:, None],
-                other=0.0,
-            )
-            acc = acc * rescale + tl.reduce(w[:, None] * parts, 0, _add)
-            weight_sum = weight_sum * rescale + tl.reduce(w, 0, _add)
-            m_run = m_new
-        out = (acc / weight_sum).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + (b * tl.num_programs(1) + head) * HEAD_DIM + offs_d, out)
+            tl.debug_barrier()  # every thread's stores are issued before the program counts as arrived
+            arrivals = arrivals_ptr + b * n_kv_heads + kv_head
+            n_valid = (length + CHUNK - 1) // CHUNK
+            if tl.atomic_add(arrivals, 1) == n_valid - 1:  # acquire-release: the others' chunks are visible
+                for g in tl.static_range(GROUP):
+                    head_slot = first_head_slot + g * n_chunks
+                    out = out_ptr + ((b * n_kv_heads + kv_head) * GROUP + g) * HEAD_DIM
+                    _combine_chunks(part_ptr, lse_ptr, out, head_slot, n_valid, HEAD_DIM, BLOCK_C)
+                tl.atomic_xchg(arrivals, 0)
 
 
 def decode_attention_triton(
@@ -156,12 +162,10 @@ def decode_attention_triton(
     part = torch.empty((batch, heads, n_chunks, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch, heads, n_chunks), dtype=torch.float32, device=q.device)
     out = torch.empty((batch, heads, head_dim), dtype=q.dtype, device=q.device)
-    launchable(_decode_attention_chunk_kernel)[(batch, kv_heads, n_chunks)](
-        q, k_cache, v_cache, lengths, part, lse, max_seq_len, q.stride(0), q.stride(1), scale,
+    _, arrivals = split_k_workspace(q.device, 0, batch * kv_heads)
+    launchable(_decode_attention_kernel)[(batch, kv_heads, n_chunks)](
+        q, k_cache, v_cache, lengths, part, lse, out, arrivals, max_seq_len, q.stride(0), q.stride(1), scale,
         GROUP=heads // kv_heads, CHUNK=chunk, HEAD_DIM=head_dim,
-    )  # fmt: skip
-    launchable(_decode_attention_combine_kernel)[(batch, heads)](
-        part, lse, lengths, out, max_seq_len, n_chunks,
-        CHUNK=chunk, HEAD_DIM=head_dim, BLOCK_C=min(COMBINE_BLOCK, triton.next_power_of_2(n_chunks)),
+        BLOCK_C=min(COMBINE_BLOCK, triton.next_power_of_2(n_chunks)),
     )  # fmt: skip
     return out
