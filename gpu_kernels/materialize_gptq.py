@@ -222,11 +222,8 @@ if triton_available():
             g = tl.load(g_idx_ptr + ki, mask=ki < K, other=0)
             zeros = _load_codes(qzeros_ptr, ni, g * stride_zg, stride_zn, mask, BITS)
             scales = tl.load(scales_ptr + g * stride_sg + ni * stride_sn, mask=mask, other=0.0)
-        # Under the exponent bits of 2²³ a code is the float 2²³ + code, and so is a zero point: their
-        # difference is exact, with no int-to-float conversion per element.
-        code_f = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-        zero_f = (zeros | 0x4B000000).to(tl.float32, bitcast=True) + zero_offset
-        return (code_f - zero_f) * scales.to(tl.float32)
+        q = codes.to(tl.int32) - (zeros.to(tl.int32) + zero_offset)
+        return q.to(tl.float32) * scales.to(tl.float32)
 
     @triton.jit
     def _unit_word(
@@ -331,10 +328,11 @@ if triton_available():
 
 
 # (BLOCK_K, BLOCK_N, num_warps) timed on first use per shape; the first is the default elsewhere.
-# 128x64 with 4 warps (two units of 32 codes per thread) was the fastest at 2, 3 and 4 bits on every
-# 7B and 65B shape of docs/bench/kernels.md run 9; tiles of 256 inputs stay in one group only for
-# groups of 256 or more (and one group for the whole row), and gather scales otherwise.
-MATERIALIZE_TILES = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (256, 64, 8), (64, 256, 8)]
+# 128x64 with 4 warps (two units of 32 codes per thread) and 128x128 with 8 were the fastest at 2, 3
+# and 4 bits on every 7B and 65B shape of docs/bench/kernels.md run 9, within 2% of each other; the
+# other tiles tried there lost by 3-10% and, timed on one weight that stays in L2, could still win
+# the pick. Tiles of 256 inputs stay in one group for groups of 256 or more (or one per row).
+MATERIALIZE_TILES = [(128, 64, 4), (128, 128, 8), (256, 64, 8)]
 _CANDIDATES = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
 
 

@@ -33,11 +33,13 @@ def test_materialize_gptq_matches_reference_exactly(device: torch.device, bits: 
 
 
 @pytest.mark.parametrize("tile", MATERIALIZE_TILES, ids=str)
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [64, 256], ids=["groups split tiles", "tiles in one group"])
 def test_every_tile_the_shape_picker_may_choose_gives_the_same_weight(
-    device: torch.device, tile: tuple, bits: int
+    device: torch.device, tile: tuple, bits: int, group_size: int
 ) -> None:
-    layer = random_gptq_layer(320, 72, 64, False, bits=bits, device=device)
+    """Tiles inside one group expand whole 32-code units; tiles that cross groups gather per element."""
+    layer = random_gptq_layer(320, 72, group_size, False, bits=bits, device=device)
     buffers = layer.qweight, layer.qzeros, layer.scales, layer.g_idx
     config = dict(BLOCK_K=tile[0], BLOCK_N=tile[1], num_warps=tile[2])
     got = materialize_gptq_triton(*buffers, bits, 1, torch.float32, config)
