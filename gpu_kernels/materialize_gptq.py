@@ -315,7 +315,7 @@ if triton_available():
             exponent = exponent_bits.to(tl.uint32)
             w = _scaled_codes(words, zeros, scales, exponent, 0, 1, 32, BITS)
             w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        else:  # a group per input channel (act-order): gather scales and zeros per element
+        else:  # the tile crosses groups (act-order, or groups smaller than the tile): gather per element
             w = dequant_gptq_tile(
                 qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, k_start, K, N, zero_offset,
                 group_size, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
