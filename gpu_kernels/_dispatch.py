@@ -69,6 +69,30 @@ def launchable(kernel: Any) -> Any:
     return kernel
 
 
+@functools.cache
+def _dependent_launch_supported(device: torch.device) -> bool:
+    if interpreting() or not triton_available() or device.type != "cuda":
+        return False
+    import triton.language.extra.cuda as cuda_language
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    exposed = hasattr(cuda_language, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+    return exposed and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def dependent_launch(device: torch.device) -> dict[str, bool]:
+    """Launch options for a kernel that starts with `wait_for_inputs(PDL)` (gpu_kernels._pdl).
+
+    Programmatic dependent launch (Hopper and later) lets a kernel's programs start while the
+    kernel before it on the stream finishes, and wait on the device for its results instead of
+    between launches: at batch-1 decode a step is ~300 kernels of a few microseconds each, and the
+    gap between two of them cost ~1.6 µs of the H200's time even inside a CUDA graph
+    (docs/bench/decode.md). MODULORA_DISABLE_PDL=1 launches them one after another as usual.
+    """
+    on = os.environ.get("MODULORA_DISABLE_PDL") != "1" and _dependent_launch_supported(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 _fastest: dict[tuple, dict[str, int]] = {}
 
 

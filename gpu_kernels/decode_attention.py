@@ -13,7 +13,13 @@ lengths grow. Scores and softmax are fp32 (scores = q·k·scale).
 
 import torch
 
-from gpu_kernels._dispatch import launchable, split_k_workspace, triton_available, use_triton
+from gpu_kernels._dispatch import (
+    dependent_launch,
+    launchable,
+    split_k_workspace,
+    triton_available,
+    use_triton,
+)
 
 CHUNK = 64  # keys per program: [64, head_dim] tiles of K and V fit a 4-warp program's registers
 COMBINE_BLOCK = 32  # chunks the combining program reads at a time (a longer cache takes more steps)
@@ -62,6 +68,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from gpu_kernels._pdl import wait_for_inputs
+
     # tl.reduce with our own combine functions rather than tl.sum / tl.max, whose standard-library
     # JIT functions Triton's interpreter cannot call from a kernel imported before it was enabled
     @triton.jit
@@ -105,12 +113,14 @@ if triton_available():
         q_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, part_ptr, lse_ptr, out_ptr, arrivals_ptr,
         max_seq_len, stride_qb, stride_qh, scale,
         GROUP: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (b, kv head, c): keys [c·CHUNK, (c+1)·CHUNK) of row b for the GROUP query heads
         of the kv head. The K and V tiles are loaded once; each query head is a broadcast multiply
         and a sum over head_dim (a tl.dot would need 16 query rows, and without GQA there is one).
         Writes softmax(scores)·V over the chunk and the scores' log-sum-exp, per query head; the
         last of the row's chunks to arrive combines them into the output and resets the counter."""
+        wait_for_inputs(PDL)
         b, kv_head, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kv_heads, n_chunks = tl.num_programs(1), tl.num_programs(2)
         length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), max_seq_len)
@@ -166,6 +176,6 @@ def decode_attention_triton(
     launchable(_decode_attention_kernel)[(batch, kv_heads, n_chunks)](
         q, k_cache, v_cache, lengths, part, lse, out, arrivals, max_seq_len, q.stride(0), q.stride(1), scale,
         GROUP=heads // kv_heads, CHUNK=chunk, HEAD_DIM=head_dim,
-        BLOCK_C=min(COMBINE_BLOCK, triton.next_power_of_2(n_chunks)),
+        BLOCK_C=min(COMBINE_BLOCK, triton.next_power_of_2(n_chunks)), **dependent_launch(q.device),
     )  # fmt: skip
     return out

@@ -23,11 +23,18 @@ Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.
 
 import torch
 
-from gpu_kernels._dispatch import fastest_config, launchable, split_k_workspace, triton_available
+from gpu_kernels._dispatch import (
+    dependent_launch,
+    fastest_config,
+    launchable,
+    split_k_workspace,
+    triton_available,
+)
 from gpu_kernels.materialize_gptq import EXPONENT_BITS, contiguous_group_size, materialize_gptq_ref
 
 GEMV_BITS = (2, 4, 8)
 GEMV_MAX_REGISTERS = 80
+HALF2_BITS = (2, 4)  # bit widths whose codes the kernel multiplies in fp16 pairs on a GPU
 
 
 def gptq_gemv_ref(
@@ -62,6 +69,12 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from gpu_kernels._pdl import wait_for_inputs
+
+    # fp16 pair sums of x·q would overflow from |x| ≈ 1,000 (LLaMA's outlier activations reach a
+    # few thousand); scaled by 1/16 they hold to |x| ≈ 17,000
+    X_PAIR_SCALE = tl.constexpr(1 / 16)
+
     @triton.jit
     def add_split(part, acc_ptrs, y_ptrs, arrivals_ptr, mask, n_splits):
         """Add this program's partial sums into the zeroed workspace; the last of `n_splits`
@@ -79,12 +92,122 @@ if triton_available():
             tl.atomic_xchg(arrivals_ptr, 0)
 
     @triton.jit
+    def _load_x(x_ptr, k, left, EVEN: tl.constexpr):
+        """Input value k as fp32; past `left` (the end of the split or of x) it is 0."""
+        if EVEN:
+            x = tl.load(x_ptr + k)
+        else:
+            x = tl.load(x_ptr + k, mask=k < left, other=0.0)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _x_pair(x_ptr, j, HALF: tl.constexpr, left, EVEN: tl.constexpr):
+        """(x_j, x_{j+HALF}) times X_PAIR_SCALE as one register of two fp16 halves, x_j in the low
+        half (the halves of a word hold codes j and j + HALF), and x_j + x_{j+HALF} in fp32."""
+        lo, hi = _load_x(x_ptr, j, left, EVEN), _load_x(x_ptr, j + HALF, left, EVEN)
+        pair = tl.inline_asm_elementwise(
+            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi * X_PAIR_SCALE, lo * X_PAIR_SCALE],
+            dtype=tl.uint32, is_pure=True, pack=1,
+        )  # fmt: skip
+        return pair, lo + hi
+
+    @triton.jit
+    def _word_dot_4bit(word, x0, x1, x2, x3):
+        """Σ x·q over the 8 codes of a 4-bit word, two codes per fp16x2 instruction.
+
+        OR-ed into the exponent bits of the fp16 1024, the codes at bits 0-3 of each half read as
+        1024 + q and those at bits 4-7 as 1024 + 16q (one LOP3 for two codes); one subtract or one
+        fused multiply-add takes each pair to q exactly, and one more multiplies it into the sum.
+        The pairs' four fp16 products and sums are rounded once each (≤ 2⁻¹¹ relative) before
+        the fp32 result; x arrives scaled by X_PAIR_SCALE so that large inputs cannot overflow.
+        """
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 k, s16, m64, q0, q1, q2, q3, w8, acc;
+            .reg .b16 lo, hi;
+            .reg .f32 f_lo, f_hi;
+            mov.b32 k, 0x64006400;
+            mov.b32 s16, 0x2c002c00;
+            mov.b32 m64, 0xd400d400;
+            lop3.b32 q0, $1, 0x000f000f, k, 0xea;
+            lop3.b32 q1, $1, 0x00f000f0, k, 0xea;
+            shr.u32 w8, $1, 8;
+            lop3.b32 q2, w8, 0x000f000f, k, 0xea;
+            lop3.b32 q3, w8, 0x00f000f0, k, 0xea;
+            sub.f16x2 q0, q0, k;
+            fma.rn.f16x2 q1, q1, s16, m64;
+            sub.f16x2 q2, q2, k;
+            fma.rn.f16x2 q3, q3, s16, m64;
+            mul.rn.f16x2 acc, $2, q0;
+            fma.rn.f16x2 acc, $3, q1, acc;
+            fma.rn.f16x2 acc, $4, q2, acc;
+            fma.rn.f16x2 acc, $5, q3, acc;
+            mov.b32 {lo, hi}, acc;
+            cvt.f32.f16 f_lo, lo;
+            cvt.f32.f16 f_hi, hi;
+            add.f32 $0, f_lo, f_hi;
+            }""",
+            "=f,r,r,r,r,r", [word, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+
+    @triton.jit
+    def _word_dot_2bit(word, x0, x1, x2, x3, x4, x5, x6, x7):
+        """Σ x·q over the 16 codes of a 2-bit word, as `_word_dot_4bit` does: codes at bits 0-1,
+        2-3, 4-5 and 6-7 of each half read as 1024 + q·{1, 4, 16, 64}, then the same for the word
+        shifted down 8 bits."""
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 k, s4, m256, s16, m64, s64, m16, q0, q1, q2, q3, q4, q5, q6, q7, w8, acc;
+            .reg .b16 lo, hi;
+            .reg .f32 f_lo, f_hi;
+            mov.b32 k, 0x64006400;
+            mov.b32 s4, 0x34003400;
+            mov.b32 m256, 0xdc00dc00;
+            mov.b32 s16, 0x2c002c00;
+            mov.b32 m64, 0xd400d400;
+            mov.b32 s64, 0x24002400;
+            mov.b32 m16, 0xcc00cc00;
+            lop3.b32 q0, $1, 0x00030003, k, 0xea;
+            lop3.b32 q1, $1, 0x000c000c, k, 0xea;
+            lop3.b32 q2, $1, 0x00300030, k, 0xea;
+            lop3.b32 q3, $1, 0x00c000c0, k, 0xea;
+            shr.u32 w8, $1, 8;
+            lop3.b32 q4, w8, 0x00030003, k, 0xea;
+            lop3.b32 q5, w8, 0x000c000c, k, 0xea;
+            lop3.b32 q6, w8, 0x00300030, k, 0xea;
+            lop3.b32 q7, w8, 0x00c000c0, k, 0xea;
+            sub.f16x2 q0, q0, k;
+            fma.rn.f16x2 q1, q1, s4, m256;
+            fma.rn.f16x2 q2, q2, s16, m64;
+            fma.rn.f16x2 q3, q3, s64, m16;
+            sub.f16x2 q4, q4, k;
+            fma.rn.f16x2 q5, q5, s4, m256;
+            fma.rn.f16x2 q6, q6, s16, m64;
+            fma.rn.f16x2 q7, q7, s64, m16;
+            mul.rn.f16x2 acc, $2, q0;
+            fma.rn.f16x2 acc, $3, q1, acc;
+            fma.rn.f16x2 acc, $4, q2, acc;
+            fma.rn.f16x2 acc, $5, q3, acc;
+            fma.rn.f16x2 acc, $6, q4, acc;
+            fma.rn.f16x2 acc, $7, q5, acc;
+            fma.rn.f16x2 acc, $8, q6, acc;
+            fma.rn.f16x2 acc, $9, q7, acc;
+            mov.b32 {lo, hi}, acc;
+            cvt.f32.f16 f_lo, lo;
+            cvt.f32.f16 f_hi, hi;
+            add.f32 $0, f_lo, f_hi;
+            }""",
+            "=f,r,r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, x4, x5, x6, x7],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+
+    @triton.jit
     def _gptq_gemv_kernel(
         x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, y_ptr, acc_ptr, arrivals_ptr,
         K, N, zero_offset, group_size, words_per_split, n_splits, exponent_bits,
         stride_xm, stride_ym, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         BITS: tl.constexpr, ATOMIC: tl.constexpr, EVEN: tl.constexpr, BLOCK_W: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, HALF2: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (n, s, m): row m, columns [n·BLOCK_N, (n+1)·BLOCK_N), packed words of split s.
 
@@ -96,6 +219,7 @@ if triton_available():
         PACK: tl.constexpr = 32 // BITS
         HALF: tl.constexpr = PACK // 2
         MASK: tl.constexpr = (1 << BITS) - 1
+        wait_for_inputs(PDL)
         pid_n, pid_s, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -128,23 +252,39 @@ if triton_available():
                     other=0,
                     eviction_policy="evict_first",
                 )  # read once: leave L2 to x and the sums
-                # Each half-word under the exponent bits of 2²³; one AND with a constant then cuts a
-                # code out in place as a float. The low half keeps the high half's bits too: the AND
-                # clears them (except the exponent bits, which the OR set).
                 word = word.to(tl.uint32, bitcast=True)
-                exponent = exponent_bits.to(tl.uint32)
-                halves = (word | exponent, (word >> 16) | exponent)
-                for j in tl.static_range(PACK):
-                    SHIFT = (j % HALF) * BITS  # a constexpr: j is
-                    if EVEN:
-                        x = tl.load(x_tile + i * PACK + j)
+                x_word = x_tile + i * PACK
+                x_word_left = x_left - i * PACK
+                if HALF2:
+                    x0, s0 = _x_pair(x_word, 0, HALF, x_word_left, EVEN)
+                    x1, s1 = _x_pair(x_word, 1, HALF, x_word_left, EVEN)
+                    x2, s2 = _x_pair(x_word, 2, HALF, x_word_left, EVEN)
+                    x3, s3 = _x_pair(x_word, 3, HALF, x_word_left, EVEN)
+                    if BITS == 4:
+                        dot += _word_dot_4bit(word, x0, x1, x2, x3)
+                        x_sum += s0 + s1 + s2 + s3
                     else:
-                        x = tl.load(x_tile + i * PACK + j, mask=i * PACK + j < x_left, other=0.0)
-                    x = x.to(tl.float32)
-                    x_sum += x
-                    in_place = halves[j // HALF] & (0x4B000000 | (MASK << SHIFT))
-                    code = in_place.to(tl.float32, bitcast=True) - 8388608.0  # q·2ᵖ
-                    dot += (x * (1.0 / (1 << SHIFT))) * code
+                        x4, s4 = _x_pair(x_word, 4, HALF, x_word_left, EVEN)
+                        x5, s5 = _x_pair(x_word, 5, HALF, x_word_left, EVEN)
+                        x6, s6 = _x_pair(x_word, 6, HALF, x_word_left, EVEN)
+                        x7, s7 = _x_pair(x_word, 7, HALF, x_word_left, EVEN)
+                        dot += _word_dot_2bit(word, x0, x1, x2, x3, x4, x5, x6, x7)
+                        x_sum += s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7
+                else:
+                    # Each half-word under the exponent bits of 2²³; one AND with a constant then cuts
+                    # a code out in place as a float. The low half keeps the high half's bits too: the
+                    # AND clears them (except the exponent bits, which the OR set).
+                    exponent = exponent_bits.to(tl.uint32)
+                    halves = (word | exponent, (word >> 16) | exponent)
+                    for j in tl.static_range(PACK):
+                        SHIFT = (j % HALF) * BITS  # a constexpr: j is
+                        x = _load_x(x_word, j, x_word_left, EVEN)
+                        x_sum += x
+                        in_place = halves[j // HALF] & (0x4B000000 | (MASK << SHIFT))
+                        code = in_place.to(tl.float32, bitcast=True) - 8388608.0  # q·2ᵖ
+                        dot += (x * (1.0 / (1 << SHIFT))) * code
+            if HALF2:
+                dot *= 1.0 / X_PAIR_SCALE
             acc += scales.to(tl.float32) * (dot - zeros * x_sum)
         y_ptrs = y_ptr + row * stride_ym + offs_n
         if ATOMIC:  # the reduction is split over programs: add this split's part
@@ -234,8 +374,9 @@ def gptq_gemv(
             x2, qweight, qzeros, scales, y, acc, arrivals,
             in_features, out_features, zero_offset, group_size, per_split, split, EXPONENT_BITS,
             x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
-            BITS=bits, ATOMIC=split > 1, EVEN=words % per_split == 0 and in_features % (32 // bits) == 0,
-            **cfg,
+            BITS=bits, HALF2=bits in HALF2_BITS and x.is_cuda, ATOMIC=split > 1,
+            EVEN=words % per_split == 0 and in_features % (32 // bits) == 0,
+            **cfg, **dependent_launch(x.device),
         )  # fmt: skip
         return y
 

@@ -13,7 +13,13 @@ transpose=True:  x [..., out_features] -> x·W  [..., in_features]    (input gra
 
 import torch
 
-from gpu_kernels._dispatch import launchable, split_k_workspace, triton_available, use_triton
+from gpu_kernels._dispatch import (
+    dependent_launch,
+    launchable,
+    split_k_workspace,
+    triton_available,
+    use_triton,
+)
 from gpu_kernels.gptq_gemv import gemv_supports, gptq_gemv
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq, materialize_gptq_ref
 
@@ -49,6 +55,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from gpu_kernels._pdl import wait_for_inputs
     from gpu_kernels.gptq_gemv import add_split
     from gpu_kernels.materialize_gptq import dequant_gptq_tile
 
@@ -59,13 +66,14 @@ if triton_available():
         stride_xm, stride_xr, stride_ym, stride_yc,
         stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn,
         BITS: tl.constexpr, ONE_GROUP: tl.constexpr, TRANSPOSE: tl.constexpr, SPLIT_K: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """y[m, c] = sum_r x[m, r]·B[r, c] with B = Wᵀ [K=in, N=out], or B = W [N, K] when TRANSPOSE.
 
         r is the reduction index, c the output column; program (m, c, s) reduces rows
         [s·r_per_split, (s+1)·r_per_split) of B.
         """
+        wait_for_inputs(PDL)
         pid_m, pid_c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -170,6 +178,7 @@ def gptq_matmul_triton(
         rows, in_features, out_features, zero_offset, max(group_size, 1), r_per_split, split,
         *x2.stride(), *y.stride(), *qweight.stride(), *qzeros.stride(), *scales.stride(),
         BITS=bits, ONE_GROUP=one_group, TRANSPOSE=transpose, SPLIT_K=split, **cfg,
+        **dependent_launch(x.device),
     )  # fmt: skip
     return y.view(*x.shape[:-1], cols)
 

@@ -10,7 +10,7 @@ then their sum; the key is then cast to the cache's dtype.
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import dependent_launch, launchable, triton_available, use_triton
 from gpu_kernels.rotary import apply_rotary_ref
 
 
@@ -73,12 +73,15 @@ def rotary_kv_write_(
         rows.stride(0), *positions.stride(),
         HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads), BLOCK_KV=triton.next_power_of_2(kv_heads),
         enable_fp_fusion=False,  # in fp32 a fused multiply-add would skip the products' rounding
+        **dependent_launch(q.device),
     )  # fmt: skip
 
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    from gpu_kernels._pdl import wait_for_inputs
 
     @triton.jit
     def _rotate(x1, x2, c1, c2, s1, s2):
@@ -102,9 +105,10 @@ if triton_available():
         tokens, heads, kv_heads, max_seq_len,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_cb, stride_ct, stride_sb, stride_st, stride_r, stride_pb, stride_pt,
-        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program b·tokens + t: every q, k and v head of token t of row b; x1/x2 are each head's halves."""
+        wait_for_inputs(PDL)
         pid = tl.program_id(0)
         b, t = pid // tokens, pid % tokens
         offs_d = tl.arange(0, HALF)[None, :]

@@ -9,7 +9,7 @@ the normalized value rounds to x's dtype before the weight multiplies it.
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import dependent_launch, launchable, triton_available, use_triton
 
 
 def add_rmsnorm_ref(
@@ -37,6 +37,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from gpu_kernels._pdl import wait_for_inputs
+
     @triton.jit
     def _add(a, b):
         return a + b
@@ -44,8 +46,9 @@ if triton_available():
     @triton.jit
     def _add_rmsnorm_kernel(
         x_ptr, residual_ptr, weight_ptr, y_ptr, sum_ptr, n, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
@@ -74,5 +77,6 @@ def add_rmsnorm_triton(
     launchable(_add_rmsnorm_kernel)[(x.numel() // n,)](
         x, x if residual is None else residual.contiguous(), weight, y, summed, n, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        **dependent_launch(x.device),
     )  # fmt: skip
     return y, summed

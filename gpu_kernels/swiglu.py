@@ -7,7 +7,7 @@ Two PyTorch kernels otherwise, each a launch at batch-1 decode. Rounding follows
 import torch
 import torch.nn.functional as F
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import dependent_launch, launchable, triton_available, use_triton
 
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     launchable(_silu_mul_kernel)[(gate2.shape[0], triton.cdiv(n, block))](
-        gate2, up2, out, n, gate2.stride(0), up2.stride(0), BLOCK=block
+        gate2, up2, out, n, gate2.stride(0), up2.stride(0), BLOCK=block, **dependent_launch(gate.device)
     )
     return out
 
@@ -36,8 +36,13 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from gpu_kernels._pdl import wait_for_inputs
+
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, stride_gate, stride_up, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(
+        gate_ptr, up_ptr, out_ptr, n, stride_gate, stride_up, BLOCK: tl.constexpr, PDL: tl.constexpr
+    ):
+        wait_for_inputs(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
