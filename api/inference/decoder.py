@@ -166,9 +166,12 @@ class Decoder:
         consecutive rows, or an index tensor); attention reads the first `length` cache positions."""
         batch, t = tokens.shape
         decoding = self.decode_kernels and t == 1 and isinstance(rows, slice) and rows.start == 0
+        # Every row starts its sequence with these tokens: attention is causal over them alone.
+        from_start = not decoding and length == t
         if decoding:
             lengths = positions[:, 0] + 1
-        else:  # key j is visible to query position p when j <= p; keys past a row's own length are stale
+        elif not from_start:
+            # key j is visible to query position p when j <= p; keys past a row's own length are stale
             keys = torch.arange(length, device=self.device)
             mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, T, length]
         hidden = self.embed(tokens)
@@ -179,15 +182,21 @@ class Decoder:
             attn = layer.self_attn
             q, k, v = _project((attn.q_proj, attn.k_proj, attn.v_proj), self.fused_qkv[i], h)
             q, k, v = (p.view(batch, t, -1, self.head_dim) for p in (q, k, v))
-            if decoding:
+            gqa = self.n_heads != self.n_kv_heads
+            if decoding or from_start:
                 k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-                rotary_kv_write_(q, k, v, cos, sin, k_cache, v_cache, self._row_ids[:batch], positions)
+                rotary_kv_write_(q, k, v, cos, sin, k_cache, v_cache, self._row_ids[rows], positions)
+            if decoding:
                 out = decode_attention(q[:, 0], k_cache, v_cache, lengths, attn.scaling)[:, None]
+            elif from_start:  # a prompt's prefill: one kernel wrote the cache, no mask to build or read
+                k_all, v_all = k_cache[rows, :, :t], v_cache[rows, :, :t]
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k_all, v_all, is_causal=True, scale=attn.scaling, enable_gqa=gqa
+                ).transpose(1, 2)
             else:
                 q = apply_rotary_(q, cos, sin).transpose(1, 2)
                 k = apply_rotary_(k, cos, sin).transpose(1, 2)
                 k_all, v_all = self._update_cache(i, rows, positions, k, v.transpose(1, 2), length)
-                gqa = self.n_heads != self.n_kv_heads
                 out = F.scaled_dot_product_attention(
                     q, k_all, v_all, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
                 ).transpose(1, 2)

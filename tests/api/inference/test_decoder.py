@@ -37,6 +37,22 @@ def test_prefill_logits_match_hf_forward(tiny_base: torch.nn.Module) -> None:
     torch.testing.assert_close(decoder.forward(prompt, [0], [0], [0]), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_prefill_in_chunks_and_in_scattered_rows_gives_the_logits_of_one_prefill(
+    tiny_base: torch.nn.Module,
+) -> None:
+    """A prompt's first prefill attends causally over itself; a later chunk reads the cache through
+    the mask. Both, and a batch of prompts prefilled into rows out of order, agree with HF."""
+    prompts = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = tiny_base(prompts).logits[:, -1]
+    decoder = Decoder(copy.deepcopy(tiny_base), rows=3, max_seq_len=16)
+    decoder.forward(prompts[:1, :5], [1], [0], [0])
+    chunked = decoder.forward(prompts[:1, 5:], [1], [5], [0])
+    torch.testing.assert_close(chunked, expected[:1], rtol=1e-4, atol=1e-4)
+    scattered = decoder.forward(prompts, [2, 0], [0, 0], [0, 0])
+    torch.testing.assert_close(scattered, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_qkv_and_gate_up_products_give_the_model_logits() -> None:
     # GPUs run q/k/v and gate/up as one low-bit product each; forced here on CPU, with adapters in
     # the batch so that the LoRA branch is applied to each split output.
