@@ -41,6 +41,18 @@ def test_gemv_matches_reference(device: torch.device, bits: int, shape: tuple, r
     assert relative_error(got, want) < RTOL
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gemv_outlier_activations_do_not_overflow_the_fp16_pair_sums(device: torch.device, bits: int) -> None:
+    """On a GPU codes multiply in fp16 pairs; a whole word of inputs at 4,000 (LLaMA's outlier
+    channels reach a few thousand) must still give the float64 product."""
+    layer = random_gptq_layer(256, 48, 128, act_order=False, bits=bits, device=device)
+    x = torch.randn(1, layer.in_features, device=device, generator=torch.Generator(device).manual_seed(0))
+    x[0, : 32 // bits] = 4000.0
+    got = gptq_gemv(x, *buffers(layer))
+    assert torch.isfinite(got).all()
+    assert relative_error(got, gptq_gemv_ref(x.double(), *buffers(layer))) < RTOL
+
+
 def test_gemv_codes_at_every_position_of_a_word_decode_exactly(device: torch.device) -> None:
     """The in-place float trick must give q - z exactly for every code value at every bit position."""
     for bits in (2, 4, 8):
