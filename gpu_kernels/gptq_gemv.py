@@ -21,6 +21,8 @@ the same time, mostly from L2. Act-order weights (gathered groups) take `gptq_ma
 Tile sizes and the split are chosen per shape by timing (`gpu_kernels._dispatch.fastest_config`).
 """
 
+import functools
+
 import torch
 
 from gpu_kernels._dispatch import (
@@ -63,6 +65,57 @@ def gemv_tile_words(bits: int, group_size: int, n_groups: int) -> int:
         return 0
     words = group_size // pack
     return min(32, words & -words)  # the largest power of two dividing the words of a group
+
+
+@functools.cache
+def fp16_pairs(device: torch.device) -> bool:
+    """Whether the kernel multiplies codes in fp16 pairs on `device`: a GPU of compute capability
+    8.0 or later (A100, the RTX 30/40 cards, Hopper), which `cvt.rn.f16x2.f32` needs."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def word_dot_ptx(bits: int) -> str:
+    """PTX for Σ x·q over the codes of one 2- or 4-bit word, two codes per fp16x2 instruction.
+
+    Operands: $0 the fp32 result, $1 the word, $2... the pairs (x_j, x_{j+half}) · X_PAIR_SCALE as
+    fp16x2 (`_x_pair`), j in code order. OR-ed into the exponent bits of the fp16 1024, the code at
+    bit offset o of each half-word reads as 1024 + q·2ᵒ (one LOP3 for two codes); subtracting 1024,
+    or one FMA by 2⁻ᵒ and −1024·2⁻ᵒ, gives q exactly, and one FMA adds x·q into the pair sum. Offsets
+    0..7 come from the word, 8..15 from the word shifted down 8 bits. The fp16 products and sums round
+    once each (≤ 2⁻¹¹ relative); the two half sums are added in fp32.
+    """
+    mask = (1 << bits) - 1
+    lines = ["mov.b32 k, 0x64006400;", "shr.u32 w8, $1, 8;"]
+    pair = 0
+    for source in ("$1", "w8"):
+        for offset in range(0, 8, bits):
+            q = f"q{pair}"
+            field = mask << offset
+            lines.append(f"lop3.b32 {q}, {source}, {field << 16 | field:#010x}, k, 0xea;")
+            if offset == 0:
+                lines.append(f"sub.f16x2 {q}, {q}, k;")
+            else:  # fp16 bits of 2⁻ᵒ and of −1024·2⁻ᵒ, in both halves
+                scale, minus = (15 - offset) << 10, 0x8000 | (25 - offset) << 10
+                lines += [
+                    f"mov.b32 s{pair}, {scale << 16 | scale:#010x};",
+                    f"mov.b32 m{pair}, {minus << 16 | minus:#010x};",
+                    f"fma.rn.f16x2 {q}, {q}, s{pair}, m{pair};",
+                ]
+            x = f"${pair + 2}"
+            lines.append(f"mul.rn.f16x2 acc, {x}, {q};" if pair == 0 else f"fma.rn.f16x2 acc, {x}, {q}, acc;")
+            pair += 1
+    lines += [
+        "mov.b32 {lo, hi}, acc;",
+        "cvt.f32.f16 f_lo, lo;",
+        "cvt.f32.f16 f_hi, hi;",
+        "add.f32 $0, f_lo, f_hi;",
+    ]
+    registers = [
+        f".reg .b32 k, w8, acc, q<{pair}>, s<{pair}>, m<{pair}>;",
+        ".reg .b16 lo, hi;",
+        ".reg .f32 f_lo, f_hi;",
+    ]
+    return "{\n" + "\n".join(registers + lines) + "\n}"
 
 
 if triton_available():
@@ -111,93 +164,19 @@ if triton_available():
         )  # fmt: skip
         return pair, lo + hi
 
+    WORD_DOT_4BIT_PTX = tl.constexpr(word_dot_ptx(4))
+    WORD_DOT_2BIT_PTX = tl.constexpr(word_dot_ptx(2))
+
     @triton.jit
     def _word_dot_4bit(word, x0, x1, x2, x3):
-        """Σ x·q over the 8 codes of a 4-bit word, two codes per fp16x2 instruction.
-
-        OR-ed into the exponent bits of the fp16 1024, the codes at bits 0-3 of each half read as
-        1024 + q and those at bits 4-7 as 1024 + 16q (one LOP3 for two codes); one subtract or one
-        fused multiply-add takes each pair to q exactly, and one more multiplies it into the sum.
-        The pairs' four fp16 products and sums are rounded once each (≤ 2⁻¹¹ relative) before
-        the fp32 result; x arrives scaled by X_PAIR_SCALE so that large inputs cannot overflow.
-        """
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 k, s16, m64, q0, q1, q2, q3, w8, acc;
-            .reg .b16 lo, hi;
-            .reg .f32 f_lo, f_hi;
-            mov.b32 k, 0x64006400;
-            mov.b32 s16, 0x2c002c00;
-            mov.b32 m64, 0xd400d400;
-            lop3.b32 q0, $1, 0x000f000f, k, 0xea;
-            lop3.b32 q1, $1, 0x00f000f0, k, 0xea;
-            shr.u32 w8, $1, 8;
-            lop3.b32 q2, w8, 0x000f000f, k, 0xea;
-            lop3.b32 q3, w8, 0x00f000f0, k, 0xea;
-            sub.f16x2 q0, q0, k;
-            fma.rn.f16x2 q1, q1, s16, m64;
-            sub.f16x2 q2, q2, k;
-            fma.rn.f16x2 q3, q3, s16, m64;
-            mul.rn.f16x2 acc, $2, q0;
-            fma.rn.f16x2 acc, $3, q1, acc;
-            fma.rn.f16x2 acc, $4, q2, acc;
-            fma.rn.f16x2 acc, $5, q3, acc;
-            mov.b32 {lo, hi}, acc;
-            cvt.f32.f16 f_lo, lo;
-            cvt.f32.f16 f_hi, hi;
-            add.f32 $0, f_lo, f_hi;
-            }""",
-            "=f,r,r,r,r,r", [word, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1,
-        )  # fmt: skip
+            WORD_DOT_4BIT_PTX, "=f,r,r,r,r,r", [word, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1
+        )
 
     @triton.jit
     def _word_dot_2bit(word, x0, x1, x2, x3, x4, x5, x6, x7):
-        """Σ x·q over the 16 codes of a 2-bit word, as `_word_dot_4bit` does: codes at bits 0-1,
-        2-3, 4-5 and 6-7 of each half read as 1024 + q·{1, 4, 16, 64}, then the same for the word
-        shifted down 8 bits."""
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 k, s4, m256, s16, m64, s64, m16, q0, q1, q2, q3, q4, q5, q6, q7, w8, acc;
-            .reg .b16 lo, hi;
-            .reg .f32 f_lo, f_hi;
-            mov.b32 k, 0x64006400;
-            mov.b32 s4, 0x34003400;
-            mov.b32 m256, 0xdc00dc00;
-            mov.b32 s16, 0x2c002c00;
-            mov.b32 m64, 0xd400d400;
-            mov.b32 s64, 0x24002400;
-            mov.b32 m16, 0xcc00cc00;
-            lop3.b32 q0, $1, 0x00030003, k, 0xea;
-            lop3.b32 q1, $1, 0x000c000c, k, 0xea;
-            lop3.b32 q2, $1, 0x00300030, k, 0xea;
-            lop3.b32 q3, $1, 0x00c000c0, k, 0xea;
-            shr.u32 w8, $1, 8;
-            lop3.b32 q4, w8, 0x00030003, k, 0xea;
-            lop3.b32 q5, w8, 0x000c000c, k, 0xea;
-            lop3.b32 q6, w8, 0x00300030, k, 0xea;
-            lop3.b32 q7, w8, 0x00c000c0, k, 0xea;
-            sub.f16x2 q0, q0, k;
-            fma.rn.f16x2 q1, q1, s4, m256;
-            fma.rn.f16x2 q2, q2, s16, m64;
-            fma.rn.f16x2 q3, q3, s64, m16;
-            sub.f16x2 q4, q4, k;
-            fma.rn.f16x2 q5, q5, s4, m256;
-            fma.rn.f16x2 q6, q6, s16, m64;
-            fma.rn.f16x2 q7, q7, s64, m16;
-            mul.rn.f16x2 acc, $2, q0;
-            fma.rn.f16x2 acc, $3, q1, acc;
-            fma.rn.f16x2 acc, $4, q2, acc;
-            fma.rn.f16x2 acc, $5, q3, acc;
-            fma.rn.f16x2 acc, $6, q4, acc;
-            fma.rn.f16x2 acc, $7, q5, acc;
-            fma.rn.f16x2 acc, $8, q6, acc;
-            fma.rn.f16x2 acc, $9, q7, acc;
-            mov.b32 {lo, hi}, acc;
-            cvt.f32.f16 f_lo, lo;
-            cvt.f32.f16 f_hi, hi;
-            add.f32 $0, f_lo, f_hi;
-            }""",
-            "=f,r,r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, x4, x5, x6, x7],
+            WORD_DOT_2BIT_PTX, "=f,r,r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, x4, x5, x6, x7],
             dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
 
@@ -374,7 +353,7 @@ def gptq_gemv(
             x2, qweight, qzeros, scales, y, acc, arrivals,
             in_features, out_features, zero_offset, group_size, per_split, split, EXPONENT_BITS,
             x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
-            BITS=bits, HALF2=bits in HALF2_BITS and x.is_cuda, ATOMIC=split > 1,
+            BITS=bits, HALF2=bits in HALF2_BITS and fp16_pairs(x.device), ATOMIC=split > 1,
             EVEN=words % per_split == 0 and in_features % (32 // bits) == 0,
             **cfg, **dependent_launch(x.device),
         )  # fmt: skip
