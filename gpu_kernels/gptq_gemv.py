@@ -8,6 +8,10 @@ words (all in one quantization group) × `BLOCK_N` output columns, a thread hold
   exponent bits of 2²³, one AND with a constant cuts a code out in place as the float 2²³ + q·2ᵖ,
   and subtracting 2²³ gives q·2ᵖ exactly; x (a scalar, the same for every thread) is scaled by 2⁻ᵖ.
   Three instructions per code (AND, subtract, FMA) plus the input value's share;
+- on GPUs of compute capability 8.0+, 2- and 4-bit codes go two at a time through fp16x2
+  instructions instead (`word_dot_ptx`): about two instructions per code plus the input's share,
+  with each word's sum rounded in fp16 (≤ 2⁻¹¹ relative) before it joins the fp32 sum. Triton's
+  interpreter and 8-bit weights take the fp32 form above;
 - the zero point is applied once per tile and column, from the tile's sum of x:
   Σₖ xₖ·s·(qₖ − z) = s·(Σₖ xₖ·qₖ − z·Σₖ xₖ);
 - each program owns a column block and a short slice of the reduction, a few tiles: many small
