@@ -178,11 +178,11 @@ class Decoder:
         cos, sin = self.model.model.rotary_emb(hidden, positions)  # [batch, T, head_dim]
         norms = [layer.input_layernorm for layer in self.layers] + [self.model.model.norm]
         h, hidden = _norm(norms[0], hidden, None)
+        gqa = self.n_heads != self.n_kv_heads
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = _project((attn.q_proj, attn.k_proj, attn.v_proj), self.fused_qkv[i], h)
             q, k, v = (p.view(batch, t, -1, self.head_dim) for p in (q, k, v))
-            gqa = self.n_heads != self.n_kv_heads
             if decoding or from_start:
                 k_cache, v_cache = self.k_cache[i], self.v_cache[i]
                 rotary_kv_write_(q, k, v, cos, sin, k_cache, v_cache, self._row_ids[rows], positions)
