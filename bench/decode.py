@@ -125,7 +125,9 @@ def check_graph_step(decoder: Decoder, vocab: int) -> dict[str, float]:
 
 def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> dict[str, Any]:
     """Where a batch-1 decode step goes on the device: the kernels of replayed step graphs, by total
-    time, and their sum against the steps' wall time (the difference is the gaps between kernels)."""
+    time, and their sum against the steps' wall time. Kernels launched as programmatic dependents
+    (Hopper) start before the previous one ends, so their times include that wait and the sum can
+    exceed the wall time; `MODULORA_DISABLE_PDL=1` gives the kernels' own times and the gaps."""
     ids = prompts(1, 32, vocab).to(DEVICE)
     token = decoder.forward(ids, [0], [0], [0]).argmax(-1)[:, None]
     decoder.forward(token, [0], [32], [0])  # captures the step graph
