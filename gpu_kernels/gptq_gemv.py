@@ -9,9 +9,10 @@ words (all in one quantization group) × `BLOCK_N` output columns, a thread hold
   and subtracting 2²³ gives q·2ᵖ exactly; x (a scalar, the same for every thread) is scaled by 2⁻ᵖ.
   Three instructions per code (AND, subtract, FMA) plus the input value's share;
 - on GPUs of compute capability 8.0+, 2- and 4-bit codes go two at a time through fp16x2
-  instructions instead (`word_dot_ptx`): about two instructions per code plus the input's share,
-  with each word's sum rounded in fp16 (≤ 2⁻¹¹ relative) before it joins the fp32 sum. Triton's
-  interpreter and 8-bit weights take the fp32 form above;
+  instructions instead (`word_pair_dot_ptx`): about two instructions per code plus the input's
+  share, with the products of each pair of words summed in fp16 (each add rounds to 2⁻¹¹ relative)
+  before they join the fp32 sum. Triton's interpreter, 8-bit weights and tiles of an odd number
+  of words take the fp32 form above;
 - the zero point is applied once per tile and column, from the tile's sum of x:
   Σₖ xₖ·s·(qₖ − z) = s·(Σₖ xₖ·qₖ − z·Σₖ xₖ);
 - each program owns a column block and a short slice of the reduction, a few tiles: many small
@@ -41,6 +42,7 @@ from gpu_kernels.materialize_gptq import EXPONENT_BITS, contiguous_group_size, m
 GEMV_BITS = (2, 4, 8)
 GEMV_MAX_REGISTERS = 80
 HALF2_BITS = (2, 4)  # bit widths whose codes the kernel multiplies in fp16 pairs on a GPU
+CODE_SHIFT = 6  # in fp16 pairs the codes enter the products as q·2⁻⁶ (`word_pair_dot_ptx`)
 
 
 def gptq_gemv_ref(
@@ -78,36 +80,39 @@ def fp16_pairs(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def word_dot_ptx(bits: int) -> str:
-    """PTX for Σ x·q over the codes of one 2- or 4-bit word, two codes per fp16x2 instruction.
+def word_pair_dot_ptx(bits: int) -> str:
+    """PTX for Σ x·q·2⁻⁶ over the codes of two 2- or 4-bit words, two codes per fp16x2 instruction.
 
-    Operands: $0 the fp32 result, $1 the word, $2... the pairs (x_j, x_{j+half}) · X_PAIR_SCALE as
+    Operands: $0 the fp32 result, $1 and $2 the words, then per word its pairs (x_j, x_{j+half}) as
     fp16x2 (`_x_pair`), j in code order. OR-ed into the exponent bits of the fp16 1024, the code at
-    bit offset o of each half-word reads as 1024 + q·2ᵒ (one LOP3 for two codes); subtracting 1024,
-    or one FMA by 2⁻ᵒ and −1024·2⁻ᵒ, gives q exactly, and one FMA adds x·q into the pair sum. Offsets
-    0..7 come from the word, 8..15 from the word shifted down 8 bits. The fp16 products and sums round
-    once each (≤ 2⁻¹¹ relative); the two half sums are added in fp32.
+    bit offset o of each half-word reads as 1024 + q·2ᵒ (one LOP3 for two codes); one FMA by
+    2⁻⁽ᵒ⁺⁶⁾ and −2⁴⁻ᵒ makes it q·2⁻⁶ exactly, and one FMA adds x·q·2⁻⁶ into the pair sum. Offsets
+    0..7 come from the word, 8..15 from the word shifted down 8 bits. The 2⁻⁶ keeps the fp16 sum
+    of a pair of words finite up to Σ|x| ≈ 279,000 over its 8 inputs per half at 4 bits. The two
+    half sums are added in fp32.
     """
     mask = (1 << bits) - 1
-    lines = ["mov.b32 k, 0x64006400;", "shr.u32 w8, $1, 8;"]
+    offsets = range(0, 8, bits)
+    lines = ["mov.b32 k, 0x64006400;"]
+    for offset in offsets:  # fp16 bits of 2⁻⁽ᵒ⁺⁶⁾ and of −1024·2⁻⁽ᵒ⁺⁶⁾, in both halves
+        scale, minus = (15 - CODE_SHIFT - offset) << 10, 0x8000 | (25 - CODE_SHIFT - offset) << 10
+        lines += [
+            f"mov.b32 s{offset}, {scale << 16 | scale:#010x};",
+            f"mov.b32 m{offset}, {minus << 16 | minus:#010x};",
+        ]
     pair = 0
-    for source in ("$1", "w8"):
-        for offset in range(0, 8, bits):
-            q = f"q{pair}"
-            field = mask << offset
-            lines.append(f"lop3.b32 {q}, {source}, {field << 16 | field:#010x}, k, 0xea;")
-            if offset == 0:
-                lines.append(f"sub.f16x2 {q}, {q}, k;")
-            else:  # fp16 bits of 2⁻ᵒ and of −1024·2⁻ᵒ, in both halves
-                scale, minus = (15 - offset) << 10, 0x8000 | (25 - offset) << 10
+    for word in ("$1", "$2"):
+        lines.append(f"shr.u32 w8, {word}, 8;")
+        for source in (word, "w8"):
+            for offset in offsets:
+                field = mask << offset
+                x = f"${pair + 3}"
                 lines += [
-                    f"mov.b32 s{pair}, {scale << 16 | scale:#010x};",
-                    f"mov.b32 m{pair}, {minus << 16 | minus:#010x};",
-                    f"fma.rn.f16x2 {q}, {q}, s{pair}, m{pair};",
+                    f"lop3.b32 q, {source}, {field << 16 | field:#010x}, k, 0xea;",
+                    f"fma.rn.f16x2 q, q, s{offset}, m{offset};",
+                    f"mul.rn.f16x2 acc, {x}, q;" if pair == 0 else f"fma.rn.f16x2 acc, {x}, q, acc;",
                 ]
-            x = f"${pair + 2}"
-            lines.append(f"mul.rn.f16x2 acc, {x}, {q};" if pair == 0 else f"fma.rn.f16x2 acc, {x}, {q}, acc;")
-            pair += 1
+                pair += 1
     lines += [
         "mov.b32 {lo, hi}, acc;",
         "cvt.f32.f16 f_lo, lo;",
@@ -115,7 +120,7 @@ def word_dot_ptx(bits: int) -> str:
         "add.f32 $0, f_lo, f_hi;",
     ]
     registers = [
-        f".reg .b32 k, w8, acc, q<{pair}>, s<{pair}>, m<{pair}>;",
+        f".reg .b32 k, w8, acc, q, {', '.join(f's{o}, m{o}' for o in offsets)};",
         ".reg .b16 lo, hi;",
         ".reg .f32 f_lo, f_hi;",
     ]
@@ -127,10 +132,6 @@ if triton_available():
     import triton.language as tl
 
     from gpu_kernels._pdl import wait_for_inputs
-
-    # fp16 pair sums of x·q would overflow from |x| ≈ 1,000 (LLaMA's outlier activations reach a
-    # few thousand); scaled by 1/16 they hold to |x| ≈ 17,000
-    X_PAIR_SCALE = tl.constexpr(1 / 16)
 
     @triton.jit
     def add_split(part, acc_ptrs, y_ptrs, arrivals_ptr, mask, n_splits):
@@ -149,6 +150,19 @@ if triton_available():
             tl.atomic_xchg(arrivals_ptr, 0)
 
     @triton.jit
+    def _load_word(word_ptrs, w, w_end, offs_n, n_mask, N, stride_qk, EVEN: tl.constexpr):
+        """Packed word w of the tile's columns as uint32 (0 past the split or the columns)."""
+        if EVEN:
+            mask = n_mask
+        else:
+            # offs_n < N unless the word is past the split, which Triton's interpreter cannot
+            # write as n_mask & (scalar condition): it types that mask int32
+            mask = offs_n < tl.where(w < w_end, N, 0)
+        # read once: leave L2 to x and the sums
+        word = tl.load(word_ptrs + w * stride_qk, mask=mask, other=0, eviction_policy="evict_first")
+        return word.to(tl.uint32, bitcast=True)
+
+    @triton.jit
     def _load_x(x_ptr, k, left, EVEN: tl.constexpr):
         """Input value k as fp32; past `left` (the end of the split or of x) it is 0."""
         if EVEN:
@@ -159,28 +173,41 @@ if triton_available():
 
     @triton.jit
     def _x_pair(x_ptr, j, HALF: tl.constexpr, left, EVEN: tl.constexpr):
-        """(x_j, x_{j+HALF}) times X_PAIR_SCALE as one register of two fp16 halves, x_j in the low
-        half (the halves of a word hold codes j and j + HALF), and x_j + x_{j+HALF} in fp32."""
+        """(x_j, x_{j+HALF}) as one register of two fp16 halves, x_j in the low half (the halves of
+        a word hold codes j and j + HALF), and x_j + x_{j+HALF} in fp32."""
         lo, hi = _load_x(x_ptr, j, left, EVEN), _load_x(x_ptr, j + HALF, left, EVEN)
         pair = tl.inline_asm_elementwise(
-            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi * X_PAIR_SCALE, lo * X_PAIR_SCALE],
-            dtype=tl.uint32, is_pure=True, pack=1,
-        )  # fmt: skip
+            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.uint32, is_pure=True, pack=1
+        )
         return pair, lo + hi
 
-    WORD_DOT_4BIT_PTX = tl.constexpr(word_dot_ptx(4))
-    WORD_DOT_2BIT_PTX = tl.constexpr(word_dot_ptx(2))
+    @triton.jit
+    def _x_pairs(x_ptr, J: tl.constexpr, HALF: tl.constexpr, left, EVEN: tl.constexpr):
+        """Pairs J..J+3 (`_x_pair`) and the sum of their eight inputs."""
+        p0, s0 = _x_pair(x_ptr, J, HALF, left, EVEN)
+        p1, s1 = _x_pair(x_ptr, J + 1, HALF, left, EVEN)
+        p2, s2 = _x_pair(x_ptr, J + 2, HALF, left, EVEN)
+        p3, s3 = _x_pair(x_ptr, J + 3, HALF, left, EVEN)
+        return p0, p1, p2, p3, s0 + s1 + s2 + s3
+
+    UNDO_CODE_SHIFT = tl.constexpr(float(1 << CODE_SHIFT))
+    WORD_PAIR_DOT_4BIT_PTX = tl.constexpr(word_pair_dot_ptx(4))
+    WORD_PAIR_DOT_2BIT_PTX = tl.constexpr(word_pair_dot_ptx(2))
 
     @triton.jit
-    def _word_dot_4bit(word, x0, x1, x2, x3):
+    def _word_pair_dot_4bit(word_a, word_b, a0, a1, a2, a3, b0, b1, b2, b3):
         return tl.inline_asm_elementwise(
-            WORD_DOT_4BIT_PTX, "=f,r,r,r,r,r", [word, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=1
-        )
+            WORD_PAIR_DOT_4BIT_PTX, "=f,r,r,r,r,r,r,r,r,r,r",
+            [word_a, word_b, a0, a1, a2, a3, b0, b1, b2, b3], dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
 
     @triton.jit
-    def _word_dot_2bit(word, x0, x1, x2, x3, x4, x5, x6, x7):
+    def _word_pair_dot_2bit(
+        word_a, word_b, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
+    ):  # fmt: skip
         return tl.inline_asm_elementwise(
-            WORD_DOT_2BIT_PTX, "=f,r,r,r,r,r,r,r,r,r", [word, x0, x1, x2, x3, x4, x5, x6, x7],
+            WORD_PAIR_DOT_2BIT_PTX, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [word_a, word_b, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7],
             dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
 
@@ -222,52 +249,40 @@ if triton_available():
             x_sum = 0.0  # sum of x over the tile, for the zero point
             x_tile = x_row + w_start * PACK
             x_left = tl.minimum(w_end * PACK, K) - w_start * PACK  # inputs of this tile inside split and x
-            for i in tl.static_range(BLOCK_W):
-                if EVEN:
-                    word_mask = n_mask
-                else:
-                    # offs_n < N unless the word is past the split, which Triton's interpreter cannot
-                    # write as n_mask & (scalar condition): it types that mask int32
-                    word_mask = offs_n < tl.where(w_start + i < w_end, N, 0)
-                word = tl.load(
-                    word_ptrs + (w_start + i) * stride_qk,
-                    mask=word_mask,
-                    other=0,
-                    eviction_policy="evict_first",
-                )  # read once: leave L2 to x and the sums
-                word = word.to(tl.uint32, bitcast=True)
-                x_word = x_tile + i * PACK
-                x_word_left = x_left - i * PACK
-                if HALF2:
-                    x0, s0 = _x_pair(x_word, 0, HALF, x_word_left, EVEN)
-                    x1, s1 = _x_pair(x_word, 1, HALF, x_word_left, EVEN)
-                    x2, s2 = _x_pair(x_word, 2, HALF, x_word_left, EVEN)
-                    x3, s3 = _x_pair(x_word, 3, HALF, x_word_left, EVEN)
+            if HALF2:  # two words per step (BLOCK_W is even)
+                for i in tl.static_range(0, BLOCK_W, 2):
+                    word_a = _load_word(word_ptrs, w_start + i, w_end, offs_n, n_mask, N, stride_qk, EVEN)
+                    word_b = _load_word(word_ptrs, w_start + i + 1, w_end, offs_n, n_mask, N, stride_qk, EVEN)
+                    x_a, left_a = x_tile + i * PACK, x_left - i * PACK
+                    x_b, left_b = x_a + PACK, left_a - PACK
+                    a0, a1, a2, a3, sum_a = _x_pairs(x_a, 0, HALF, left_a, EVEN)
+                    b0, b1, b2, b3, sum_b = _x_pairs(x_b, 0, HALF, left_b, EVEN)
                     if BITS == 4:
-                        dot += _word_dot_4bit(word, x0, x1, x2, x3)
-                        x_sum += s0 + s1 + s2 + s3
+                        dot += _word_pair_dot_4bit(word_a, word_b, a0, a1, a2, a3, b0, b1, b2, b3)
+                        x_sum += sum_a + sum_b
                     else:
-                        x4, s4 = _x_pair(x_word, 4, HALF, x_word_left, EVEN)
-                        x5, s5 = _x_pair(x_word, 5, HALF, x_word_left, EVEN)
-                        x6, s6 = _x_pair(x_word, 6, HALF, x_word_left, EVEN)
-                        x7, s7 = _x_pair(x_word, 7, HALF, x_word_left, EVEN)
-                        dot += _word_dot_2bit(word, x0, x1, x2, x3, x4, x5, x6, x7)
-                        x_sum += s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7
-                else:
-                    # Each half-word under the exponent bits of 2²³; one AND with a constant then cuts
-                    # a code out in place as a float. The low half keeps the high half's bits too: the
-                    # AND clears them (except the exponent bits, which the OR set).
-                    exponent = exponent_bits.to(tl.uint32)
+                        a4, a5, a6, a7, sum_a2 = _x_pairs(x_a, 4, HALF, left_a, EVEN)
+                        b4, b5, b6, b7, sum_b2 = _x_pairs(x_b, 4, HALF, left_b, EVEN)
+                        dot += _word_pair_dot_2bit(
+                            word_a, word_b, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
+                        )
+                        x_sum += sum_a + sum_a2 + sum_b + sum_b2
+                dot *= UNDO_CODE_SHIFT
+            else:
+                # Each half-word under the exponent bits of 2²³; one AND with a constant then cuts
+                # a code out in place as a float. The low half keeps the high half's bits too: the
+                # AND clears them (except the exponent bits, which the OR set).
+                exponent = exponent_bits.to(tl.uint32)
+                for i in tl.static_range(BLOCK_W):
+                    word = _load_word(word_ptrs, w_start + i, w_end, offs_n, n_mask, N, stride_qk, EVEN)
                     halves = (word | exponent, (word >> 16) | exponent)
                     for j in tl.static_range(PACK):
                         SHIFT = (j % HALF) * BITS  # a constexpr: j is
-                        x = _load_x(x_word, j, x_word_left, EVEN)
+                        x = _load_x(x_tile + i * PACK, j, x_left - i * PACK, EVEN)
                         x_sum += x
                         in_place = halves[j // HALF] & (0x4B000000 | (MASK << SHIFT))
                         code = in_place.to(tl.float32, bitcast=True) - 8388608.0  # q·2ᵖ
                         dot += (x * (1.0 / (1 << SHIFT))) * code
-            if HALF2:
-                dot *= 1.0 / X_PAIR_SCALE
             acc += scales.to(tl.float32) * (dot - zeros * x_sum)
         y_ptrs = y_ptr + row * stride_ym + offs_n
         if ATOMIC:  # the reduction is split over programs: add this split's part
@@ -357,7 +372,8 @@ def gptq_gemv(
             x2, qweight, qzeros, scales, y, acc, arrivals,
             in_features, out_features, zero_offset, group_size, per_split, split, EXPONENT_BITS,
             x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
-            BITS=bits, HALF2=bits in HALF2_BITS and fp16_pairs(x.device), ATOMIC=split > 1,
+            BITS=bits, ATOMIC=split > 1,
+            HALF2=bits in HALF2_BITS and fp16_pairs(x.device) and cfg["BLOCK_W"] % 2 == 0,
             EVEN=words % per_split == 0 and in_features % (32 // bits) == 0,
             **cfg, **dependent_launch(x.device),
         )  # fmt: skip
