@@ -9,10 +9,10 @@ words (all in one quantization group) × `BLOCK_N` output columns, a thread hold
   and subtracting 2²³ gives q·2ᵖ exactly; x (a scalar, the same for every thread) is scaled by 2⁻ᵖ.
   Three instructions per code (AND, subtract, FMA) plus the input value's share;
 - on GPUs of compute capability 8.0+, 2- and 4-bit codes go two at a time through fp16x2
-  instructions instead (`word_pair_dot_ptx`): about two instructions per code plus the input's
-  share, with the products of each pair of words summed in fp16 (each add rounds to 2⁻¹¹ relative)
-  before they join the fp32 sum. Triton's interpreter, 8-bit weights and tiles of an odd number
-  of words take the fp32 form above;
+  instructions instead (`step_dot_ptx`): about two instructions per code plus the input's share,
+  with 16 products per fp16 lane summed in fp16 (each add rounds to 2⁻¹¹ relative) before they
+  join the fp32 sum. Triton's interpreter, 8-bit weights and tiles of fewer words than a step
+  take the fp32 form above;
 - the zero point is applied once per tile and column, from the tile's sum of x:
   Σₖ xₖ·s·(qₖ − z) = s·(Σₖ xₖ·qₖ − z·Σₖ xₖ);
 - each program owns a column block and a short slice of the reduction, a few tiles: many small
@@ -42,7 +42,7 @@ from gpu_kernels.materialize_gptq import EXPONENT_BITS, contiguous_group_size, m
 GEMV_BITS = (2, 4, 8)
 GEMV_MAX_REGISTERS = 80
 HALF2_BITS = (2, 4)  # bit widths whose codes the kernel multiplies in fp16 pairs on a GPU
-CODE_SHIFT = 6  # in fp16 pairs the codes enter the products as q·2⁻⁶ (`word_pair_dot_ptx`)
+CODE_SHIFT = 6  # in fp16 pairs the codes enter the products as q·2⁻⁶ (`step_dot_ptx`)
 
 
 def gptq_gemv_ref(
@@ -80,16 +80,17 @@ def fp16_pairs(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def word_pair_dot_ptx(bits: int) -> str:
-    """PTX for Σ x·q·2⁻⁶ over the codes of two 2- or 4-bit words, two codes per fp16x2 instruction.
+def step_dot_ptx(bits: int) -> str:
+    """PTX for Σ x·q·2⁻⁶ over the codes of one step of the kernel: `bits` packed words (4 at 4
+    bits, 2 at 2 bits: 32 codes, 16 in each fp16 lane), two codes per fp16x2 instruction.
 
-    Operands: $0 the fp32 result, $1 and $2 the words, then per word its pairs (x_j, x_{j+half}) as
+    Operands: $0 the fp32 result, $1..$bits the words, then per word its pairs (x_j, x_{j+half}) as
     fp16x2 (`_x_pair`), j in code order. OR-ed into the exponent bits of the fp16 1024, the code at
     bit offset o of each half-word reads as 1024 + q·2ᵒ (one LOP3 for two codes); one FMA by
-    2⁻⁽ᵒ⁺⁶⁾ and −2⁴⁻ᵒ makes it q·2⁻⁶ exactly, and one FMA adds x·q·2⁻⁶ into the pair sum. Offsets
-    0..7 come from the word, 8..15 from the word shifted down 8 bits. The 2⁻⁶ keeps the fp16 sum
-    of a pair of words finite up to Σ|x| ≈ 279,000 over its 8 inputs per half at 4 bits. The two
-    half sums are added in fp32.
+    2⁻⁽ᵒ⁺⁶⁾ and −2⁴⁻ᵒ makes it q·2⁻⁶ exactly, and one FMA adds x·q·2⁻⁶ into the lane's sum. Offsets
+    0..7 come from the word, 8..15 from the word shifted down 8 bits. The 2⁻⁶ keeps a lane's fp16
+    sum finite up to Σ|x| ≈ 279,000 over its 16 inputs at 4 bits (1.4 million at 2 bits). The two
+    lane sums are added in fp32.
     """
     mask = (1 << bits) - 1
     offsets = range(0, 8, bits)
@@ -101,12 +102,12 @@ def word_pair_dot_ptx(bits: int) -> str:
             f"mov.b32 m{offset}, {minus << 16 | minus:#010x};",
         ]
     pair = 0
-    for word in ("$1", "$2"):
+    for word in (f"${w + 1}" for w in range(bits)):
         lines.append(f"shr.u32 w8, {word}, 8;")
         for source in (word, "w8"):
             for offset in offsets:
                 field = mask << offset
-                x = f"${pair + 3}"
+                x = f"${bits + 1 + pair}"
                 lines += [
                     f"lop3.b32 q, {source}, {field << 16 | field:#010x}, k, 0xea;",
                     f"fma.rn.f16x2 q, q, s{offset}, m{offset};",
@@ -191,23 +192,22 @@ if triton_available():
         return p0, p1, p2, p3, s0 + s1 + s2 + s3
 
     UNDO_CODE_SHIFT = tl.constexpr(float(1 << CODE_SHIFT))
-    WORD_PAIR_DOT_4BIT_PTX = tl.constexpr(word_pair_dot_ptx(4))
-    WORD_PAIR_DOT_2BIT_PTX = tl.constexpr(word_pair_dot_ptx(2))
+    STEP_DOT_4BIT_PTX = tl.constexpr(step_dot_ptx(4))
+    STEP_DOT_2BIT_PTX = tl.constexpr(step_dot_ptx(2))
 
     @triton.jit
-    def _word_pair_dot_4bit(word_a, word_b, a0, a1, a2, a3, b0, b1, b2, b3):
+    def _step_dot_4bit(w0, w1, w2, w3, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15):
         return tl.inline_asm_elementwise(
-            WORD_PAIR_DOT_4BIT_PTX, "=f,r,r,r,r,r,r,r,r,r,r",
-            [word_a, word_b, a0, a1, a2, a3, b0, b1, b2, b3], dtype=tl.float32, is_pure=True, pack=1,
+            STEP_DOT_4BIT_PTX, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [w0, w1, w2, w3, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15],
+            dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
 
     @triton.jit
-    def _word_pair_dot_2bit(
-        word_a, word_b, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
-    ):  # fmt: skip
+    def _step_dot_2bit(w0, w1, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15):
         return tl.inline_asm_elementwise(
-            WORD_PAIR_DOT_2BIT_PTX, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [word_a, word_b, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7],
+            STEP_DOT_2BIT_PTX, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [w0, w1, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15],
             dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
 
@@ -249,24 +249,35 @@ if triton_available():
             x_sum = 0.0  # sum of x over the tile, for the zero point
             x_tile = x_row + w_start * PACK
             x_left = tl.minimum(w_end * PACK, K) - w_start * PACK  # inputs of this tile inside split and x
-            if HALF2:  # two words per step (BLOCK_W is even)
-                for i in tl.static_range(0, BLOCK_W, 2):
-                    word_a = _load_word(word_ptrs, w_start + i, w_end, offs_n, n_mask, N, stride_qk, EVEN)
-                    word_b = _load_word(word_ptrs, w_start + i + 1, w_end, offs_n, n_mask, N, stride_qk, EVEN)
-                    x_a, left_a = x_tile + i * PACK, x_left - i * PACK
-                    x_b, left_b = x_a + PACK, left_a - PACK
-                    a0, a1, a2, a3, sum_a = _x_pairs(x_a, 0, HALF, left_a, EVEN)
-                    b0, b1, b2, b3, sum_b = _x_pairs(x_b, 0, HALF, left_b, EVEN)
+            if HALF2:  # steps of BITS words: 16 input pairs, x_j and x_{j+HALF} of a word in each
+                for i in tl.static_range(0, BLOCK_W, BITS):
+                    w0 = _load_word(word_ptrs, w_start + i, w_end, offs_n, n_mask, N, stride_qk, EVEN)
+                    w1 = _load_word(word_ptrs, w_start + i + 1, w_end, offs_n, n_mask, N, stride_qk, EVEN)
                     if BITS == 4:
-                        dot += _word_pair_dot_4bit(word_a, word_b, a0, a1, a2, a3, b0, b1, b2, b3)
-                        x_sum += sum_a + sum_b
+                        w2 = _load_word(word_ptrs, w_start + i + 2, w_end, offs_n, n_mask, N, stride_qk, EVEN)
+                        w3 = _load_word(word_ptrs, w_start + i + 3, w_end, offs_n, n_mask, N, stride_qk, EVEN)
+                    # pairs 4c..4c+3 of the step lie in word i + 4c // HALF, from its pair 4c % HALF
+                    p0, p1, p2, p3, s0 = _x_pairs(x_tile, i * PACK, HALF, x_left, EVEN)
+                    p4, p5, p6, p7, s1 = _x_pairs(
+                        x_tile, (i + 4 // HALF) * PACK + 4 % HALF, HALF, x_left, EVEN
+                    )
+                    p8, p9, p10, p11, s2 = _x_pairs(
+                        x_tile, (i + 8 // HALF) * PACK + 8 % HALF, HALF, x_left, EVEN
+                    )
+                    p12, p13, p14, p15, s3 = _x_pairs(
+                        x_tile, (i + 12 // HALF) * PACK + 12 % HALF, HALF, x_left, EVEN
+                    )
+                    if BITS == 4:
+                        dot += _step_dot_4bit(
+                            w0, w1, w2, w3,
+                            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
+                        )  # fmt: skip
                     else:
-                        a4, a5, a6, a7, sum_a2 = _x_pairs(x_a, 4, HALF, left_a, EVEN)
-                        b4, b5, b6, b7, sum_b2 = _x_pairs(x_b, 4, HALF, left_b, EVEN)
-                        dot += _word_pair_dot_2bit(
-                            word_a, word_b, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7
-                        )
-                        x_sum += sum_a + sum_a2 + sum_b + sum_b2
+                        dot += _step_dot_2bit(
+                            w0, w1,
+                            p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15,
+                        )  # fmt: skip
+                    x_sum += s0 + s1 + s2 + s3
                 dot *= UNDO_CODE_SHIFT
             else:
                 # Each half-word under the exponent bits of 2²³; one AND with a constant then cuts
@@ -373,7 +384,7 @@ def gptq_gemv(
             in_features, out_features, zero_offset, group_size, per_split, split, EXPONENT_BITS,
             x2.stride(0), y.stride(0), *qweight.stride(), *qzeros.stride(), *scales.stride(),
             BITS=bits, ATOMIC=split > 1,
-            HALF2=bits in HALF2_BITS and fp16_pairs(x.device) and cfg["BLOCK_W"] % 2 == 0,
+            HALF2=bits in HALF2_BITS and fp16_pairs(x.device) and cfg["BLOCK_W"] % bits == 0,
             EVEN=words % per_split == 0 and in_features % (32 // bits) == 0,
             **cfg, **dependent_launch(x.device),
         )  # fmt: skip
