@@ -175,7 +175,8 @@ if triton_available():
     @triton.jit
     def _x_pair(x_ptr, j, HALF: tl.constexpr, left, EVEN: tl.constexpr):
         """(x_j, x_{j+HALF}) as one register of two fp16 halves, x_j in the low half (the halves of
-        a word hold codes j and j + HALF), and x_j + x_{j+HALF} in fp32."""
+        a word hold codes j and j + HALF), and x_j + x_{j+HALF} in fp32. Inputs beyond fp16's
+        ±65,504 would pack as infinities; activations stay far below that."""
         lo, hi = _load_x(x_ptr, j, left, EVEN), _load_x(x_ptr, j + HALF, left, EVEN)
         pair = tl.inline_asm_elementwise(
             "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.uint32, is_pure=True, pack=1
