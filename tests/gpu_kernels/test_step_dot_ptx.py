@@ -77,12 +77,19 @@ def codes_of(word: int, bits: int) -> list[int]:
     return [(word >> (bits * j)) & ((1 << bits) - 1) for j in range(32 // bits)]
 
 
+def uniform_step(bits: int, code: int) -> tuple[np.ndarray, np.ndarray]:
+    """`bits` words holding `code` at every position, and their 32 codes."""
+    word = sum(code << (bits * j) for j in range(32 // bits))
+    return np.full(bits, word, dtype=np.uint64), np.full(32, float(code))
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_every_code_at_every_position_enters_the_sum_exactly(bits: int) -> None:
-    """With one input at 1 and the rest 0, the result is that code times 2⁻⁶, for every code value."""
+    """With one input at 1 and the rest 0, the result is that code times 2⁻⁶: every code value at
+    every position, then random words (which catch a code paired with the wrong input)."""
     rng = np.random.default_rng(0)
-    for _ in range(4):
-        words, codes = random_step(bits, rng)
+    steps = [uniform_step(bits, code) for code in range(2**bits)] + [random_step(bits, rng) for _ in range(4)]
+    for words, codes in steps:
         for k in range(32):
             x = np.zeros(32)
             x[k] = 1.0
