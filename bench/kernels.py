@@ -93,6 +93,16 @@ def _read_words(q_ptr, out_ptr, per_split, words, N, BLOCK_W: tl.constexpr, BLOC
     tl.store(out_ptr + offs_n, acc, mask=offs_n < N)
 
 
+def read_words(qweight: torch.Tensor, config: dict) -> torch.Tensor:
+    words, n = qweight.shape
+    per_split = words_per_split(words, config["SPLIT_K"], config["BLOCK_W"])
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(words, per_split))
+    out = torch.empty(n, dtype=torch.int32, device=qweight.device)
+    launch = {k: v for k, v in config.items() if k != "SPLIT_K"}
+    _read_words[grid](qweight, out, per_split, words, n, **launch, **dependent_launch(qweight.device))
+    return out
+
+
 @triton.jit
 def _write_zeros(out_ptr, n, BLOCK: tl.constexpr):
     """Stores and nothing else: zeros over the output, a block of BLOCK values per program."""
@@ -102,16 +112,6 @@ def _write_zeros(out_ptr, n, BLOCK: tl.constexpr):
 
 def write_zeros(out: torch.Tensor, block: int = 8192) -> torch.Tensor:
     _write_zeros[(triton.cdiv(out.numel(), block),)](out, out.numel(), BLOCK=block, num_warps=8)
-    return out
-
-
-def read_words(qweight: torch.Tensor, config: dict) -> torch.Tensor:
-    words, n = qweight.shape
-    per_split = words_per_split(words, config["SPLIT_K"], config["BLOCK_W"])
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(words, per_split))
-    out = torch.empty(n, dtype=torch.int32, device=qweight.device)
-    launch = {k: v for k, v in config.items() if k != "SPLIT_K"}
-    _read_words[grid](qweight, out, per_split, words, n, **launch, **dependent_launch(qweight.device))
     return out
 
 
