@@ -331,8 +331,10 @@ if triton_available():
 # 128x64 with 4 warps (two units of 32 codes per thread) and 128x128 with 8 were the fastest at 2, 3
 # and 4 bits on every 7B and 65B shape of docs/bench/kernels.md run 9, within 2% of each other; the
 # other tiles tried there lost by 3-10% and, timed on one weight that stays in L2, could still win
-# the pick. Tiles of 256 inputs stay in one group for groups of 256 or more (or one per row).
-MATERIALIZE_TILES = [(128, 64, 4), (128, 128, 8), (256, 64, 8)]
+# the pick. 128x32 with 2 warps (run 15) wins by 1-3 points where a weight makes few tiles
+# (4096x4096: two waves of programs). Tiles of 256 inputs stay in one group for groups of 256 or
+# more (or one per row).
+MATERIALIZE_TILES = [(128, 64, 4), (128, 128, 8), (128, 32, 2), (256, 64, 8)]
 _CANDIDATES = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
 
 
