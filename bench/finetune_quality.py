@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
-RESULTS = REPO / "docs" / "bench" / "finetune_results.jsonl"
+RESULTS = REPO / "bench" / "results" / "finetune_quality.jsonl"
 MODEL = "smollm2-135m-instruct"
 
 TASKS = {

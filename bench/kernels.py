@@ -1,6 +1,6 @@
 """Bandwidth and speed of every low-bit kernel on the current GPU, against the copy bandwidth.
 
-    python bench/kernels.py [--out docs/bench/kernels-h200.json] [--quick]
+    python bench/kernels.py [--out $OUT/kernels.json] [--quick]
 
 Prints a table and writes JSON (to $OUT on the device machine). Every kernel is checked against its
 PyTorch reference once before it is timed. Bytes are the fewest the op must move: packed weight

@@ -128,8 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated row labels")
     parser.add_argument("--device", default="cpu", help="where layers are quantized and models evaluated")
-    parser.add_argument("--json", type=Path, default=REPO / "docs" / "bench" / "quality.json")
-    parser.add_argument("--markdown", type=Path, default=REPO / "docs" / "bench" / "quality.md")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quantize_quality.json")
+    parser.add_argument("--markdown", type=Path, default=REPO / "bench" / "results" / "quantize_quality.md")
     args = parser.parse_args()
     command = f"python bench/quantize_quality.py --device {args.device}" + (
         f" --only {args.only}" if args.only else ""

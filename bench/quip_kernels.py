@@ -1,6 +1,6 @@
 """QuIP# kernels on the current GPU: E8P decode and the Hadamard transform against copy bandwidth.
 
-    python bench/quip_kernels.py [--out docs/bench/quip-kernels-h200.json]
+    python bench/quip_kernels.py [--out $OUT/quip_kernels.json]
 
 Prints tables and writes JSON (to $OUT on the device machine). Every kernel is checked against its
 PyTorch reference before it is timed. Bytes are the fewest the op must move:

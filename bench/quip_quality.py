@@ -1,7 +1,7 @@
 """QuIP# 2-bit quality: SmolLM2-135M-Instruct WikiText-2 perplexity against OPTQ and RTN at 2 bits.
 
     MODULORA_HOME=.cache/test-home python bench/quip_quality.py \
-        [--rows quip#,quip#-untuned,optq,rtn] [--n-samples 128] [--threads 1] [--out docs/bench/quip.json]
+        [--rows quip#,quip#-untuned,optq,rtn] [--n-samples 128] [--threads 1] [--out $OUT/quip_quality.json]
 
 CPU only (the real model stays on this machine). Windows as in the core issue: the first 87,684
 characters of WikiText-2 test (CRLF read as LF), 42 non-overlapping windows of 512 tokens.
