@@ -27,7 +27,7 @@ def graph_bench_ms(
     """Device milliseconds per call without launch overhead: one CUDA graph calls `fn(*inputs[i])`
     once per input set (so each call reads from HBM). After one batch of `replays` replays as a
     warm-up, `batches` batches are timed with events, and the median batch counts: a single batch
-    of a few milliseconds moved by several points of bandwidth between measurements (run 13).
+    of a few milliseconds moves by several points of bandwidth between measurements.
 
     For kernels of a few microseconds (decode matmuls), which an eager loop cannot launch as fast as
     the GPU runs them; the inference engine runs its decode steps as CUDA graphs too.

@@ -1,6 +1,6 @@
 """Decode throughput of the inference engine vs Hugging Face `generate` (bf16 and bitsandbytes NF4).
 
-    python -m bench.decode                      # on the H200: LLaMA-7B shape, all measurements
+    python -m bench.decode                      # on a GPU: LLaMA-7B shape, all measurements
     BENCH_DEVICE=cpu python -m bench.decode --size tiny --batches 1 2 --prompt 16 --new 8 --parts ours-4bit
 
 What runs, in one process, for a LLaMA-7B-shaped model with random weights (no checkpoint needed):

@@ -128,7 +128,7 @@ def bench_materialize_gptq(rows: list, shapes: list, bit_widths: tuple, act_orde
             args = (bufs["qweight"], bufs["qzeros"], bufs["scales"], bufs["g_idx"], bits, 1, torch.bfloat16)
             err = rel_err(materialize_gptq_triton(*args), materialize_gptq_ref(*args))
             # The reference leaves gigabytes of temporaries cached in the allocator; timed with them
-            # there, the same kernel measured 5-10 points of copy bandwidth lower (run 9).
+            # there, the same kernel measures lower.
             torch.cuda.empty_cache()
             moved = nbytes(*bufs.values()) + in_f * out_f * 2
             sets = [tuple(args)] + [

@@ -85,9 +85,10 @@ def dependent_launch(device: torch.device) -> dict[str, bool]:
 
     Programmatic dependent launch (Hopper and later) lets a kernel's programs start while the
     kernel before it on the stream finishes, and wait on the device for its results instead of
-    between launches: at batch-1 decode a step is ~300 kernels of a few microseconds each, and the
-    gap between two of them cost ~1.6 µs of the H200's time even inside a CUDA graph
-    (docs/bench/decode.md). MODULORA_DISABLE_PDL=1 launches them one after another as usual.
+    between launches: at batch-1 decode a step is a few hundred kernels of a few microseconds each,
+    and every boundary between two of them, even inside a CUDA graph, leaves the GPU partly idle
+    while one drains and the next ramps up. MODULORA_DISABLE_PDL=1 launches them one after another
+    as usual.
     """
     on = os.environ.get("MODULORA_DISABLE_PDL") != "1" and _dependent_launch_supported(device)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}

@@ -137,7 +137,7 @@ def e8p_decode_triton(
     """The Triton decode; `config` overrides the tile (BLOCK_M rows x BLOCK_G codes) and num_warps."""
     codes = codes.contiguous()
     rows, groups = codes.shape
-    # 8 rows x 128 codes: the best of four tiles on an H200 at the LLaMA shapes (docs/bench/quip.md).
+    # 8 rows x 128 codes: the fastest of the tiles bench/quip_kernels.py times at the LLaMA shapes.
     config = config or {"BLOCK_M": 8, "BLOCK_G": 128, "num_warps": 4}
     out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
     grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(groups, config["BLOCK_G"]))

@@ -6,9 +6,9 @@ load BLOCK_N × BLOCK_K/8 code words, decode them (`decode_e8p_tile`), and accum
 x_tile·Ŵ_tileᵀ in fp32 with `tl.dot` (rows padded to 16). The dense Ŵ never exists in memory, so
 a decode step reads 2 bits a weight. More rows, other dtypes and CPU tensors use decode + F.linear.
 
-Status: correct, not yet fast. On an H200 (docs/bench/quip.md) it ran 2-3x slower than decode +
-cuBLAS at LLaMA shapes (0.095 vs 0.030 ms at 1x4096->4096): its N/BLOCK_N programs walk all of K
-serially, which underfills the 132 SMs; split-K is the next step. `E8PLinear` therefore decodes.
+Status: correct, not yet fast: slower than decode + cuBLAS at LLaMA shapes (bench/quip_kernels.py),
+because its N/BLOCK_N programs walk all of K serially, too few to fill the GPU's SMs; split-K is the
+next step. `E8PLinear` therefore decodes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """y = x·Wᵀ for one row at a time (batch-1 decode) straight from GPTQ-packed 2/4/8-bit weights.
 
 At one row a matmul is a stream of packed words, so the kernel must keep HBM busy while doing as
-little as possible per code. The H200 moves 4.2 TB/s: 8.5 G codes per ms at 4 bits, 17 at 2 bits,
-which leaves about four instructions per code across the chip. So, per tile of `BLOCK_W` packed
+little as possible per code. At HBM bandwidth the chip must take in billions of codes per
+millisecond (twice as many at 2 bits as at 4), which leaves only a few instructions per code across
+all its cores. So, per tile of `BLOCK_W` packed
 words (all in one quantization group) × `BLOCK_N` output columns, a thread holding a few columns:
 - no int→float conversion instruction (a quarter-rate unit): each half-word OR-ed once with the
   exponent bits of 2²³, one AND with a constant cuts a code out in place as the float 2²³ + q·2ᵖ,
@@ -307,9 +308,10 @@ if triton_available():
 def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: int) -> list[dict[str, int]]:
     """Tiles and reduction splits worth timing for this shape (the first is the default).
 
-    The kernel is limited by instructions per code (docs/bench/kernels.md, runs 4 and 8): wider
-    column blocks per thread share each input value's load and conversion over more columns, and a
-    program covering a few tiles spreads its setup and its atomic adds over more codes.
+    The kernel is limited by its instructions per code and by the fixed cost of each program (setup,
+    atomic adds): wider column blocks per thread share each input value's load and conversion over
+    more columns, and a program covering a few tiles spreads its setup and its atomic adds over more
+    codes.
     """
     words = -(-in_features * bits // 32)
     shapes = ((512, 2), (1024, 4), (2048, 4)) if bits > 2 else ((256, 2), (512, 4), (1024, 4))
@@ -322,7 +324,7 @@ def gemv_candidates(in_features: int, out_features: int, bits: int, tile_words: 
                 if config not in candidates:  # small weights clamp the splits to the same one
                     candidates.append(config)
     # The same tiles under a register cap: more resident warps keep more loads in flight, which
-    # won 2-8% at 7B's shapes on the H200 (docs/bench/kernels.md, run 9).
+    # made the one-row products at 7B's shapes faster; the timing decides per shape.
     return candidates + [dict(config, maxnreg=GEMV_MAX_REGISTERS) for config in candidates]
 
 

@@ -4,8 +4,10 @@ One kernel serves both regimes. For decode (M = 1..16 rows) it splits the reduct
 programs (split-K, fp32 atomics into a workspace that the last program per output tile reads,
 writes out in x's dtype and zeroes) so that every SM streams packed weights, and each packed word is
 read once. For training (many rows) it is a tiled GEMM whose B operand is dequantized per tile;
-whether that beats materialize + cuBLAS depends on the shape, so `gptq_matmul` picks the path per
-shape from measurements on the H200 (see `docs/bench/kernels.md`).
+there materialize + cuBLAS is faster (the product is compute-bound and cuBLAS's bf16 GEMM runs at
+its own rate, while this kernel dequantizes each weight tile again for every block of rows), so
+`gptq_matmul` takes the fused kernel only for decode (`bench/kernels.py --sections training` times
+both).
 
 transpose=False: x [..., in_features]  -> x·Wᵀ [..., out_features]   (forward)
 transpose=True:  x [..., out_features] -> x·W  [..., in_features]    (input gradient)
@@ -23,13 +25,13 @@ from gpu_kernels._dispatch import (
 from gpu_kernels.gptq_gemv import gemv_supports, gptq_gemv
 from gpu_kernels.materialize_gptq import contiguous_group_size, materialize_gptq, materialize_gptq_ref
 
-# Rows up to which the fused kernel runs (decode). Above, materialize + cuBLAS: on the H200 it beat
-# the fused GEMM at every training shape measured (M = 128..4096, 7B's three weight shapes, 2 and
-# 4 bits, forward and input gradient; docs/bench/kernels.md).
+# Rows up to which the fused kernel runs (decode). Above, materialize + cuBLAS: with many rows the
+# product is compute-bound, materializing W is one streaming pass, and cuBLAS's GEMM outruns a
+# GEMM that dequantizes every weight tile again for each block of rows.
 DECODE_MAX_ROWS = 16
 FUSED_MAX_ROWS = 16
-# 3-bit codes straddle words, so the fused kernel pays per-code positions: 89-96 µs at M <= 16 on
-# 7B's MLP shapes vs about 83 µs for materialize (48 µs) + a bf16 GEMV (35 µs) on the H200.
+# 3-bit codes straddle words, so the fused kernel pays per-code positions and loses to materialize
+# + a bf16 product even at M <= 16.
 FUSED_BITS = (2, 4, 8)
 # Rows up to which the forward product takes the batch-1 decode kernel (`gptq_gemv`), which reads
 # each packed word with fewer instructions per code than the tensor-core tile.

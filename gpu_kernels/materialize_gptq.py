@@ -328,12 +328,11 @@ if triton_available():
 
 
 # (BLOCK_K, BLOCK_N, num_warps) timed on first use per shape; the first is the default elsewhere.
-# 128x64 with 4 warps (two units of 32 codes per thread) and 128x128 with 8 were the fastest at 2, 3
-# and 4 bits on every 7B and 65B shape of docs/bench/kernels.md run 9, within 2% of each other; the
-# other tiles tried there lost by 3-10% and, timed on one weight that stays in L2, could still win
-# the pick. 128x32 with 2 warps (run 15) wins by 1-3 points where a weight makes few tiles
-# (4096x4096: two waves of programs). Tiles of 256 inputs stay in one group for groups of 256 or
-# more (or one per row).
+# 128x64 with 4 warps (two units of 32 codes per thread) and 128x128 with 8 are the fastest at 2, 3
+# and 4 bits on 7B's and 65B's shapes, close to each other. Tiles that lose when the weight streams
+# from HBM are left out: the pick times one weight, which may stay in L2, and could choose them.
+# 128x32 with 2 warps is for weights that make few tiles (4096x4096: two waves of 128x64 programs).
+# Tiles of 256 inputs stay in one group for groups of 256 or more (or one per row).
 MATERIALIZE_TILES = [(128, 64, 4), (128, 128, 8), (128, 32, 2), (256, 64, 8)]
 _CANDIDATES = [dict(BLOCK_K=k, BLOCK_N=n, num_warps=w) for k, n, w in MATERIALIZE_TILES]
 
