@@ -14,7 +14,7 @@ The model is described by its Hugging Face `config.json` (LLaMA family). Terms:
 - workspace: one linear re-materialized in the compute dtype (ModuLoRA keeps at most one), twice
   (forward output and backward), and a fixed runtime overhead (CUDA context, allocator slack).
 
-Anchors (docs/bench notes): LLaMA-7B 4-bit, batch 1, seq 128 needs ~5 GB with QLoRA.
+Anchor: LLaMA-7B 4-bit, batch 1, seq 128 needs ~5 GB with QLoRA.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """A training micro-batch's forward and backward replayed from a CUDA graph, one graph per batch shape.
 
 A 7B ModuLoRA step at batch 1 x 512 launches about 11,000 kernels (every packed matmul three times:
-forward, checkpoint recompute, input gradient; the LoRA branches, norms, rotary, attention) and
-spent 0.53 s of Python and launch overhead for 0.08 s of GPU work (docs/bench/kernels.md, run 4).
-Captured once per shape and replayed, the step costs its GPU time.
+forward, checkpoint recompute, input gradient; the LoRA branches, norms, rotary, attention), and
+eagerly its Python and launch overhead is several times its GPU work. Captured once per shape and
+replayed, the step costs its GPU time.
 
 What replaying needs, and how it is met here:
 - static shapes: callers pad batches to a few shapes (see `modulora.train`); each shape gets its

@@ -65,7 +65,7 @@ class E8PLinear(QuantizedLinear):
         # The transforms run in fp32; the decode-and-matmul in x's (compute) dtype.
         dtype = x.dtype
         rotated = hadamard(x.float() * self.su).to(dtype)  # x·diag(su)·Hᵢᵀ
-        # Decode + cuBLAS: on an H200 this beat the fused few-row kernel (gpu_kernels.e8p_matmul) 2-3x.
+        # Decode + cuBLAS: faster than the fused few-row kernel (gpu_kernels.e8p_matmul, no split-K).
         y = F.linear(rotated, self.decode(dtype))
         return (hadamard(y.float(), transpose=True) * self.sv).to(dtype)  # ·Hₒ·diag(sv)
 

@@ -121,8 +121,8 @@ def test_split_k_leaves_its_workspace_zero_for_the_next_call(device: torch.devic
 @pytest.mark.gpu
 def test_timing_a_new_shape_leaves_the_workspace_to_the_products_still_queued() -> None:
     """The first call of a shape times every candidate on a stream of Triton's own; products queued
-    before it on this stream share the split-K workspace and must still come out right (run 8 of
-    docs/bench/kernels.md found wrong products after such timings)."""
+    before it on this stream share the split-K workspace and must still come out right (before
+    `fastest_config` synchronized, such timings left wrong sums in the workspace)."""
     device = torch.device("cuda")
     tuned = random_gptq_layer(4096, 4096, group_size=128, act_order=False, bits=4, device=device)
     x = torch.randn(1, 4096, device=device).half()

@@ -107,8 +107,8 @@ def test_native_q4_1_base_equals_the_dequantized_weights(smollm2) -> None:
             torch.testing.assert_close(
                 layers[key].materialize(torch.float32), dense.get_submodule(key).weight, rtol=0, atol=0
             )
-    # Same weights everywhere else too, so the same logits (hence the same perplexity, 28.89 in
-    # docs/bench/quality.md): float32 matmuls differ from F.linear on W only in summation order.
+    # Same weights everywhere else too, so the same logits (hence the same perplexity, in
+    # docs/benchmarks.md): float32 matmuls differ from F.linear on W only in summation order.
     ids = torch.tensor([[504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         torch.testing.assert_close(native(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
