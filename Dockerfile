@@ -8,7 +8,7 @@ ENV PYTHONUNBUFFERED=1 \
     MODULORA_HOME=/data
 WORKDIR /app
 
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md LICENSE NOTICE alembic.ini ./
 COPY modulora ./modulora
 COPY gpu_kernels ./gpu_kernels
 COPY api ./api
