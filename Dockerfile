@@ -12,6 +12,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY modulora ./modulora
 COPY gpu_kernels ./gpu_kernels
 COPY api ./api
+COPY core ./core
 COPY worker ./worker
 COPY migrations ./migrations
 COPY web ./web

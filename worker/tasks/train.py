@@ -1,6 +1,6 @@
 """The `modulora.train` task: validate → quantized base → LoRA → finetune → evaluate → export.
 
-Thin glue over the library; the job's state lives in the database (`worker.lifecycle`). torch and
+Thin glue over the library; the job's state lives in the database (`core.lifecycle`). torch and
 the library load inside the task, in the fresh child process each job gets.
 """
 
@@ -17,13 +17,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from api.db.events import record_event
-from api.db.models import Checkpoint, File, Job, Model, utcnow
-from api.db.session import session_scope
+from core import lifecycle
+from core.config import get_settings
+from core.db.events import record_event
+from core.db.models import Checkpoint, File, Job, Model, utcnow
+from core.db.session import session_scope
+from core.tasks import TRAIN_TASK
 from modulora import memory
-from modulora.settings import get_settings
-from worker import lifecycle
-from worker.celery_app import TRAIN_TASK, app
+from modulora.settings import relative_to_home
+from worker.celery_app import app
 
 BASE_LEARNING_RATE = 2e-4
 
@@ -358,7 +360,7 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
         _event(job_id, f"Validation loss: {val_loss:.4f}", data={"valid_loss": val_loss})
     name = job.fine_tuned_model_name()
     adapter_dir = settings.adapters_dir / job_id
-    base_record = _relative_to_home(base)
+    base_record = relative_to_home(base)
     quant = (
         None if hp["quantization"] == "gguf" else {k: hp[k] for k in ("quantization", "bits", "group_size")}
     )
@@ -392,9 +394,3 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
         fine_tuned_model=name,
         validation_loss=val_loss,
     )
-
-
-def _relative_to_home(ref: str) -> str:
-    """Bases under the storage root are recorded relative to it (hosts may mount it elsewhere)."""
-    path, home = Path(ref), get_settings().home
-    return str(path.relative_to(home)) if path.is_absolute() and path.is_relative_to(home) else ref

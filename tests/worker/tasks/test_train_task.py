@@ -10,10 +10,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from api.db.models import Event, Job
-from api.db.session import session_scope
+from core import lifecycle
+from core.db.models import Job, JobEvent
+from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
-from worker import lifecycle
 from worker.tasks import train
 
 
@@ -35,9 +35,9 @@ def make_job(service: Service, **hyperparameters: Any) -> Job:
         return job
 
 
-def events(job_id: str) -> list[Event]:
+def events(job_id: str) -> list[JobEvent]:
     with session_scope() as session:
-        return list(session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.pk)))
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.pk)))
 
 
 def run_with_fake_finetune(job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ooms: int) -> list[Any]:
