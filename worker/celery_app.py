@@ -1,4 +1,4 @@
-"""The Celery app, configured from Settings. Run one worker per GPU:
+"""The Celery app, configured from ServiceSettings. Run one worker per GPU:
 
     CUDA_VISIBLE_DEVICES=0 modulora worker -n gpu0@%h
 

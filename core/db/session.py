@@ -1,4 +1,4 @@
-"""Engine and sessions from Settings; shared by the API, the worker, the CLI and migrations."""
+"""The database engine and sessions from ServiceSettings, for the API, the worker and migrations."""
 
 from __future__ import annotations
 
