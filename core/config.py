@@ -10,11 +10,10 @@ import torch. Every field is listed in docs/service.md.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator
 
-from modulora.settings import Settings
+from modulora.settings import HomeFolder, Settings
 
 
 class ServiceSettings(Settings):
@@ -69,20 +68,12 @@ class ServiceSettings(Settings):
             raise ValueError(f"must be positive, got {value}")
         return value
 
-    @property
-    def files_dir(self) -> Path:
-        """Uploaded datasets, one file per File row, named by its id."""
-        return self.home / "files"
-
-    @property
-    def jobs_dir(self) -> Path:
-        """Per-job work folders: `jobs/<id>/checkpoints/`."""
-        return self.home / "jobs"
-
-    @property
-    def adapters_dir(self) -> Path:
-        """Exported adapters (PEFT files + manifest), one folder per job."""
-        return self.home / "adapters"
+    files_dir = HomeFolder("files")
+    """Uploaded datasets, one file per File row, named by its id."""
+    jobs_dir = HomeFolder("jobs")
+    """Per-job work folders: `jobs/<id>/checkpoints/`."""
+    adapters_dir = HomeFolder("adapters")
+    """Exported adapters (PEFT files + manifest), one folder per job."""
 
     @property
     def resolved_database_url(self) -> str:

@@ -10,26 +10,38 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import overload
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class HomeFolder:
+    """A folder under the storage root, read like a property: `models_dir = HomeFolder("models")`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, settings: None, owner: type) -> HomeFolder: ...
+    @overload
+    def __get__(self, settings: Settings, owner: type | None = None) -> Path: ...
+    def __get__(self, settings: Settings | None, owner: type | None = None) -> Path | HomeFolder:
+        return self if settings is None else settings.home / self.name
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MODULORA_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MODULORA_", env_file=".env", extra="ignore", ignored_types=(HomeFolder,)
+    )
 
     home: Path = Path.home() / ".cache" / "modulora"
     """Root of everything the project writes: model caches, quantized bases (and the service's jobs
     and uploads)."""
 
-    @property
-    def models_dir(self) -> Path:
-        """Converted built-in models (GGUF dequantized once into safetensors)."""
-        return self.home / "models"
-
-    @property
-    def bases_dir(self) -> Path:
-        """Quantized bases, shared across runs, keyed by model + quantization config."""
-        return self.home / "bases"
+    models_dir = HomeFolder("models")
+    """Converted built-in models (GGUF dequantized once into safetensors)."""
+    bases_dir = HomeFolder("bases")
+    """Quantized bases, shared across runs, keyed by model + quantization config."""
 
 
 @functools.cache
