@@ -176,6 +176,8 @@ def check_memory(job: Job, model_dir: Path, device: Any) -> None:
 
 @dataclasses.dataclass
 class Examples:
+    """A job's tokenized examples (`modulora.data.build_examples`)."""
+
     train: list[dict[str, list[int]]]
     validation: list[dict[str, list[int]]] | None
 
@@ -183,12 +185,12 @@ class Examples:
 def _load_examples(job: Job, training: File, validation: File | None, tokenizer: Any) -> Examples:
     """The job's files validated and tokenized with the base's tokenizer."""
     files_dir, max_len = get_settings().files_dir, job.hyperparameters["max_seq_len"]
-    examples = Examples(_examples(files_dir / training.id, tokenizer, max_len, "training_file"), None)
+    train = _examples(files_dir / training.id, tokenizer, max_len, "training_file")
+    val = None
     if validation is not None:
-        examples.validation = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file")
-    n_val = len(examples.validation or [])
-    _event(job.id, f"Files validated: {len(examples.train)} training and {n_val} validation examples")
-    return examples
+        val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file")
+    _event(job.id, f"Files validated: {len(train)} training and {len(val or [])} validation examples")
+    return Examples(train, val)
 
 
 def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[dict[str, list[int]]]:
