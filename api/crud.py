@@ -13,10 +13,10 @@ from typing import TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, Checkpoint, Event, File, Job, Model, User
+from core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, User
 
 KEY_PREFIX = "mlk-"
-Row = TypeVar("Row", File, Job, Event, Checkpoint, Model)
+Row = TypeVar("Row", File, Job, JobEvent, Checkpoint, Model)
 
 
 def hash_key(key: str) -> str:
@@ -92,12 +92,12 @@ def event_cursor(after: str | None) -> int | None:
         return 0
 
 
-def events_after(*, session: Session, job_id: str, after_pk: int, type: str | None = None) -> list[Event]:
+def events_after(*, session: Session, job_id: str, after_pk: int, type: str | None = None) -> list[JobEvent]:
     """Events newer than `after_pk`, oldest first (for the live stream)."""
-    stmt = select(Event).where(Event.job_id == job_id, Event.pk > after_pk)
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.pk > after_pk)
     if type is not None:
-        stmt = stmt.where(Event.type == type)
-    return list(session.scalars(stmt.order_by(Event.pk)))
+        stmt = stmt.where(JobEvent.type == type)
+    return list(session.scalars(stmt.order_by(JobEvent.pk)))
 
 
 # ---------------------------------------------------------------------------------------- models

@@ -9,9 +9,9 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from api import crud
-from api.db.models import User
-from api.db.session import new_session
 from api.errors import APIError
+from core.db.models import User
+from core.db.session import new_session
 
 
 def get_db() -> Iterator[Session]:

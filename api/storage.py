@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from modulora.settings import get_settings
+from core.config import get_settings
 
 
 def file_path(file_id: str) -> Path:

@@ -16,10 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from bench._common import random_gptq_buffers
-from modulora.lora import ALL_LINEAR
 from modulora.quant.gptq_packed import GPTQLinear
 from modulora.quant.nf4 import NF4Linear
 from modulora.quant.quip import E8PLinear
+from modulora.targets import ALL_LINEAR
 
 # CUDA for measurements; BENCH_DEVICE=cpu runs the same code on a tiny model as a smoke test.
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import environment, print_table, write_json  # noqa: E402
 from bench._models import DEVICE, build_model  # noqa: E402
-from modulora.lora import ALL_LINEAR, LoraConfig, add_lora_  # noqa: E402
+from modulora.lora import LoraConfig, add_lora_  # noqa: E402
 from modulora.step_graph import StepGraphs  # noqa: E402
+from modulora.targets import ALL_LINEAR  # noqa: E402
 from modulora.train import set_activation_checkpointing  # noqa: E402
 
 GIB = 2**30

@@ -1,6 +1,6 @@
 """ModuLoRA: finetune LLMs with LoRA on 2/3/4-bit quantized weights, re-materialized layer by layer.
 
-The package itself imports nothing heavy (the API reads `modulora.settings` without torch);
+The package itself imports nothing heavy (the service reads `modulora.settings` without torch);
 import the submodules: `modulora.quant`, `modulora.lora`, `modulora.models`, `modulora.train`, ...
 """
 

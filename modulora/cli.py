@@ -325,27 +325,30 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from modulora.data import read_rows
+    from modulora.data import DataError, read_rows
+    from modulora.eval import rows
 
     model, tokenizer = _load(args)
-    if args.task == "perplexity":
-        from modulora.eval.perplexity import perplexity
+    try:
+        if args.task == "perplexity":
+            from modulora.eval.perplexity import perplexity
 
-        if args.data.suffix in (".raw", ".txt"):
-            text = args.data.read_text(encoding="utf-8").replace("\r\n", "\n")
-        else:
-            text = "\n\n".join(str(r.data["text"]) for r in read_rows(args.data)[: args.limit])
-        value = perplexity(model, tokenizer, text, window=args.window, batch_size=args.batch_size)
-        print(f"perplexity: {value:.4f}")
-        return 0
-    rows = [r.data for r in read_rows(args.data)[: args.limit]]
-    if args.task == "accuracy":
-        print(f"accuracy: {_accuracy(model, tokenizer, rows, args.batch_size):.4f}")
-        return 0
+            text = rows.perplexity_text(args.data, args.limit)
+            value = perplexity(model, tokenizer, text, window=args.window, batch_size=args.batch_size)
+            print(f"perplexity: {value:.4f}")
+            return 0
+        data = read_rows(args.data)[: args.limit]
+        if args.task == "accuracy":
+            from modulora.eval.tasks import row_accuracy
+
+            print(f"accuracy: {row_accuracy(model, tokenizer, data, args.batch_size):.4f}")
+            return 0
+        prompts, references = zip(*(rows.prompt_and_reference(row) for row in data), strict=True)
+    except DataError as error:
+        raise SystemExit(f"--data {error}") from None
     from modulora.eval.tasks import exact_match, rouge
     from modulora.generate import generate
 
-    prompts, references = zip(*(_prompt_and_reference(row) for row in rows), strict=True)
     predictions = []
     for start in range(0, len(prompts), args.batch_size):
         batch = list(prompts[start : start + args.batch_size])
@@ -355,43 +358,6 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(" ".join(f"{k}: {v:.4f}" for k, v in rouge(predictions, references).items()))
     return 0
-
-
-def _accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int) -> float:
-    """Rows `{prompt, choices, label}` (label: index or choice text), grouped by choice list."""
-    from modulora.eval.tasks import accuracy
-
-    groups: dict[tuple[str, ...], tuple[list[str], list[int]]] = {}
-    for i, row in enumerate(rows, start=1):
-        choices, label = tuple(row["choices"]), row["label"]
-        index = choices.index(label) if isinstance(label, str) else int(label)
-        if not 0 <= index < len(choices):
-            raise SystemExit(
-                f"--data row {i}, field 'label': {label!r} is not one of the {len(choices)} choices"
-            )
-        prompts, labels = groups.setdefault(choices, ([], []))
-        prompts.append(row["prompt"])
-        labels.append(index)
-    correct = sum(
-        accuracy(model, tokenizer, p, list(c), y, batch_size) * len(p) for c, (p, y) in groups.items()
-    )
-    return correct / len(rows)
-
-
-def _prompt_and_reference(row: dict[str, Any]) -> tuple[Any, str]:
-    from modulora.data import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, detect_format
-
-    fmt = detect_format(row)
-    if fmt == "prompt_completion":
-        return row["prompt"], row["completion"]
-    if fmt == "alpaca":
-        template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
-        return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
-    if fmt == "messages" and row["messages"][-1]["role"] == "assistant":
-        return row["messages"][:-1], row["messages"][-1]["content"]
-    raise SystemExit(
-        f"--data: {fmt} rows have no prompt/reference pair; use prompt/completion, alpaca or chat rows"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -470,6 +470,12 @@ class _NoTokenizer:
         return turns + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token, else 0 (padding is
+    masked out of attention and loss, so any id serves where the tokenizer names none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, Any]:
     """Right-padded tensors `input_ids`, `attention_mask`, `labels` [batch, longest]."""
     import torch

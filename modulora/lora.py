@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from modulora.targets import target_names
+
 LORA_CONFIG_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -49,7 +50,7 @@ class LoraConfig:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return ALL_LINEAR if self.target_modules == "all-linear" else tuple(self.target_modules)
+        return target_names(self.target_modules)
 
     @property
     def scaling(self) -> float:

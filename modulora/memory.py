@@ -25,9 +25,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from modulora.targets import ALL_LINEAR, target_names
+
 GIB = 1024**3
 RUNTIME_OVERHEAD_BYTES = 512 * 1024**2
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +122,7 @@ def estimate_training_memory(
             f"lora_r, seq_len, micro_batch must be positive, got {lora_r}, {seq_len}, {micro_batch}"
         )
     linears = shape.linears()
-    targets = (
-        ALL_LINEAR
-        if lora_targets == "all-linear"
-        else tuple([lora_targets] if isinstance(lora_targets, str) else lora_targets)
-    )
+    targets = target_names(lora_targets)
     unknown = [t for t in targets if t not in linears]
     if unknown:
         raise ValueError(f"lora_targets: {unknown} are not among {list(ALL_LINEAR)}")

@@ -155,6 +155,15 @@ def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and _read_quantize_config(Path(path)) is not None
 
 
+def quantized_base_dir(model_ref: str | os.PathLike[str], config: QuantConfig) -> Path:
+    """The folder under `bases_dir` for `model_ref` quantized with `config`: one per model and
+    `QuantConfig.cache_key()`, so every run asking for the same base shares it. Named
+    `<model>-<method>-<bits>b-g<group size>-<hash>` for people; the hash of both is the identity."""
+    key = hashlib.sha256(f"{model_ref}\n{config.cache_key()}".encode()).hexdigest()[:12]
+    name = f"{Path(model_ref).name}-{config.method}-{config.bits}b-g{config.group_size}-{key}"
+    return get_settings().bases_dir / name
+
+
 # ---------------------------------------------------------------- loading
 
 

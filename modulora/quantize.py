@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modulora.lora import ALL_LINEAR
 from modulora.models import load_model, save_quantized
 from modulora.quant import QuantConfig, QuantizedLinear, get_quantizer
+from modulora.targets import ALL_LINEAR
 
 DEFAULT_CALIBRATION = (
     Path(__file__).resolve().parents[2] / "shared" / "datasets" / "c4" / "c4_validation_2k.jsonl"

@@ -10,7 +10,6 @@ The data order is a pure function of (seed, epoch), so a checkpoint only needs t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -25,23 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from modulora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
-from modulora.data import IGNORE_INDEX, collate
+from modulora.data import IGNORE_INDEX, collate, pad_token_id
+from modulora.eval.tasks import validation_loss
+from modulora.loss import AUTOCAST_DTYPES, autocast, completion_loss, token_loss_sum
 from modulora.step_graph import CaptureError, StepGraphs
 
 SCHEDULES = ("linear", "cosine", "constant")
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_CONFIG_VERSION = 1
 # Graphed steps pad sequences to a multiple of this many tokens: few shapes (few captures, one memory
 # pool) at the cost of at most 63 padding tokens per row.
 GRAPH_SEQ_MULTIPLE = 64
-# Positions whose logits are computed at once by `token_loss_sum` (fp32 logits of one chunk exist at
-# a time: 2048 x 32000 x 4 bytes = 262 MB for a LLaMA vocabulary).
-LOSS_CHUNK_TOKENS = 2048
 
 
 @dataclasses.dataclass
@@ -156,60 +151,14 @@ class TrainResult:
     checkpoint: Path | None
 
 
-# ---------------------------------------------------------------------------------------------- loss
+# ---------------------------------------------------------------------------------------------- step modes
 
 
-def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over label tokens (not -100) and their count.
-
-    Runs the model's body, gathers the hidden states of positions that predict a label, and applies
-    the LM head there only: no [batch, seq, vocab] logits, which dominate memory for short labels.
-    """
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state  # [batch, seq, hidden]
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    mask = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask])  # [n_labels, vocab]
-    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
-    return loss, int(mask.sum())
-
-
-def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`completion_loss`'s sum with fixed shapes and no host synchronization, for CUDA graphs.
-
-    Needs right-padded rows and runs without an attention mask: under the causal mask a real token
-    never sees the padding after it, so its logits are those of the masked model. Every position
-    goes through the LM head, in chunks of LOSS_CHUNK_TOKENS under activation checkpointing, so one
-    chunk's logits exist at a time (padding and prompt positions contribute nothing to the sum).
-    """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = batch["labels"][:, 1:].reshape(-1)
-    head = model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[0], LOSS_CHUNK_TOKENS):
-        chunk = slice(start, start + LOSS_CHUNK_TOKENS)
-        total = total + activation_checkpoint(
-            _chunk_loss_sum,
-            head,
-            hidden[chunk],
-            targets[chunk],
-            use_reentrant=False,
-            preserve_rng_state=False,
-        )
-    return total
-
-
-def pad_for_graph(batch: dict[str, torch.Tensor], rows: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_for_graph(batch: dict[str, torch.Tensor], rows: int, pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids/labels right-padded to `rows` rows and a multiple of GRAPH_SEQ_MULTIPLE tokens."""
     length = -(-batch["input_ids"].shape[1] // GRAPH_SEQ_MULTIPLE) * GRAPH_SEQ_MULTIPLE
     padded = {}
-    for name, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX)):
+    for name, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX)):
         tensor = batch[name]
         out = tensor.new_full((rows, length), fill)
         out[: tensor.shape[0], : tensor.shape[1]] = tensor
@@ -232,11 +181,6 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = AUTOCAST_DTYPES[config.dtype]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -319,6 +263,43 @@ def finetune(
     resume_from: a `checkpoints/step-N` folder or an output_dir (its latest checkpoint).
     Checkpoints need `config.output_dir`.
     """
+    run = _setup(model, tokenizer, train_examples, config, resume_from)
+    status, step = _fit(run, train_examples, val_examples, callback, should_stop)
+    return _finish(run, status, step, resume_from)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A finetuning run in progress: what `_setup` builds and the fit loop's stages share."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: TrainConfig
+    params: list[nn.Parameter]
+    device: torch.device
+    pad_id: int
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    state: dict[str, Any]
+    """What a checkpoint holds besides the tensors: step, losses, val_losses, trained_tokens."""
+    val_losses: dict[int, float]
+    resumed_at: int
+    graphs: StepGraphs | None
+    """Replays each micro-batch's forward and backward on a GPU; None trains eagerly."""
+    last_checkpoint: Path | None = None
+
+
+def _setup(
+    model: nn.Module,
+    tokenizer: Any,
+    train_examples: Sequence[dict[str, list[int]]],
+    config: TrainConfig,
+    resume_from: str | Path | None,
+) -> _Run:
+    """Check the inputs, build optimizer, schedule and scaler, seed, restore a checkpoint, and put
+    the model in training mode (activation checkpointing, CUDA graphs)."""
     if not train_examples:
         raise ValueError("train_examples: empty")
     params = list(trainable_parameters(model).values())
@@ -327,7 +308,6 @@ def finetune(
     if (config.save_every or resume_from is not None) and config.output_dir is None:
         raise ValueError("output_dir: required for checkpoints and resume")
     device = params[0].device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     total_steps = total_steps_for(len(train_examples), config)
     optimizer = torch.optim.AdamW(
@@ -357,92 +337,129 @@ def finetune(
         graphs = StepGraphs(model, token_loss_sum, params, AUTOCAST_DTYPES[config.dtype])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    return _Run(
+        model, tokenizer, config, params, device, pad_token_id(tokenizer), total_steps,
+        optimizer, scheduler, scaler, state, val_losses, state["step"], graphs,
+    )  # fmt: skip
 
-    def checkpoint(step: int) -> Path | None:
-        if config.output_dir is None:
-            return None
-        state.update(step=step, val_losses=val_losses, config=config.to_dict())
-        return save_checkpoint(
-            config.output_dir, model, optimizer, scheduler, scaler, state, config.keep_checkpoints
-        )
 
-    resumed_at = state["step"]
-    status, last_checkpoint, step = "completed", None, resumed_at
-    started = time.perf_counter()
-    for step, epoch, micro_batches in _step_batches(train_examples, config, state["step"], total_steps):
+def _fit(
+    run: _Run,
+    train_examples: Sequence[dict[str, list[int]]],
+    val_examples: Sequence[dict[str, list[int]]] | None,
+    callback: Callable[[StepMetrics], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[str, int]:
+    """Optimizer steps from where the run stands to the last; (status, last step taken)."""
+    config, step, started = run.config, run.resumed_at, time.perf_counter()
+    for step, epoch, micro_batches in _step_batches(train_examples, config, run.resumed_at, run.total_steps):
         step_start = time.perf_counter()
-        batches = [collate(b, pad_id) for b in micro_batches]
-        # Normalize by the step's label-token count so accumulation equals one large batch.
-        n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        step_loss = torch.zeros((), device=device)
-        for batch in batches:
-            if graphs is not None:
-                try:
-                    padded = pad_for_graph(batch, config.micro_batch_size, pad_id)
-                    scale = scaler.scale(torch.full((), 1.0 / n_labels, device=device))
-                    step_loss += graphs.run({k: v.to(device) for k, v in padded.items()}, scale)
-                    continue
-                except CaptureError as error:  # a model that cannot be captured trains eagerly
-                    warnings.warn(f"cuda_graphs: capture failed, training eagerly ({error})", stacklevel=2)
-                    graphs = None
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(config, device):
-                loss_sum, _ = completion_loss(model, batch)
-            scaler.scale(loss_sum / n_labels).backward()
-            step_loss += loss_sum.detach()
-        if config.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        learning_rate = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=graphs is None)  # graphs add into the .grad they captured
-
-        loss = step_loss.item() / n_labels
-        state["losses"].append(loss)
-        state["trained_tokens"] += tokens
-        val_loss = None
-        if val_examples and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
-            from modulora.eval.tasks import validation_loss
-
-            val_loss = validation_loss(model, tokenizer, val_examples, config.eval_batch_size, config.dtype)
-            val_losses[step] = val_loss
-            model.train()
-        step_time = time.perf_counter() - step_start
+        loss, tokens, learning_rate = _step(run, micro_batches)
+        run.state["losses"].append(loss)
+        run.state["trained_tokens"] += tokens
+        val_loss = _validate(run, val_examples, step)
         if callback is not None:
-            allocated, peak = memory_bytes(device)
+            step_time = time.perf_counter() - step_start
+            allocated, peak = memory_bytes(run.device)
             elapsed = time.perf_counter() - started
             callback(
                 StepMetrics(
                     step=step,
-                    total_steps=total_steps,
+                    total_steps=run.total_steps,
                     epoch=epoch,
                     loss=loss,
                     learning_rate=learning_rate,
                     step_time_s=step_time,
                     tokens_per_s=tokens / step_time,
-                    trained_tokens=state["trained_tokens"],
+                    trained_tokens=run.state["trained_tokens"],
                     memory_allocated_bytes=allocated,
                     memory_peak_bytes=peak,
-                    progress=step / total_steps,
-                    eta_s=elapsed / (step - resumed_at) * (total_steps - step),
+                    progress=step / run.total_steps,
+                    eta_s=elapsed / (step - run.resumed_at) * (run.total_steps - step),
                     val_loss=val_loss,
                 )
             )
-        if config.save_every and step % config.save_every == 0 and step < total_steps:
-            last_checkpoint = checkpoint(step)
-        if should_stop is not None and step < total_steps and should_stop():
-            status = "cancelled"
-            break
+        if config.save_every and step % config.save_every == 0 and step < run.total_steps:
+            _checkpoint(run, step)
+        if should_stop is not None and step < run.total_steps and should_stop():
+            return "cancelled", step
+    return "completed", step
 
-    if config.output_dir is not None and step > resumed_at:
-        last_checkpoint = checkpoint(step)
+
+def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[float, int, float]:
+    """One optimizer step: (loss per label token, tokens seen, the learning rate it used)."""
+    batches = [collate(b, run.pad_id) for b in micro_batches]
+    # Normalize by the step's label-token count so accumulation equals one large batch.
+    n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    step_loss = torch.zeros((), device=run.device)
+    for batch in batches:
+        step_loss += _micro_batch(run, batch, n_labels)
+    if run.config.max_grad_norm:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, run.config.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    learning_rate = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=run.graphs is None)  # graphs add into the .grad they captured
+    return step_loss.item() / n_labels, tokens, learning_rate
+
+
+def _micro_batch(run: _Run, batch: dict[str, torch.Tensor], n_labels: int) -> torch.Tensor:
+    """Forward and backward of one micro-batch (gradients accumulate); its summed loss, detached."""
+    if run.graphs is not None:
+        try:
+            padded = pad_for_graph(batch, run.config.micro_batch_size, run.pad_id)
+            scale = run.scaler.scale(torch.full((), 1.0 / n_labels, device=run.device))
+            return run.graphs.run({k: v.to(run.device) for k, v in padded.items()}, scale)
+        except CaptureError as error:  # a model that cannot be captured trains eagerly
+            warnings.warn(f"cuda_graphs: capture failed, training eagerly ({error})", stacklevel=2)
+            run.graphs = None
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    with autocast(run.config.dtype, run.device):
+        loss_sum, _ = completion_loss(run.model, batch)
+    run.scaler.scale(loss_sum / n_labels).backward()
+    return loss_sum.detach()
+
+
+def _validate(run: _Run, val_examples: Sequence[dict[str, list[int]]] | None, step: int) -> float | None:
+    """Validation loss every `eval_every` steps and after the last one (None when not due)."""
+    config = run.config
+    due = step == run.total_steps or (config.eval_every and step % config.eval_every == 0)
+    if not val_examples or not due:
+        return None
+    val_loss = validation_loss(run.model, run.tokenizer, val_examples, config.eval_batch_size, config.dtype)
+    run.val_losses[step] = val_loss
+    run.model.train()
+    return val_loss
+
+
+def _checkpoint(run: _Run, step: int) -> None:
+    if run.config.output_dir is None:
+        return
+    run.state.update(step=step, val_losses=run.val_losses, config=run.config.to_dict())
+    run.last_checkpoint = save_checkpoint(
+        run.config.output_dir,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        run.state,
+        run.config.keep_checkpoints,
+    )
+
+
+def _finish(run: _Run, status: str, step: int, resume_from: str | Path | None) -> TrainResult:
+    """A final checkpoint when steps were taken, the model back in eval mode, the result."""
+    if run.config.output_dir is not None and step > run.resumed_at:
+        _checkpoint(run, step)
     elif resume_from is not None:
-        last_checkpoint = latest_checkpoint(config.output_dir)
-    optimizer.zero_grad(set_to_none=True)  # graphed steps kept .grad allocated between steps
-    model.eval()
-    if config.gradient_checkpointing:
-        set_activation_checkpointing(model, False)
-    return TrainResult(status, step, total_steps, list(state["losses"]), val_losses, last_checkpoint)
+        run.last_checkpoint = latest_checkpoint(run.config.output_dir)
+    run.optimizer.zero_grad(set_to_none=True)  # graphed steps kept .grad allocated between steps
+    run.model.eval()
+    if run.config.gradient_checkpointing:
+        set_activation_checkpointing(run.model, False)
+    return TrainResult(
+        status, step, run.total_steps, list(run.state["losses"]), run.val_losses, run.last_checkpoint
+    )

@@ -1,4 +1,4 @@
-"""The Celery app, configured from Settings. Run one worker per GPU:
+"""The Celery app, configured from ServiceSettings. Run one worker per GPU:
 
     CUDA_VISIBLE_DEVICES=0 modulora worker -n gpu0@%h
 
@@ -16,10 +16,10 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 from kombu import Queue
 
-from modulora.settings import get_settings
-from worker import lifecycle
+from core import lifecycle
+from core.config import get_settings
+from core.tasks import TRAIN_TASK
 
-TRAIN_TASK = "modulora.train"
 settings = get_settings()
 app = Celery("modulora", broker=settings.resolved_broker_url, include=["worker.tasks.train"])
 app.conf.update(

@@ -1,4 +1,4 @@
-"""The API's side of serving: engine settings, the process-wide engine, and `model` id resolution.
+"""The API's side of serving: the process-wide engine (settings in `core.config`), `model` id resolution.
 
 Imports no torch: `get_engine` imports the engine on first use, so the rest of the API starts and
 tests without the ML stack.
@@ -9,51 +9,34 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import crud
-from api.db.models import Checkpoint, Job, Model
 from api.errors import APIError, not_found
 from api.inference.types import EngineConfig, ModelSpec
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db.models import Checkpoint, Job, Model
+from modulora.settings import from_home
 
 if TYPE_CHECKING:
     from api.inference.engine import InferenceEngine
-
-
-class InferenceSettings(BaseSettings):
-    """MODULORA_INFERENCE_*: where and how big the engine is (see `EngineConfig`).
-
-    To share a GPU with training, set MEMORY_BUDGET_BYTES to what the training workers leave free;
-    to keep them apart, give the API DEVICE=cuda:1 and start workers with CUDA_VISIBLE_DEVICES=0.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="MODULORA_INFERENCE_", env_file=".env", extra="ignore")
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch_size: int = 16
-    max_seq_len: int = 2048
-    memory_budget_bytes: int | None = None
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            self.device, self.dtype, self.max_batch_size, self.max_seq_len, self.memory_budget_bytes
-        )
 
 
 @functools.cache
 def get_engine() -> InferenceEngine:
     from api.inference.engine import InferenceEngine
 
-    return InferenceEngine(InferenceSettings().engine_config())
-
-
-def base_ref(base: str) -> str:
-    """A `Model.base` as `load_model` takes it: folders under home are stored relative to it."""
-    folder = get_settings().home / base
-    return str(folder) if base and folder.is_dir() else base
+    settings = get_settings()
+    return InferenceEngine(
+        EngineConfig(
+            settings.inference_device,
+            settings.inference_dtype,
+            settings.inference_max_batch_size,
+            settings.inference_max_seq_len,
+            settings.inference_memory_budget_bytes,
+        )
+    )
 
 
 def resolve_model(*, session: Session, user_id: str, model_id: str) -> ModelSpec:
@@ -64,7 +47,7 @@ def resolve_model(*, session: Session, user_id: str, model_id: str) -> ModelSpec
         return ModelSpec(model_id, model_id)
     model = crud.visible_model(session=session, user_id=user_id, model_id=model_id)
     if model is not None:
-        return ModelSpec(model.id, base_ref(model.base), settings.home / model.path)
+        return ModelSpec(model.id, from_home(model.base), settings.home / model.path)
     found = session.execute(
         select(Checkpoint, Job)
         .join(Job, Job.id == Checkpoint.job_id)
@@ -83,7 +66,7 @@ def checkpoint_base(session: Session, job: Job) -> str:
     a GGUF-native base (`<model>:gguf`) is known without the worker's quantized-base cache key."""
     model = session.scalar(select(Model).where(Model.job_id == job.id))
     if model is not None:
-        return base_ref(model.base)
+        return from_home(model.base)
     if job.hyperparameters.get("quantization") == "gguf":
         return f"{job.model}:gguf"
     # 400, not 409: the openai SDK retries a 409 on its own, and waiting a second will not help.

@@ -22,13 +22,13 @@ from sqlalchemy import func, select
 from starlette.background import BackgroundTask
 
 from api import crud, storage
-from api.db.models import Checkpoint, Event, File, Job
 from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
 from api.tokenizer import LightTokenizer, load_light_tokenizer
+from core.config import get_settings
+from core.db.models import Checkpoint, File, Job, JobEvent
 from modulora import data, memory
-from modulora.settings import get_settings
 
 router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"])
 
@@ -260,12 +260,12 @@ def file_preview(
 def jobs_progress(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
     """Latest step metrics of each of the user's jobs: step, total_steps, progress, eta_s."""
     latest = (
-        select(func.max(Event.pk))
-        .join(Job, Job.id == Event.job_id)
-        .where(Job.user_id == user.id, Event.type == "metrics")
-        .group_by(Event.job_id)
+        select(func.max(JobEvent.pk))
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(Job.user_id == user.id, JobEvent.type == "metrics")
+        .group_by(JobEvent.job_id)
     )
-    events = session.scalars(select(Event).where(Event.pk.in_(latest)))
+    events = session.scalars(select(JobEvent).where(JobEvent.pk.in_(latest)))
     return {
         "object": "list",
         "data": [

@@ -10,12 +10,12 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from api import crud, storage
-from api.db.models import File, Job
 from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import DeletedObject, FileObject, FileReport, ListPage
 from api.upload import receive_upload
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db.models import File, Job
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)

@@ -20,18 +20,18 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api import crud
-from api.db.events import job_channel
-from api.db.models import FINAL_STATUSES, Event, Job
-from api.db.session import session_scope
 from api.deps import CurrentUser, SessionDep
 from api.errors import not_found
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db.events import job_channel
+from core.db.models import FINAL_STATUSES, Job, JobEvent
+from core.db.session import session_scope
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 POLL_S = 0.5
 
 
-def _read(job_id: str, after_pk: int) -> tuple[list[Event], str]:
+def _read(job_id: str, after_pk: int) -> tuple[list[JobEvent], str]:
     with session_scope() as session:
         events = crud.events_after(session=session, job_id=job_id, after_pk=after_pk, type="metrics")
         status = session.scalar(select(Job.status).where(Job.id == job_id))

@@ -10,14 +10,15 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api import crud, queue
-from api.db.events import publish_status, record_event
-from api.db.models import Checkpoint, Event, File, Job, utcnow
+from api import crud
 from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import CheckpointObject, EventObject, JobCreate, JobObject, ListPage
+from core import tasks
+from core.config import get_settings
+from core.db.events import publish_status, record_event
+from core.db.models import Checkpoint, File, Job, JobEvent, utcnow
 from modulora import memory
-from modulora.settings import get_settings
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 LimitQuery = Annotated[int, Query(ge=1, le=100)]
@@ -132,7 +133,7 @@ def create_job(
     job.status = "queued"
     session.commit()
     record_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    queue.enqueue_training(job.id)
+    tasks.enqueue_training(job.id)
     return to_public(job)
 
 
@@ -195,7 +196,7 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
     return to_public(job)
 
 
-def event_to_public(event: Event) -> EventObject:
+def event_to_public(event: JobEvent) -> EventObject:
     return EventObject(
         id=event.public_id,
         created_at=int(event.created_at.timestamp()),
@@ -212,9 +213,9 @@ def list_events(
 ) -> ListPage[EventObject]:
     """The job's events, newest first; `type: "metrics"` events carry step metrics."""
     job = _owned(session, user, job_id)
-    stmt = select(Event).where(Event.job_id == job.id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     rows, has_more = crud.page(
-        session=session, stmt=stmt, model=Event, after_pk=crud.event_cursor(after), limit=limit
+        session=session, stmt=stmt, model=JobEvent, after_pk=crud.event_cursor(after), limit=limit
     )
     return ListPage(data=[event_to_public(e) for e in rows], has_more=has_more)
 

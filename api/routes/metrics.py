@@ -14,9 +14,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from api.db.models import JOB_STATUSES, File, Job, Model
-from api.db.session import session_scope
 from api.deps import CurrentUser
+from core.db.models import JOB_STATUSES, File, Job, Model
+from core.db.session import session_scope
 
 router = APIRouter(tags=["metrics"])
 REGISTRY = CollectorRegistry()

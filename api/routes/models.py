@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api import crud, storage
-from api.db.models import Model
 from api.deps import CurrentUser, SessionDep
 from api.errors import not_found
 from api.schemas import DeletedObject, ListPage, ModelObject
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db.models import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

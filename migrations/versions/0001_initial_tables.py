@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import api.db.models
+import core.db.models
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -24,7 +24,7 @@ def upgrade() -> None:
         sa.Column("pk", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("pk"),
         sa.UniqueConstraint("id"),
         sa.UniqueConstraint("name"),
@@ -35,7 +35,7 @@ def upgrade() -> None:
         sa.Column("user_id", sa.String(length=40), nullable=False),
         sa.Column("key_hash", sa.String(length=64), nullable=False),
         sa.Column("prefix", sa.String(length=16), nullable=False),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("pk"),
         sa.UniqueConstraint("key_hash"),
@@ -55,7 +55,7 @@ def upgrade() -> None:
         sa.Column("format", sa.String(length=40), nullable=True),
         sa.Column("rows", sa.Integer(), nullable=True),
         sa.Column("report", sa.JSON(), nullable=False),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("pk"),
         sa.UniqueConstraint("id"),
@@ -80,15 +80,15 @@ def upgrade() -> None:
         sa.Column("error", sa.JSON(), nullable=True),
         sa.Column("fine_tuned_model", sa.String(length=255), nullable=True),
         sa.Column("trained_tokens", sa.Integer(), nullable=True),
-        sa.Column("estimated_finish", api.db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("estimated_finish", core.db.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("estimated_memory_bytes", sa.Integer(), nullable=True),
         sa.Column("validation_loss", sa.Float(), nullable=True),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("worker", sa.String(length=255), nullable=True),
-        sa.Column("lease_expires_at", api.db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("finished_at", api.db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_expires_at", core.db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", core.db.models.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("pk"),
         sa.UniqueConstraint("id"),
@@ -106,7 +106,7 @@ def upgrade() -> None:
         sa.Column("step", sa.Integer(), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("metrics", sa.JSON(), nullable=False),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("pk"),
         sa.UniqueConstraint("id"),
@@ -124,7 +124,7 @@ def upgrade() -> None:
         sa.Column("message", sa.Text(), nullable=False),
         sa.Column("step", sa.Integer(), nullable=True),
         sa.Column("data", sa.JSON(), nullable=True),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("pk"),
         sa.UniqueConstraint("job_id", "step"),
@@ -141,7 +141,7 @@ def upgrade() -> None:
         sa.Column("parent", sa.String(length=255), nullable=False),
         sa.Column("base", sa.Text(), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
-        sa.Column("created_at", api.db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", core.db.models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("pk"),

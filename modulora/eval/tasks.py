@@ -5,7 +5,6 @@ Every function takes the model as it is (quantized base + unfused LoRA works) an
 
 from __future__ import annotations
 
-import contextlib
 import re
 import string
 from collections.abc import Iterator, Sequence
@@ -15,30 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modulora.data import IGNORE_INDEX, collate
-from modulora.train import AUTOCAST_DTYPES, completion_loss
-
-
-def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
-    amp = AUTOCAST_DTYPES[dtype]
-    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+from modulora.data import IGNORE_INDEX, Row, collate, pad_token_id
+from modulora.eval.rows import choice_groups
+from modulora.loss import autocast, completion_loss, label_logits
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
 def _batches(
     model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, list[int]]], batch_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of `examples` on the model's device."""
-    device, pad_id = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), pad_token_id(tokenizer)
     for start in range(0, len(examples), batch_size):
         yield {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
 
@@ -49,13 +38,9 @@ def _labelled_logits(
     """Per batch: (next-token targets [b, t-1], their label mask, float logits at the labelled
     positions [n_labels, vocab]). The vocabulary projection runs on labelled positions only."""
     for batch in _batches(model, tokenizer, examples, batch_size):
-        with _autocast(dtype, batch["input_ids"].device):
-            hidden = model.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).last_hidden_state
-            targets = batch["labels"][:, 1:]
-            mask = targets != IGNORE_INDEX
-            logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+        with autocast(dtype, batch["input_ids"].device):
+            targets, mask, logits = label_logits(model, batch)
+            logits = logits.float()
         yield targets, mask, logits
 
 
@@ -74,7 +59,7 @@ def validation_loss(
     model.eval()
     device, total, count = _device(model), 0.0, 0
     for batch in _batches(model, tokenizer, examples, batch_size):
-        with _autocast(dtype, device):
+        with autocast(dtype, device):
             loss_sum, n = completion_loss(model, batch)
         total += loss_sum.item()
         count += n
@@ -154,6 +139,19 @@ def accuracy(
     predictions = choice_scores(model, tokenizer, prompts, choices, batch_size, dtype).argmax(dim=1)
     model.train(was_training)
     return (predictions == torch.tensor(list(labels))).float().mean().item()
+
+
+def row_accuracy(
+    model: nn.Module, tokenizer: Any, rows: Sequence[Row], batch_size: int = 16, dtype: str = "fp32"
+) -> float:
+    """`accuracy` over rows `{prompt, choices, label}` (`modulora.eval.rows`), rows that share a
+    choice list scored together."""
+    groups = choice_groups(rows)
+    correct = sum(
+        accuracy(model, tokenizer, prompts, list(choices), labels, batch_size, dtype) * len(prompts)
+        for choices, (prompts, labels) in groups.items()
+    )
+    return correct / len(rows)
 
 
 def normalize_answer(text: str) -> str:

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api import queue
-from api.db import migrate
-from api.db import session as db_session
-from api.db.session import session_scope
 from api.main import create_app
-from modulora.settings import get_settings
+from core import tasks
+from core.config import get_settings
+from core.db import migrate
+from core.db import session as db_session
+from core.db.session import session_scope
+from modulora.settings import get_settings as library_settings
 
 CHAT_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
@@ -45,7 +46,8 @@ class Service:
 
 def clear_caches() -> None:
     get_settings.cache_clear()
-    db_session.get_engine.cache_clear()
+    library_settings.cache_clear()
+    db_session.get_db_engine.cache_clear()
     db_session._sessionmaker.cache_clear()
 
 
@@ -63,7 +65,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service
     clear_caches()
     migrate.upgrade()
     enqueued: list[str] = []
-    monkeypatch.setattr(queue, "enqueue_training", enqueued.append)
+    monkeypatch.setattr(tasks, "enqueue_training", enqueued.append)
     with TestClient(create_app()) as client:
         yield Service(client, enqueued, tmp_path / "home")
     clear_caches()

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from safetensors.torch import save_file
 
-from api.db.models import Checkpoint, Job, Model, User
-from api.db.session import session_scope
 from api.inference.engine import InferenceEngine
 from api.inference.service import get_engine
 from api.inference.types import EngineConfig
+from core.config import get_settings
+from core.db.models import Checkpoint, Job, Model, User
+from core.db.session import session_scope
 from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
-from modulora.settings import get_settings
 from tests.api.conftest import Service
 from tests.api.inference.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 

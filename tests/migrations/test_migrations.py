@@ -11,8 +11,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from api.db import migrate
-from api.db.models import Base
+from core.db import migrate
+from core.db.models import Base
 
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TABLES = {"users", "api_keys", "files", "jobs", "events", "checkpoints", "models"}

@@ -200,3 +200,14 @@ def test_dataset_sha256_is_the_file_digest(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "a"}\n')
     assert dataset_sha256(path) == hashlib.sha256(b'{"text": "a"}\n').hexdigest()
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero() -> None:
+    from types import SimpleNamespace
+
+    from modulora.data import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=2)) == 0  # 0 is a real pad id
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0

@@ -6,7 +6,7 @@ from utils.tiny_lm import single_thread, tiny_llama, tiny_tokenizer  # noqa: F40
 
 from modulora.data import build_examples, collate
 from modulora.eval.tasks import accuracy, choice_scores, exact_match, rouge, validation_loss
-from modulora.train import completion_loss
+from modulora.loss import completion_loss
 
 PROMPTS = ["Question: Who wrote Hamlet?\nType:", "Question: What is the capital of France?\nType:", "hello"]
 

@@ -110,3 +110,12 @@ def test_check_job_memory_names_what_fits_when_over_budget() -> None:
     assert hint is not None and "fits" in hint
     micro = int(hint.split("micro_batch_size=")[1].split()[0])
     assert 1 <= micro < 8
+
+
+def test_lora_targets_read_the_same_names_as_lora() -> None:
+    from modulora.lora import LoraConfig
+    from modulora.targets import ALL_LINEAR, target_names
+
+    assert LoraConfig(target_modules="all-linear").targets == target_names("all-linear") == ALL_LINEAR
+    assert LoraConfig(target_modules="q_proj").targets == target_names("q_proj") == ("q_proj",)
+    assert target_names(["q_proj", "v_proj"]) == ("q_proj", "v_proj")

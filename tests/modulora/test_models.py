@@ -112,3 +112,28 @@ def test_native_q4_1_base_equals_the_dequantized_weights(smollm2) -> None:
     ids = torch.tensor([[504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         torch.testing.assert_close(native(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_base_dir_is_one_folder_per_model_and_quantization(tmp_path, monkeypatch) -> None:
+    from modulora.models import quantized_base_dir
+    from modulora.settings import get_settings
+
+    monkeypatch.setenv("MODULORA_HOME", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        rtn4 = quantized_base_dir("smollm2-135m-instruct", QuantConfig(method="rtn", bits=4, group_size=64))
+        assert rtn4 == quantized_base_dir(
+            "smollm2-135m-instruct", QuantConfig(method="rtn", bits=4, group_size=64)
+        )
+        assert rtn4.parent == tmp_path / "bases" and rtn4.name.startswith("smollm2-135m-instruct-rtn-4b-g64-")
+        others = {
+            quantized_base_dir("smollm2-135m-instruct", QuantConfig(method="rtn", bits=3, group_size=64)),
+            quantized_base_dir("smollm2-135m-instruct", QuantConfig(method="optq", bits=4, group_size=64)),
+            quantized_base_dir(
+                "smollm2-135m-instruct", QuantConfig(method="rtn", bits=4, group_size=64, seed=1)
+            ),
+            quantized_base_dir("/models/other", QuantConfig(method="rtn", bits=4, group_size=64)),
+        }
+        assert rtn4 not in others and len(others) == 4
+    finally:
+        get_settings.cache_clear()

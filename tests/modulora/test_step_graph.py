@@ -9,8 +9,9 @@ from utils.tiny_lm import quantize_rtn_, tiny_llama, tiny_tokenizer
 
 from modulora.data import build_examples, collate
 from modulora.lora import LoraConfig, add_lora_
+from modulora.loss import token_loss_sum
 from modulora.step_graph import CaptureError, StepGraphs
-from modulora.train import TrainConfig, finetune, pad_for_graph, set_activation_checkpointing, token_loss_sum
+from modulora.train import TrainConfig, finetune, pad_for_graph, set_activation_checkpointing
 
 pytestmark = pytest.mark.gpu
 # Prompts of different lengths: micro-batches pad to two lengths (two graphs), the last one is ragged.

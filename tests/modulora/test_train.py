@@ -8,15 +8,14 @@ from utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokeniz
 
 from modulora.data import build_examples, collate
 from modulora.lora import LoraConfig, add_lora_
+from modulora.loss import completion_loss, token_loss_sum
 from modulora.train import (
     StepMetrics,
     TrainConfig,
-    completion_loss,
     finetune,
     latest_checkpoint,
     pad_for_graph,
     set_activation_checkpointing,
-    token_loss_sum,
 )
 
 ROWS = [{"prompt": f"Question: what is {i} plus {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(24)]
@@ -61,10 +60,10 @@ def test_completion_loss_equals_full_logits_loss(tokenizer, examples) -> None:
 def test_graph_loss_on_padded_batch_equals_completion_loss(tokenizer, examples, monkeypatch) -> None:
     # The graphed step's loss: fixed shapes (rows and tokens padded), no attention mask, logits in
     # chunks (3 tokens here, so chunks straddle rows); it must sum to the masked model's loss.
-    monkeypatch.setattr("modulora.train.LOSS_CHUNK_TOKENS", 3)
+    monkeypatch.setattr("modulora.loss.LOSS_CHUNK_TOKENS", 3)
     model = lora_model(dropout=0.0)
     batch = collate(examples[:3], tokenizer.pad_token_id)
-    padded = pad_for_graph(batch, rows=4, pad_token_id=tokenizer.pad_token_id)
+    padded = pad_for_graph(batch, rows=4, pad_id=tokenizer.pad_token_id)
     assert padded["input_ids"].shape == (4, 64) and set(padded) == {"input_ids", "labels"}
     expected, _ = completion_loss(model, batch)
     torch.testing.assert_close(token_loss_sum(model, padded), expected, rtol=1e-5, atol=1e-5)

@@ -131,8 +131,8 @@ def stack() -> Iterator[Stack]:
     # Convert the built-in model once (shared home) so uploads get token statistics, then migrate.
     key = _python(
         "from modulora.models import resolve_model; resolve_model('smollm2-135m-instruct')\n"
-        "from api.db import migrate; migrate.upgrade()\n"
-        "from api import crud; from api.db.session import session_scope\n"
+        "from core.db import migrate; migrate.upgrade()\n"
+        "from api import crud; from core.db.session import session_scope\n"
         "with session_scope() as s: print(crud.create_api_key(session=s, user_name='dashboard-test'))",
         env,
     ).splitlines()[-1]

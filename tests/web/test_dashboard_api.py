@@ -17,13 +17,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api import crud
-from api.db import migrate
-from api.db import session as db_session
-from api.db.events import record_event
-from api.db.models import Checkpoint, Job, Model
-from api.db.session import session_scope
 from api.main import create_app
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db import migrate
+from core.db import session as db_session
+from core.db.events import record_event
+from core.db.models import Checkpoint, Job, Model
+from core.db.session import session_scope
+from modulora.settings import get_settings as library_settings
 
 BASE_MODEL = "smollm2-135m-instruct"
 MODEL_FILES = (
@@ -41,7 +42,8 @@ LONG_ROW = {
 
 def _clear_caches() -> None:
     get_settings.cache_clear()
-    db_session.get_engine.cache_clear()
+    library_settings.cache_clear()
+    db_session.get_db_engine.cache_clear()
     db_session._sessionmaker.cache_clear()
 
 
@@ -163,9 +165,9 @@ def _job(user_headers: dict[str, str], client: TestClient, file_id: str) -> str:
 
 
 def test_jobs_progress_reports_the_latest_step(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from api import queue
+    from core import tasks
 
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: None)
+    monkeypatch.setattr(tasks, "enqueue_training", lambda job_id: None)
     headers = _key("ann")
     job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
     with session_scope() as session:
@@ -186,9 +188,9 @@ def test_jobs_progress_reports_the_latest_step(client: TestClient, monkeypatch: 
 def test_downloads_zip_the_adapter_and_checkpoint_folders(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from api import queue
+    from core import tasks
 
-    monkeypatch.setattr(queue, "enqueue_training", lambda job_id: None)
+    monkeypatch.setattr(tasks, "enqueue_training", lambda job_id: None)
     headers = _key("ann")
     job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
     home = get_settings().home

@@ -45,7 +45,7 @@ class LiveService:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}@%h"
         log = open(self.logs / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115 - lives with the process
         worker = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "-n", name],
+            [sys.executable, "-m", "worker", "-n", name],
             cwd=REPO,
             env=self.env,
             stdout=log,

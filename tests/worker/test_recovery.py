@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from modulora.settings import get_settings
+from core.config import get_settings
 from tests.worker.conftest import LiveService
 from tests.worker.test_end_to_end import ROWS, TINY, wait_for
 

@@ -1,29 +1,33 @@
-"""The `modulora.train` task: validate → quantized base → LoRA → finetune → evaluate → export.
+"""The `modulora.train` task, in named stages over the library: load the job → prepare the base →
+load the model and data → train → evaluate → export → register the model (`_run`).
 
-Thin glue over the library; the job's state lives in the database (`worker.lifecycle`). torch and
-the library load inside the task, in the fresh child process each job gets.
+The job's state lives in the database (`core.lifecycle`). torch and the library load inside the
+task, in the fresh child process each job gets.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from api.db.events import record_event
-from api.db.models import Checkpoint, File, Job, Model, utcnow
-from api.db.session import session_scope
+from core import lifecycle
+from core.bases import job_base, job_quant_config
+from core.config import get_settings
+from core.db.events import record_event
+from core.db.models import Checkpoint, File, Job, Model, utcnow
+from core.db.session import session_scope
+from core.tasks import TRAIN_TASK
 from modulora import memory
-from modulora.settings import get_settings
-from worker import lifecycle
-from worker.celery_app import TRAIN_TASK, app
+from modulora.settings import relative_to_home
+from worker.celery_app import app
 
 BASE_LEARNING_RATE = 2e-4
 
@@ -62,6 +66,43 @@ def run_job(job_id: str, worker: str) -> None:
         heartbeat.stop()
 
 
+def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
+    """The job's stages, top to bottom; each records what it did as job events."""
+    import torch
+
+    from modulora.models import load_model
+
+    job, training, validation = _load_job(job_id)
+    _event(job_id, f"Started on {heartbeat.worker} (attempt {job.attempts})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = _prepare_base(job, device)
+    model, tokenizer = load_model(base, device=device)
+    examples = _load_examples(job, training, validation, tokenizer)
+    lora_config = _add_lora(model, job.hyperparameters)
+    heartbeat.beat()
+    if heartbeat.cancelled.is_set():  # cancelled while the base was being prepared
+        lifecycle.finish(job_id, "cancelled", message="Job cancelled before training started")
+        return
+    result = _train(job, model, tokenizer, examples, device, heartbeat.cancelled.is_set)
+    if result.status == "cancelled":
+        last = result.checkpoint.name if result.checkpoint else "none"
+        lifecycle.finish(
+            job_id, "cancelled", message=f"Job cancelled at step {result.step}; last checkpoint: {last}"
+        )
+        return
+    train_loss = result.losses[-1] if result.losses else None
+    val_loss = _evaluate(job, model, tokenizer, examples.validation, device)
+    adapter_dir = _export(job, model, tokenizer, base, lora_config, training, train_loss, val_loss)
+    _register_model(job, base, adapter_dir)
+    lifecycle.finish(
+        job_id,
+        "succeeded",
+        message="The job has successfully completed",
+        fine_tuned_model=job.fine_tuned_model_name(),
+        validation_loss=val_loss,
+    )
+
+
 def _event(job_id: str, message: str, **kwargs: Any) -> None:
     with session_scope() as session:
         record_event(session, job_id, message, **kwargs)
@@ -84,45 +125,30 @@ def _load_job(job_id: str) -> tuple[Job, File, File | None]:
     return job, training, validation
 
 
-def base_dir(job: Job) -> tuple[str, Path | None]:
-    """(model reference to load, cache folder to quantize into or None when the base is native)."""
-    hp = job.hyperparameters
-    if hp["quantization"] == "gguf":
-        return f"{job.model}:gguf", None
-    config = {
-        "model": job.model,
-        "method": hp["quantization"],
-        "bits": hp["bits"],
-        "group_size": hp["group_size"],
-    }
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    folder = (
-        get_settings().bases_dir / f"{job.model}-{hp['quantization']}-{hp['bits']}b-g{hp['group_size']}-{key}"
-    )
-    return str(folder), folder
+def _prepare_base(job: Job, device: Any) -> str:
+    """Refuse a job that cannot fit the device, then find or quantize its base."""
+    from modulora.models import resolve_model
+
+    check_memory(job, resolve_model(job.model), device)
+    return ensure_base(job)
 
 
 def ensure_base(job: Job) -> str:
+    """The job's base as `load_model` takes it, quantized into the shared cache first if missing."""
     from modulora.models import is_quantized_dir
-    from modulora.quant import QuantConfig
     from modulora.quantize import quantize_model
 
-    ref, folder = base_dir(job)
-    if folder is None or is_quantized_dir(folder):
-        _event(job.id, f"Using the quantized base {Path(ref).name}")
+    ref, config = job_base(job.model, job.hyperparameters), job_quant_config(job.hyperparameters)
+    folder = Path(ref)
+    if config is None or is_quantized_dir(folder):
+        _event(job.id, f"Using the quantized base {folder.name}")
         return ref
-    hp = job.hyperparameters
     _event(
-        job.id,
-        f"Quantizing {job.model} with {hp['quantization']} to {hp['bits']} bits (cached for later jobs)",
+        job.id, f"Quantizing {job.model} with {config.method} to {config.bits} bits (cached for later jobs)"
     )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    quantize_model(
-        job.model,
-        QuantConfig(method=hp["quantization"], bits=hp["bits"], group_size=hp["group_size"], seed=job.seed),
-        tmp,
-    )
+    quantize_model(job.model, config, tmp)
     try:
         tmp.rename(folder)
     except OSError:  # another worker cached the same base first
@@ -146,6 +172,65 @@ def check_memory(job: Job, model_dir: Path, device: Any) -> None:
         f"needs ~{estimate.total / memory.GIB:.1f} GiB of {budget / memory.GIB:.1f} GiB; {hint}",
         "hyperparameters",
     )
+
+
+@dataclasses.dataclass
+class Examples:
+    """A job's tokenized examples (`modulora.data.build_examples`)."""
+
+    train: list[dict[str, list[int]]]
+    validation: list[dict[str, list[int]]] | None
+
+
+def _load_examples(job: Job, training: File, validation: File | None, tokenizer: Any) -> Examples:
+    """The job's files validated and tokenized with the base's tokenizer."""
+    files_dir, max_len = get_settings().files_dir, job.hyperparameters["max_seq_len"]
+    train = _examples(files_dir / training.id, tokenizer, max_len, "training_file")
+    val = None
+    if validation is not None:
+        val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file")
+    _event(job.id, f"Files validated: {len(train)} training and {len(val or [])} validation examples")
+    return Examples(train, val)
+
+
+def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[dict[str, list[int]]]:
+    from modulora import data
+
+    report = data.validate_file(path, tokenizer=tokenizer, max_seq_len=max_seq_len)
+    if not report.ok:
+        first = report.errors[0] if report.errors else {"line": None, "field": None, "message": "no rows"}
+        raise JobFailure(
+            "invalid_training_file" if param == "training_file" else "invalid_validation_file",
+            f"line {first['line']}, field {first['field']}: {first['message']}",
+            param,
+        )
+    return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len)
+
+
+def _add_lora(model: Any, hp: dict[str, Any]) -> Any:
+    from modulora.lora import LoraConfig, add_lora_
+
+    lora_config = LoraConfig(
+        r=hp["lora_r"], alpha=hp["lora_alpha"], dropout=hp["lora_dropout"], target_modules=hp["lora_targets"]
+    )
+    add_lora_(model, lora_config)
+    return lora_config
+
+
+def _train(
+    job: Job, model: Any, tokenizer: Any, examples: Examples, device: Any, should_stop: Callable[[], bool]
+) -> Any:
+    """Finetune with a metrics event per step and checkpoints under `jobs/<job id>/`; every
+    checkpoint on disk is registered when training ends (cancelled or not)."""
+    output_dir = get_settings().jobs_dir / job.id
+    recorder = MetricsRecorder(job, output_dir)
+    result = _finetune_with_oom_retry(
+        job, model, tokenizer, examples.train, examples.validation, output_dir, device, recorder, should_stop
+    )
+    recorder.register_checkpoints(
+        {"step": result.step, "train_loss": result.losses[-1] if result.losses else None}
+    )
+    return result
 
 
 class MetricsRecorder:
@@ -193,34 +278,18 @@ class MetricsRecorder:
             if root.is_dir()
             else []
         )
-        home = get_settings().home
         with session_scope() as session:
             known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == self.job.id)))
             for step in steps:
                 if step not in known:
-                    path = (root / f"step-{step}").relative_to(home)
                     session.add(
                         Checkpoint(
                             job_id=self.job.id,
                             step=step,
-                            path=str(path),
+                            path=relative_to_home(root / f"step-{step}"),
                             metrics=metrics if metrics["step"] == step else {"step": step},
                         )
                     )
-
-
-def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[dict[str, list[int]]]:
-    from modulora import data
-
-    report = data.validate_file(path, tokenizer=tokenizer, max_seq_len=max_seq_len)
-    if not report.ok:
-        first = report.errors[0] if report.errors else {"line": None, "field": None, "message": "no rows"}
-        raise JobFailure(
-            "invalid_training_file" if param == "training_file" else "invalid_validation_file",
-            f"line {first['line']}, field {first['field']}: {first['message']}",
-            param,
-        )
-    return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len)
 
 
 def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> Any:
@@ -298,103 +367,67 @@ def _finetune_with_oom_retry(
     raise AssertionError("unreachable")
 
 
-def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
-    import torch
-
+def _evaluate(job: Job, model: Any, tokenizer: Any, val_examples: Any, device: Any) -> float | None:
+    """Validation loss of the trained adapter, when the job has a validation file."""
     from modulora.eval.tasks import validation_loss
-    from modulora.export import export_adapter
-    from modulora.lora import LoraConfig, add_lora_
-    from modulora.models import load_model, resolve_model
 
-    settings = get_settings()
-    job, training, validation = _load_job(job_id)
+    if not val_examples:
+        return None
+    val_loss = validation_loss(
+        model, tokenizer, val_examples, dtype="bf16" if device.type == "cuda" else "fp32"
+    )
+    _event(job.id, f"Validation loss: {val_loss:.4f}", data={"valid_loss": val_loss})
+    return val_loss
+
+
+def _export(
+    job: Job,
+    model: Any,
+    tokenizer: Any,
+    base: str,
+    lora_config: Any,
+    training: File,
+    train_loss: float | None,
+    val_loss: float | None,
+) -> Path:
+    """The adapter as PEFT files + manifest under `adapters/<job id>/`."""
+    from modulora.export import export_adapter
+
     hp = job.hyperparameters
-    _event(job_id, f"Started on {heartbeat.worker} (attempt {job.attempts})")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_memory(job, resolve_model(job.model), device)
-    base = ensure_base(job)
-    model, tokenizer = load_model(base, device=device)
-    max_len = hp["max_seq_len"]
-    train_examples = _examples(settings.files_dir / training.id, tokenizer, max_len, "training_file")
-    val_examples = None
-    if validation is not None:
-        val_examples = _examples(settings.files_dir / validation.id, tokenizer, max_len, "validation_file")
-    n_val = len(val_examples or [])
-    _event(job_id, f"Files validated: {len(train_examples)} training and {n_val} validation examples")
-    lora_config = LoraConfig(
-        r=hp["lora_r"], alpha=hp["lora_alpha"], dropout=hp["lora_dropout"], target_modules=hp["lora_targets"]
-    )
-    add_lora_(model, lora_config)
-    heartbeat.beat()
-    if heartbeat.cancelled.is_set():  # cancelled while the base was being prepared
-        lifecycle.finish(job_id, "cancelled", message="Job cancelled before training started")
-        return
-    output_dir = settings.jobs_dir / job_id
-    recorder = MetricsRecorder(job, output_dir)
-    result = _finetune_with_oom_retry(
-        job,
-        model,
-        tokenizer,
-        train_examples,
-        val_examples,
-        output_dir,
-        device,
-        recorder,
-        heartbeat.cancelled.is_set,
-    )
-    train_loss = result.losses[-1] if result.losses else None
-    recorder.register_checkpoints({"step": result.step, "train_loss": train_loss})
-    if result.status == "cancelled":
-        last = result.checkpoint.name if result.checkpoint else "none"
-        lifecycle.finish(
-            job_id, "cancelled", message=f"Job cancelled at step {result.step}; last checkpoint: {last}"
-        )
-        return
-    val_loss = None
-    if val_examples:
-        val_loss = validation_loss(
-            model, tokenizer, val_examples, dtype="bf16" if device.type == "cuda" else "fp32"
-        )
-        _event(job_id, f"Validation loss: {val_loss:.4f}", data={"valid_loss": val_loss})
-    name = job.fine_tuned_model_name()
-    adapter_dir = settings.adapters_dir / job_id
-    base_record = _relative_to_home(base)
+    adapter_dir = get_settings().adapters_dir / job.id
     quant = (
         None if hp["quantization"] == "gguf" else {k: hp[k] for k in ("quantization", "bits", "group_size")}
     )
     export_adapter(
         model,
         adapter_dir,
-        base_model=base_record,
+        base_model=relative_to_home(base),
         quant_config=quant,
         lora_config=lora_config,
         dataset_sha256=training.sha256,
         tokenizer=tokenizer,
-        metrics={"train_loss": train_loss, "valid_loss": val_loss, "job_id": job_id, "model": name},
+        metrics={
+            "train_loss": train_loss,
+            "valid_loss": val_loss,
+            "job_id": job.id,
+            "model": job.fine_tuned_model_name(),
+        },
     )
+    return adapter_dir
+
+
+def _register_model(job: Job, base: str, adapter_dir: Path) -> None:
+    """A `Model` row for the adapter, once (a redelivered job may get here twice)."""
+    name = job.fine_tuned_model_name()
     with session_scope() as session:
-        if (
-            session.scalar(select(Model.pk).where(Model.id == name)) is None
-        ):  # a redelivery may get here twice
-            model_row = Model(
-                id=name,
-                user_id=job.user_id,
-                job_id=job_id,
-                parent=job.model,
-                base=base_record,
-                path=str(adapter_dir.relative_to(settings.home)),
+        if session.scalar(select(Model.pk).where(Model.id == name)) is None:
+            session.add(
+                Model(
+                    id=name,
+                    user_id=job.user_id,
+                    job_id=job.id,
+                    parent=job.model,
+                    base=relative_to_home(base),
+                    path=relative_to_home(adapter_dir),
+                )
             )
-            session.add(model_row)
-    lifecycle.finish(
-        job_id,
-        "succeeded",
-        message="The job has successfully completed",
-        fine_tuned_model=name,
-        validation_loss=val_loss,
-    )
-
-
-def _relative_to_home(ref: str) -> str:
-    """Bases under the storage root are recorded relative to it (hosts may mount it elsewhere)."""
-    path, home = Path(ref), get_settings().home
-    return str(path.relative_to(home)) if path.is_absolute() and path.is_relative_to(home) else ref

@@ -50,7 +50,7 @@ def test_upload_bad_file_is_400_with_line_and_field_and_stores_nothing(
 def test_upload_oversized_file_is_400_and_stores_nothing(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from modulora.settings import get_settings
+    from core.config import get_settings
 
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     alice = service.new_key("alice")

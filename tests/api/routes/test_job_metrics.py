@@ -6,9 +6,9 @@ import json
 import threading
 import time
 
-from api.db.events import record_event
-from api.db.models import Job
-from api.db.session import session_scope
+from core.db.events import record_event
+from core.db.models import Job
+from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 
 

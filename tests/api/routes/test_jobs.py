@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from api.db.events import record_event
-from api.db.models import Job
-from api.db.session import session_scope
+from core.db.events import record_event
+from core.db.models import Job
+from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 
 
@@ -162,7 +162,7 @@ def test_create_job_over_memory_budget_is_400_saying_what_fits(
 ) -> None:
     import json
 
-    from modulora.settings import get_settings
+    from core.config import get_settings
 
     config = {
         "hidden_size": 4096,

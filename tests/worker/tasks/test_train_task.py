@@ -10,10 +10,12 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from api.db.models import Event, Job
-from api.db.session import session_scope
+from core import lifecycle
+from core.bases import job_base
+from core.config import get_settings
+from core.db.models import Job, JobEvent
+from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
-from worker import lifecycle
 from worker.tasks import train
 
 
@@ -35,9 +37,9 @@ def make_job(service: Service, **hyperparameters: Any) -> Job:
         return job
 
 
-def events(job_id: str) -> list[Event]:
+def events(job_id: str) -> list[JobEvent]:
     with session_scope() as session:
-        return list(session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.pk)))
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.pk)))
 
 
 def run_with_fake_finetune(job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ooms: int) -> list[Any]:
@@ -99,5 +101,13 @@ def test_base_cache_key_depends_on_model_and_quantization_only(service: Service)
     rtn_other_run = make_job(service, quantization="rtn", bits=4, group_size=128, lora_r=4)
     three_bits = make_job(service, quantization="rtn", bits=3, group_size=128)
     native = make_job(service, quantization="gguf")
-    assert train.base_dir(rtn)[1] == train.base_dir(rtn_other_run)[1] != train.base_dir(three_bits)[1]
-    assert train.base_dir(native) == ("smollm2-135m-instruct:gguf", None)
+    assert rtn.seed != rtn_other_run.seed  # jobs draw their own seeds; the base does not depend on them
+    rtn_base, native_base = (
+        job_base(rtn.model, rtn.hyperparameters),
+        job_base(native.model, native.hyperparameters),
+    )
+    assert rtn_base == job_base(rtn_other_run.model, rtn_other_run.hyperparameters)
+    assert rtn_base != job_base(three_bits.model, three_bits.hyperparameters)
+    assert Path(rtn_base).parent == get_settings().bases_dir
+    assert Path(rtn_base).name.startswith("smollm2-135m-instruct-rtn-4b-g128-")
+    assert native_base == "smollm2-135m-instruct:gguf"

@@ -15,10 +15,10 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
-from api.db.events import publish_status, record_event
-from api.db.models import FINAL_STATUSES, Job, utcnow
-from api.db.session import session_scope
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db.events import publish_status, record_event
+from core.db.models import FINAL_STATUSES, Job, utcnow
+from core.db.session import session_scope
 
 
 def _lease_deadline() -> Any:

@@ -113,7 +113,7 @@ class Job(Base):
         return f"ft:{self.model}:{self.suffix or ''}:{self.id}"
 
 
-class Event(Base):
+class JobEvent(Base):
     __tablename__ = "events"
     # Metrics events carry their step: a redelivered job cannot write one step twice. Message
     # events have step NULL, which unique constraints ignore on SQLite and PostgreSQL alike.

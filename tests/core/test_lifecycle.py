@@ -1,4 +1,4 @@
-"""worker.lifecycle: atomic claim, lease expiry and re-queueing, cancel flag, final states."""
+"""core.lifecycle: atomic claim, lease expiry and re-queueing, cancel flag, final states."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from api.db.models import Event, Job, utcnow
-from api.db.session import session_scope
+from core import lifecycle
+from core.db.models import Job, JobEvent, utcnow
+from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
-from worker import lifecycle
 
 
 @pytest.fixture
@@ -34,7 +34,9 @@ def job(job_id: str) -> Job:
 
 def messages(job_id: str) -> list[str]:
     with session_scope() as session:
-        return list(session.scalars(select(Event.message).where(Event.job_id == job_id).order_by(Event.pk)))
+        return list(
+            session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.pk))
+        )
 
 
 def test_claim_queued_job_once(job_id: str) -> None:

@@ -1,4 +1,4 @@
-"""Engine and sessions from Settings; shared by the API, the worker, the CLI and migrations."""
+"""The database engine and sessions from ServiceSettings, for the API, the worker and migrations."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from modulora.settings import get_settings
+from core.config import get_settings
 
 
 @functools.cache
-def get_engine(url: str | None = None) -> Engine:
+def get_db_engine(url: str | None = None) -> Engine:
     url = url or get_settings().resolved_database_url
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
@@ -37,7 +37,7 @@ def get_engine(url: str | None = None) -> Engine:
 
 @functools.cache
 def _sessionmaker(url: str | None) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    return sessionmaker(get_db_engine(url), expire_on_commit=False)
 
 
 @contextmanager

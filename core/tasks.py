@@ -1,4 +1,8 @@
-"""Send training to the workers by task name (the API never imports the worker's code)."""
+"""The Celery task names, defined once, and how the API sends work to them.
+
+The API enqueues by name through a bare Celery client, so it never imports the worker's code; the
+worker registers its task under the same name.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import functools
 
 from celery import Celery
 
-from modulora.settings import get_settings
+from core.config import get_settings
 
 TRAIN_TASK = "modulora.train"
 

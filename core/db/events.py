@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import Event
-from modulora.settings import get_settings
+from core.config import get_settings
+from core.db.models import JobEvent
 
 
 def job_channel(job_id: str) -> str:
@@ -50,13 +50,13 @@ def record_event(
     type: str = "message",
     step: int | None = None,
     data: dict[str, Any] | None = None,
-) -> Event | None:
+) -> JobEvent | None:
     """Commit one event and publish it; a metrics step already recorded is skipped (None)."""
     if step is not None:
-        exists = session.scalar(select(Event.pk).where(Event.job_id == job_id, Event.step == step))
+        exists = session.scalar(select(JobEvent.pk).where(JobEvent.job_id == job_id, JobEvent.step == step))
         if exists is not None:
             return None
-    event = Event(job_id=job_id, message=message, level=level, type=type, step=step, data=data)
+    event = JobEvent(job_id=job_id, message=message, level=level, type=type, step=step, data=data)
     session.add(event)
     session.commit()
     publish(job_id, {"kind": "event", "id": event.pk, "type": type, "data": data})

@@ -1,1 +1,0 @@
-"""Database: tables, sessions and job events. Imports no FastAPI, so the worker can use it."""

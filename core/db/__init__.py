@@ -1,0 +1,1 @@
+"""Database: tables, sessions, job events and migrations. No FastAPI: the worker uses it too."""
