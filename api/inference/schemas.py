@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.inference.types import SamplingParams
+from modulora.serve.types import SamplingParams
 
 
 class ChatMessage(BaseModel):

@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session
 from api import crud
 from api.db.models import Checkpoint, Job, Model
 from api.errors import APIError, not_found
-from api.inference.types import EngineConfig, ModelSpec
+from modulora.serve.types import EngineConfig, ModelSpec
 from modulora.settings import get_settings
 
 if TYPE_CHECKING:
-    from api.inference.engine import InferenceEngine
+    from modulora.serve.engine import InferenceEngine
 
 
 class InferenceSettings(BaseSettings):
@@ -45,7 +45,7 @@ class InferenceSettings(BaseSettings):
 
 @functools.cache
 def get_engine() -> InferenceEngine:
-    from api.inference.engine import InferenceEngine
+    from modulora.serve.engine import InferenceEngine
 
     return InferenceEngine(InferenceSettings().engine_config())
 

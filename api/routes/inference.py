@@ -36,7 +36,7 @@ from api.inference.schemas import (
     Usage,
 )
 from api.inference.service import get_engine, resolve_model
-from api.inference.types import (
+from modulora.serve.types import (
     DoneEvent,
     EngineError,
     ErrorEvent,

@@ -14,14 +14,14 @@ from safetensors.torch import save_file
 
 from api.db.models import Checkpoint, Job, Model, User
 from api.db.session import session_scope
-from api.inference.engine import InferenceEngine
 from api.inference.service import get_engine
-from api.inference.types import EngineConfig
 from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
+from modulora.serve.engine import InferenceEngine
+from modulora.serve.types import EngineConfig
 from modulora.settings import get_settings
 from tests.api.conftest import Service
-from tests.api.inference.factories import export_random_adapter, random_adapter, tiny_quantized_llama
+from tests.modulora.serve.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 

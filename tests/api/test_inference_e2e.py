@@ -15,9 +15,9 @@ import openai
 import pytest
 import uvicorn
 
-from api.inference.engine import InferenceEngine
 from api.inference.service import get_engine
-from api.inference.types import EngineConfig
+from modulora.serve.engine import InferenceEngine
+from modulora.serve.types import EngineConfig
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 from tests.conftest import REPO
 from worker.tasks.train import run_job

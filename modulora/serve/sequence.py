@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from api.inference.types import SamplingParams
+from modulora.serve.types import SamplingParams
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

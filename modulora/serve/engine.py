@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from api.inference.adapters import LoraWeights, read_adapter
-from api.inference.decoder import Decoder
-from api.inference.sequence import Sequence, sample
-from api.inference.types import (
+from modulora.generate import encode_prompt
+from modulora.serve.adapters import LoraWeights, read_adapter
+from modulora.serve.decoder import Decoder
+from modulora.serve.sequence import Sequence, sample
+from modulora.serve.types import (
     DoneEvent,
     EngineConfig,
     EngineError,
@@ -35,7 +36,6 @@ from api.inference.types import (
     SamplingParams,
     TextEvent,
 )
-from modulora.generate import encode_prompt
 
 log = logging.getLogger(__name__)
 LoadBase = Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]

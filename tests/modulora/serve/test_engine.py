@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from api.inference.types import DoneEvent, EngineError, FinishEvent, ModelSpec, SamplingParams, TextEvent
 from modulora.generate import generate
+from modulora.serve.types import DoneEvent, EngineError, FinishEvent, ModelSpec, SamplingParams, TextEvent
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
