@@ -49,7 +49,14 @@ class _SamplingFields(BaseModel):
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens, self.temperature, self.top_p, self.stop, self.seed, self.n)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            n=self.n,
+        )
 
     @property
     def include_usage(self) -> bool:

@@ -1,13 +1,13 @@
-"""The API's side of serving: engine settings, the process-wide engine, and `model` id resolution.
+"""Where the API's inference routes get their engine and what a `model` id serves.
 
-Imports no torch: `get_engine` imports the engine on first use, so the rest of the API starts and
-tests without the ML stack.
+Imports no torch: `get_inference_engine` imports the engine on first use, so the rest of the API
+starts and tests without the ML stack.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+import threading
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import select
@@ -16,11 +16,9 @@ from sqlalchemy.orm import Session
 from api import crud
 from api.db.models import Checkpoint, Job, Model
 from api.errors import APIError, not_found
+from modulora.serve.protocol import EngineClient
 from modulora.serve.types import EngineConfig, ModelSpec
 from modulora.settings import get_settings
-
-if TYPE_CHECKING:
-    from modulora.serve.engine import InferenceEngine
 
 
 class InferenceSettings(BaseSettings):
@@ -43,11 +41,21 @@ class InferenceSettings(BaseSettings):
         )
 
 
+_engine_lock = threading.Lock()
+
+
 @functools.cache
-def get_engine() -> InferenceEngine:
+def _create_engine() -> EngineClient:
     from modulora.serve.engine import InferenceEngine
 
     return InferenceEngine(InferenceSettings().engine_config())
+
+
+def get_inference_engine() -> EngineClient:
+    """The process's one engine. `functools.cache` alone does not serialise first calls: concurrent
+    first requests each built an engine, and their loads raced (issues 22 and 23)."""
+    with _engine_lock:
+        return _create_engine()
 
 
 def base_ref(base: str) -> str:
@@ -56,7 +64,7 @@ def base_ref(base: str) -> str:
     return str(folder) if base and folder.is_dir() else base
 
 
-def resolve_model(*, session: Session, user_id: str, model_id: str) -> ModelSpec:
+def model_spec_for(*, session: Session, user_id: str, model_id: str) -> ModelSpec:
     """A base model name, one of the user's fine-tuned models or one of their jobs' checkpoints
     (another user's reads as missing)."""
     settings = get_settings()

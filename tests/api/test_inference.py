@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from api.db.models import Checkpoint, Job, Model, User
 from api.db.session import session_scope
-from api.inference.service import get_engine
+from api.inference.service import get_inference_engine
 from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
 from modulora.serve.engine import InferenceEngine
@@ -51,7 +51,7 @@ def served(
     get_settings.cache_clear()
     config = EngineConfig(max_batch_size=4, max_seq_len=128)
     engine = InferenceEngine(config, load_base=lambda ref, device, dtype: (copy.deepcopy(base), tokenizer))
-    service.client.app.dependency_overrides[get_engine] = lambda: engine
+    service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
     yield service
     engine.shutdown()
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 import uvicorn
 
-from api.inference.service import get_engine
+from api.inference.service import get_inference_engine
 from modulora.serve.engine import InferenceEngine
 from modulora.serve.types import EngineConfig
 from tests.api.conftest import CHAT_ROW, Service, jsonl
@@ -37,7 +37,7 @@ def server(service: Service) -> Iterator[str]:
         (service.home / "models").symlink_to(shared_models, target_is_directory=True)
     engine = InferenceEngine(EngineConfig(device="cpu", max_batch_size=2, max_seq_len=256))
     app = service.client.app
-    app.dependency_overrides[get_engine] = lambda: engine
+    app.dependency_overrides[get_inference_engine] = lambda: engine
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

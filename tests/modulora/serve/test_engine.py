@@ -1,4 +1,4 @@
-"""The engine: library-equal greedy output, one base for many adapters, mixed batches, LRU, batching."""
+"""The engine: library-equal greedy and seeded output, one base for many adapters, mixed batches, LRU, batching."""
 
 import threading
 from pathlib import Path
@@ -23,11 +23,18 @@ def test_greedy_output_equals_library_generate_token_for_token(
 ) -> None:
     reference_model = adapters[name][1] if name in adapters else tiny_base
     texts, usage = make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)
-    expected = generate(
-        reference_model, tokenizer, [MESSAGES], max_new_tokens=GREEDY.max_tokens, temperature=0
-    )[0]
+    expected = generate(reference_model, tokenizer, [MESSAGES], GREEDY)[0]
     assert texts == [expected.text]
     assert usage.completion_tokens == len(expected.token_ids) == GREEDY.max_tokens
+
+
+def test_seeded_sampling_equals_library_generate(make_engine, adapters, tokenizer) -> None:
+    """One sampler and one stop/EOS logic: the engine and the in-memory helper draw the same tokens."""
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=40, top_p=0.95, seed=11, n=2)
+    texts, _ = make_engine().complete(spec("ft-a", adapters), params, messages=MESSAGES)
+    expected = generate(adapters["ft-a"][1], tokenizer, [MESSAGES], params)
+    assert texts == [c.text for c in expected]
+    assert texts[0] != texts[1]
 
 
 def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
