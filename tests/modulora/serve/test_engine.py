@@ -1,4 +1,4 @@
-"""The engine: library-equal greedy and seeded output, one base for many adapters, mixed batches, LRU, batching."""
+"""The engine: greedy and seeded output equal to the library's, one base for many adapters, LRU, batching."""
 
 import threading
 from pathlib import Path
