@@ -293,12 +293,11 @@ def run_generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as error:
         raise SystemExit(f"generate: {error}") from None
-    prompts = [{"messages": [{"role": "user", "content": p}]} if args.chat else {"prompt": p}
-               for p in args.prompt]  # fmt: skip
+    prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
     rows = min(len(prompts), 16)
     engine = InferenceEngine(EngineConfig(device=args.device or "auto", max_batch_size=rows))
     try:
-        requests = [engine.stream(spec, params, **prompt) for prompt in prompts]  # one batch
+        requests = [engine.stream(spec, params, prompt) for prompt in prompts]  # one batch
         for events in requests:
             _print_completion(events, live=args.stream and len(prompts) == 1)
     except EngineError as error:
@@ -310,7 +309,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _print_completion(events: Iterator[Any], live: bool) -> None:
     """Print one request's text on a line of its own, as it arrives when `live`; raises its error."""
-    from modulora.serve.types import ErrorEvent, TextEvent
+    from modulora.serve.events import ErrorEvent, TextEvent
 
     pieces = []
     for event in events:

@@ -21,8 +21,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from modulora.serve.sampling import next_tokens
-from modulora.serve.sequence import FinishReason, Prompt, SequenceState, encode_prompt, eos_token_ids
-from modulora.serve.types import SamplingParams
+from modulora.serve.sequence import SequenceState, encode_prompt, eos_token_ids
+from modulora.serve.types import FinishReason, Prompt, SamplingParams
 
 
 @dataclasses.dataclass

@@ -32,17 +32,9 @@ from api.inference.schemas import (
     CompletionRequest,
     Usage,
 )
+from modulora.serve.events import DoneEvent, ErrorEvent, FinishEvent, GenerationEvent, TextEvent
 from modulora.serve.protocol import EngineClient
-from modulora.serve.types import (
-    DoneEvent,
-    EngineError,
-    ErrorEvent,
-    FinishEvent,
-    GenerationEvent,
-    ModelSpec,
-    SamplingParams,
-    TextEvent,
-)
+from modulora.serve.types import EngineError, ModelSpec, Prompt, SamplingParams
 
 _STATUS = {"context_length_exceeded": 400, "model_not_found": 404, "server_busy": 503}
 ChoiceEvent = TextEvent | FinishEvent
@@ -57,22 +49,11 @@ def _api_error(error: EngineError) -> APIError:
 class EngineCall:
     """One engine request seen from the event loop: its events land in an asyncio queue."""
 
-    def __init__(
-        self,
-        engine: EngineClient,
-        spec: ModelSpec,
-        params: SamplingParams,
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
-    ) -> None:
+    def __init__(self, engine: EngineClient, spec: ModelSpec, params: SamplingParams, prompt: Prompt) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.handle = engine.submit(
-            spec,
-            params,
-            lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
-            prompt=prompt,
-            messages=messages,
+            spec, params, prompt, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
         )
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
@@ -128,7 +109,7 @@ async def _sse_lines(
 
 def _chat_call(engine: EngineClient, spec: ModelSpec, body: ChatCompletionRequest) -> EngineCall:
     max_tokens = body.max_completion_tokens or body.max_tokens or engine.config.max_seq_len
-    return EngineCall(engine, spec, body.sampling(max_tokens), messages=body.chat())
+    return EngineCall(engine, spec, body.sampling(max_tokens), body.chat())
 
 
 async def chat_completion(
@@ -172,7 +153,7 @@ def chat_completion_stream(
 
 def _completion_call(engine: EngineClient, spec: ModelSpec, body: CompletionRequest) -> EngineCall:
     assert isinstance(body.prompt, str)  # the validator keeps exactly one prompt
-    return EngineCall(engine, spec, body.sampling(body.max_tokens), prompt=body.prompt)
+    return EngineCall(engine, spec, body.sampling(body.max_tokens), body.prompt)
 
 
 async def completion(engine: EngineClient, spec: ModelSpec, body: CompletionRequest) -> Completion:

@@ -33,7 +33,11 @@ def _event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
 async def create_chat_completion(
     body: ChatCompletionRequest, user: CurrentUser, session: SessionDep, engine: EngineDep
 ) -> ChatCompletion | StreamingResponse:
-    """Answer a conversation with a base model or one of your fine-tuned models."""
+    """Answer a conversation with a base model or one of your fine-tuned models.
+
+    The messages are rendered with the chat template the adapter was trained with (else the base's);
+    without `max_tokens` or `max_completion_tokens` the answer may run to the end of the context.
+    """
     spec = model_spec_for(session=session, user_id=user.id, model_id=body.model)
     if body.stream:
         return _event_stream(serving.chat_completion_stream(engine, spec, body))
@@ -44,7 +48,8 @@ async def create_chat_completion(
 async def create_completion(
     body: CompletionRequest, user: CurrentUser, session: SessionDep, engine: EngineDep
 ) -> Completion | StreamingResponse:
-    """Continue a raw prompt (no chat template) with a base model or one of your fine-tuned models."""
+    """Continue a raw prompt (no chat template) with a base model or one of your fine-tuned models;
+    `max_tokens` defaults to 16, as OpenAI's."""
     spec = model_spec_for(session=session, user_id=user.id, model_id=body.model)
     if body.stream:
         return _event_stream(serving.completion_stream(engine, spec, body))

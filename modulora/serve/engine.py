@@ -23,19 +23,17 @@ import torch
 
 from modulora.serve.adapters import LoraWeights, read_adapter
 from modulora.serve.decoder import Decoder
-from modulora.serve.sampling import next_tokens
-from modulora.serve.sequence import SequenceState, encode_prompt, eos_token_ids
-from modulora.serve.types import (
+from modulora.serve.events import (
     DoneEvent,
-    EngineConfig,
-    EngineError,
     ErrorEvent,
+    EventListener,
     FinishEvent,
     GenerationEvent,
-    ModelSpec,
-    SamplingParams,
     TextEvent,
 )
+from modulora.serve.sampling import next_tokens
+from modulora.serve.sequence import SequenceState, encode_prompt, eos_token_ids
+from modulora.serve.types import EngineConfig, EngineError, ModelSpec, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 LoadBase = Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]
@@ -57,9 +55,8 @@ class GenerationRequest:
 
     spec: ModelSpec
     params: SamplingParams
-    on_event: Callable[[GenerationEvent], None]
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    prompt: Prompt
+    on_event: EventListener
     sequences: list[SequenceState] = dataclasses.field(default_factory=list)
     slot: int = 0  # adapter bank slot (0: the base alone)
     prompt_tokens: int = 0
@@ -121,17 +118,11 @@ class InferenceEngine:
     # ---- public surface -------------------------------------------------------------------------
 
     def submit(
-        self,
-        spec: ModelSpec,
-        params: SamplingParams,
-        on_event: Callable[[GenerationEvent], None],
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
+        self, spec: ModelSpec, params: SamplingParams, prompt: Prompt, on_event: EventListener
     ) -> GenerationRequest:
-        """Queue a completion (`prompt`) or chat completion (`messages`); events arrive via `on_event`."""
-        if (prompt is None) == (messages is None):
-            raise ValueError("give exactly one of prompt and messages")
-        request = GenerationRequest(spec, params, on_event, prompt, messages)
+        """Queue a completion (a text prompt) or a chat completion (messages); returns at once.
+        Its events arrive through `on_event`, called from the engine's thread."""
+        request = GenerationRequest(spec, params, prompt, on_event)
         with self._wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
@@ -140,7 +131,7 @@ class InferenceEngine:
             self._wake.notify()
         return request
 
-    def stream(self, spec: ModelSpec, params: SamplingParams, **prompt: Any) -> Iterator[GenerationEvent]:
+    def stream(self, spec: ModelSpec, params: SamplingParams, prompt: Prompt) -> Iterator[GenerationEvent]:
         """Submit a request now and return a blocking iterator over its events (for the CLI, tests
         and benchmarks); requests submitted one after another decode together."""
         events: collections.deque[GenerationEvent] = collections.deque()
@@ -160,13 +151,15 @@ class InferenceEngine:
                 if isinstance(event, DoneEvent | ErrorEvent):
                     return
 
-        self.submit(spec, params, on_event, **prompt)
+        self.submit(spec, params, prompt, on_event)
         return read()
 
-    def complete(self, spec: ModelSpec, params: SamplingParams, **prompt: Any) -> tuple[list[str], DoneEvent]:
+    def complete(
+        self, spec: ModelSpec, params: SamplingParams, prompt: Prompt
+    ) -> tuple[list[str], DoneEvent]:
         """Every choice's full text and the usage counts; raises the request's EngineError."""
         texts = [""] * params.n
-        for event in self.stream(spec, params, **prompt):
+        for event in self.stream(spec, params, prompt):
             if isinstance(event, TextEvent):
                 texts[event.index] += event.text
             elif isinstance(event, ErrorEvent):
@@ -248,7 +241,7 @@ class InferenceEngine:
             raise EngineError(
                 f"the prompt has {len(prompt_ids)} tokens; max_seq_len is {base.decoder.max_seq_len}",
                 code="context_length_exceeded",
-                param="messages" if request.messages is not None else "prompt",
+                param="prompt" if isinstance(request.prompt, str) else "messages",
             )
         request.prompt_tokens = len(prompt_ids)
         for index, row in zip(range(request.params.n), free, strict=False):
@@ -313,9 +306,7 @@ class InferenceEngine:
         """Prompt ids as training builds them; chat messages go through the adapter's saved chat
         template, else the base tokenizer's."""
         template = base.chat_templates.get(adapter) if adapter else None
-        prompt = request.prompt if request.messages is None else request.messages
-        assert prompt is not None  # `submit` takes exactly one of them
-        return encode_prompt(base.tokenizer, prompt, template)
+        return encode_prompt(base.tokenizer, request.prompt, template)
 
     def _resident_base(self, ref: str) -> ResidentBase:
         if ref in self.bases:

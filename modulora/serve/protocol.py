@@ -6,10 +6,10 @@ fake engine, and nothing here imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
-from modulora.serve.types import EngineConfig, GenerationEvent, ModelSpec, SamplingParams
+from modulora.serve.events import EventListener
+from modulora.serve.types import EngineConfig, ModelSpec, Prompt, SamplingParams
 
 
 class RequestHandle(Protocol):
@@ -22,14 +22,9 @@ class EngineClient(Protocol):
     def config(self) -> EngineConfig: ...
 
     def submit(
-        self,
-        spec: ModelSpec,
-        params: SamplingParams,
-        on_event: Callable[[GenerationEvent], None],
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
+        self, spec: ModelSpec, params: SamplingParams, prompt: Prompt, on_event: EventListener
     ) -> RequestHandle:
-        """Queue a completion (`prompt`) or a chat completion (`messages`, exactly one of the two).
+        """Queue a completion (a text prompt) or a chat completion (a list of messages).
 
         `on_event` is called from the engine's thread with a `TextEvent` per new piece of text and a
         `FinishEvent` per choice, then one `DoneEvent`; or with one `ErrorEvent` instead.

@@ -9,14 +9,11 @@ choices through `SequenceState`, so they end and cut a completion the same way.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from modulora.data import chat_template
 from modulora.serve.sampling import choice_generator
-from modulora.serve.types import SamplingParams
-
-Prompt = str | list[dict[str, str]]
-FinishReason = Literal["stop", "length"]
+from modulora.serve.types import FinishReason, Prompt, SamplingParams
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt, template: str | None = None) -> list[int]:

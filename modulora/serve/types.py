@@ -1,6 +1,7 @@
-"""The engine's plain data: configuration, sampling parameters, what a model id resolves to, events.
+"""The engine's plain data: configuration, sampling parameters, prompts, what a model id serves.
 
-Nothing here imports torch, so the API can build requests and read events without the ML stack.
+Nothing here imports torch, so the API can build requests without the ML stack (the events a
+request emits are in `modulora.serve.events`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 DEVICES = ("auto", "cpu", "cuda")
+FinishReason = Literal["stop", "length"]
+Prompt = str | list[dict[str, str]]
+"""A raw text prompt, or chat messages ({"role", "content"}) rendered with the chat template."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -94,33 +98,3 @@ class ModelSpec:
     base: str
     adapter_dir: Path | None = None
     checkpoint_scaling: float | None = None
-
-
-@dataclasses.dataclass
-class TextEvent:
-    """New text of choice `index` (may be empty when a token completes no character yet)."""
-
-    index: int
-    text: str
-
-
-@dataclasses.dataclass
-class FinishEvent:
-    index: int
-    finish_reason: Literal["stop", "length"]
-
-
-@dataclasses.dataclass
-class DoneEvent:
-    """The request is over: every choice has finished. Token counts for `usage`."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclasses.dataclass
-class ErrorEvent:
-    error: EngineError
-
-
-GenerationEvent = TextEvent | FinishEvent | DoneEvent | ErrorEvent

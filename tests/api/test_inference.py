@@ -21,17 +21,8 @@ from api.inference.service import get_inference_engine
 from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
 from modulora.serve.engine import InferenceEngine
-from modulora.serve.types import (
-    DoneEvent,
-    EngineConfig,
-    EngineError,
-    ErrorEvent,
-    FinishEvent,
-    GenerationEvent,
-    ModelSpec,
-    SamplingParams,
-    TextEvent,
-)
+from modulora.serve.events import DoneEvent, ErrorEvent, FinishEvent, GenerationEvent, TextEvent
+from modulora.serve.types import EngineConfig, EngineError, ModelSpec, Prompt, SamplingParams
 from modulora.settings import get_settings
 from tests.api.conftest import Service
 from tests.modulora.serve.factories import export_random_adapter, random_adapter, tiny_quantized_llama
@@ -60,20 +51,17 @@ class ScriptedEngine:
 
     events: list[GenerationEvent]
     config: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(max_seq_len=64))
-    submitted: list[tuple[ModelSpec, SamplingParams, str | None, Any]] = dataclasses.field(
-        default_factory=list
-    )
+    submitted: list[tuple[ModelSpec, SamplingParams, Prompt]] = dataclasses.field(default_factory=list)
     cancels: int = 0
 
     def submit(
         self,
         spec: ModelSpec,
         params: SamplingParams,
+        prompt: Prompt,
         on_event: Callable[[GenerationEvent], None],
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
     ) -> ScriptedEngine:
-        self.submitted.append((spec, params, prompt, messages))
+        self.submitted.append((spec, params, prompt))
         threading.Thread(target=lambda: [on_event(event) for event in self.events]).start()
         return self
 
@@ -114,10 +102,10 @@ def test_chat_completion_is_built_from_engine_events(service: Service, scripted)
     ]
     assert data["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
     # OpenAI's defaults, max_tokens up to the engine's context, "developer" as the templates' "system".
-    (spec, params, prompt, messages) = engine.submitted[0]
-    assert spec == ModelSpec("tiny", "tiny") and prompt is None
+    (spec, params, prompt) = engine.submitted[0]
+    assert spec == ModelSpec("tiny", "tiny")
     assert params == SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0, stop=["\n"], seed=5, n=2)
-    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
 def test_stream_sends_a_role_per_choice_then_finish_reasons_and_done(service: Service, scripted) -> None:
