@@ -294,10 +294,10 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"generate: {error}") from None
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
-    rows = min(len(prompts), 16)
+    rows = min(len(prompts), 16)  # KV cache rows: up to 16 prompts decode together, the rest wait
     engine = InferenceEngine(EngineConfig(device=args.device or "auto", max_batch_size=rows))
     try:
-        requests = [engine.stream(spec, params, prompt) for prompt in prompts]  # one batch
+        requests = [engine.stream(spec, params, prompt) for prompt in prompts]
         for events in requests:
             _print_completion(events, live=args.stream and len(prompts) == 1)
     except EngineError as error:
