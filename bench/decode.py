@@ -4,7 +4,7 @@
     BENCH_DEVICE=cpu python -m bench.decode --size tiny --batches 1 2 --prompt 16 --new 8 --parts ours-4bit
 
 What runs, in one process, for a LLaMA-7B-shaped model with random weights (no checkpoint needed):
-- ours, GPTQ 4-bit and 2-bit (group 128), through `api.inference.decoder.Decoder`, the engine's
+- ours, GPTQ 4-bit and 2-bit (group 128), through `modulora.serve.decoder.Decoder`, the engine's
   model path: each prompt prefilled into its own KV cache row, then decode steps over all rows
   (fused low-bit matmul, CUDA graphs), greedy. Tokens/s = batch x new tokens / wall time of the
   whole generation (prefills included); time to first token = prefill of one 512-token prompt.
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from api.inference.decoder import Decoder
 from bench._common import (
     copies_for,
     do_bench_ms,
@@ -37,6 +36,7 @@ from bench._common import (
 )
 from bench._models import DEVICE, LLAMA_SIZES, build_model
 from gpu_kernels.gptq_matmul import gptq_matmul
+from modulora.serve.decoder import Decoder
 
 PARTS = ("ours-4bit", "ours-2bit", "hf-bf16", "hf-bnb-nf4", "matmuls", "profile")
 
@@ -195,7 +195,7 @@ def copy_bandwidth() -> float:
 
 def measure_matmuls(args: argparse.Namespace, bits: int, ceiling: float) -> list[dict]:
     hidden, inter, _, _ = LLAMA_SIZES[args.size]
-    shapes = {  # the fused products are what the decoder runs on a GPU (api.inference.decoder)
+    shapes = {  # the fused products are what the decoder runs on a GPU (modulora.serve.decoder)
         "q/k/v/o_proj": (hidden, hidden),
         "gate/up_proj": (hidden, inter),
         "down_proj": (inter, hidden),

@@ -261,15 +261,17 @@ def _quant_config(ref: str) -> dict[str, Any] | None:
 
 
 def register_generate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="complete prompts with a model (and adapter)")
+    p = subparsers.add_parser(
+        "generate", help="complete prompts with a model (and adapter) on the inference engine"
+    )
     _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--chat", action="store_true", help="send each prompt as a user message (chat template)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--stop", action="append", default=[], help="up to 4")
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--no-stream", dest="stream", action="store_false", help="print when done, not token by token"
@@ -278,26 +280,47 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from modulora.generate import SamplingConfig, generate, stream_generate
+    """Serve --model (and --adapter) on the engine the HTTP API runs, so both answer alike."""
+    from modulora.serve.engine import InferenceEngine
+    from modulora.serve.types import EngineConfig, EngineError, ModelSpec, SamplingParams
 
-    model, tokenizer = _load(args)
-    config = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        stop=args.stop,
-        seed=args.seed,
-    )
+    adapter = adapter_folder(args.adapter) if args.adapter else None
+    spec = ModelSpec(id=str(adapter or args.model), base=args.model, adapter_dir=adapter)
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, stop=args.stop, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"generate: {error}") from None
     prompts = [[{"role": "user", "content": p}] if args.chat else p for p in args.prompt]
-    if args.stream and len(prompts) == 1:
-        for delta in stream_generate(model, tokenizer, prompts[0], config):
-            print(delta, end="", flush=True)
-        print()
-        return 0
-    for completion in generate(model, tokenizer, prompts, config):
-        print(completion.text)
+    rows = min(len(prompts), 16)  # KV cache rows: up to 16 prompts decode together, the rest wait
+    engine = InferenceEngine(EngineConfig(device=args.device or "auto", max_batch_size=rows))
+    try:
+        requests = [engine.stream(spec, params, prompt) for prompt in prompts]
+        for events in requests:
+            _print_completion(events, live=args.stream and len(prompts) == 1)
+    except EngineError as error:
+        raise SystemExit(f"generate: {error.message}") from None
+    finally:
+        engine.shutdown()
     return 0
+
+
+def _print_completion(events: Iterator[Any], live: bool) -> None:
+    """Print one request's text on a line of its own, as it arrives when `live`; raises its error."""
+    from modulora.serve.events import ErrorEvent, TextEvent
+
+    pieces = []
+    for event in events:
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        if isinstance(event, TextEvent):
+            if live:
+                print(event.text, end="", flush=True)
+            else:
+                pieces.append(event.text)
+    print("".join(pieces))
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -348,11 +371,13 @@ def run_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"--data {error}") from None
     from modulora.eval.tasks import exact_match, rouge
     from modulora.generate import generate
+    from modulora.serve.types import SamplingParams
 
+    greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0)
     predictions = []
     for start in range(0, len(prompts), args.batch_size):
         batch = list(prompts[start : start + args.batch_size])
-        predictions += [c.text for c in generate(model, tokenizer, batch, max_new_tokens=args.max_new_tokens)]
+        predictions += [c.text for c in generate(model, tokenizer, batch, greedy)]
     if args.task == "exact-match":
         print(f"exact_match: {exact_match(predictions, references):.4f}")
     else:

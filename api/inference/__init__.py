@@ -1,4 +1,5 @@
-"""Serving: quantized bases resident once, LoRA adapters attached per request, continuous batching.
+"""The API's side of serving: OpenAI request and response schemas (`schemas`), requests turned into
+engine calls (`serving`), the process's engine and what a `model` id serves (`service`).
 
-Importing this package does not import torch; `engine` does, and the routes import it lazily.
+The engine itself is the library's (`modulora.serve`); nothing here imports torch.
 """

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.inference.types import SamplingParams
+from modulora.serve.types import SamplingParams
 
 
 class ChatMessage(BaseModel):
@@ -49,7 +49,14 @@ class _SamplingFields(BaseModel):
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens, self.temperature, self.top_p, self.stop, self.seed, self.n)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            n=self.n,
+        )
 
     @property
     def include_usage(self) -> bool:

@@ -1,31 +1,32 @@
-"""The API's side of serving: the process-wide engine (settings in `core.config`), `model` id resolution.
+"""Where the API's inference routes get their engine and what a `model` id serves.
 
-Imports no torch: `get_engine` imports the engine on first use, so the rest of the API starts and
-tests without the ML stack.
+Imports no torch: `get_inference_engine` imports the engine on first use, so the rest of the API
+starts and tests without the ML stack.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+import threading
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import crud
-from api.errors import APIError, not_found
-from api.inference.types import EngineConfig, ModelSpec
+from api.errors import not_found
+from core.bases import job_base
 from core.config import get_settings
 from core.db.models import Checkpoint, Job, Model
+from modulora.serve.protocol import EngineClient
+from modulora.serve.types import EngineConfig, ModelSpec
 from modulora.settings import from_home
 
-if TYPE_CHECKING:
-    from api.inference.engine import InferenceEngine
+_engine_lock = threading.Lock()
 
 
 @functools.cache
-def get_engine() -> InferenceEngine:
-    from api.inference.engine import InferenceEngine
+def _create_engine() -> EngineClient:
+    from modulora.serve.engine import InferenceEngine
 
     settings = get_settings()
     return InferenceEngine(
@@ -39,7 +40,14 @@ def get_engine() -> InferenceEngine:
     )
 
 
-def resolve_model(*, session: Session, user_id: str, model_id: str) -> ModelSpec:
+def get_inference_engine() -> EngineClient:
+    """The process's one engine. `functools.cache` alone does not serialise first calls: concurrent
+    first requests each built an engine, and their loads raced (issues 22 and 23)."""
+    with _engine_lock:
+        return _create_engine()
+
+
+def model_spec_for(*, session: Session, user_id: str, model_id: str) -> ModelSpec:
     """A base model name, one of the user's fine-tuned models or one of their jobs' checkpoints
     (another user's reads as missing)."""
     settings = get_settings()
@@ -62,17 +70,9 @@ def resolve_model(*, session: Session, user_id: str, model_id: str) -> ModelSpec
 
 
 def checkpoint_base(session: Session, job: Job) -> str:
-    """The base a job trains on: its fine-tuned model's record once it has one; before that, only
-    a GGUF-native base (`<model>:gguf`) is known without the worker's quantized-base cache key."""
+    """The base a job trains on: its fine-tuned model's record once it has one; before that (a
+    running, cancelled or failed job) the folder the worker builds, named by `core.bases.job_base`."""
     model = session.scalar(select(Model).where(Model.job_id == job.id))
     if model is not None:
         return from_home(model.base)
-    if job.hyperparameters.get("quantization") == "gguf":
-        return f"{job.model}:gguf"
-    # 400, not 409: the openai SDK retries a 409 on its own, and waiting a second will not help.
-    raise APIError(
-        400,
-        f"Checkpoints of job {job.id} are servable once it finishes (its quantized base is not recorded yet)",
-        param="model",
-        code="checkpoint_not_ready",
-    )
+    return job_base(job.model, job.hyperparameters)

@@ -1,27 +1,31 @@
-"""/v1/chat/completions and /v1/completions over the engine (tiny quantized model, per-user adapters)."""
+"""/v1/chat/completions and /v1/completions: over a scripted `EngineClient` (what the API translates),
+then over the real engine (tiny quantized model, per-user adapters)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from safetensors.torch import save_file
 
-from api.inference.engine import InferenceEngine
-from api.inference.service import get_engine
-from api.inference.types import EngineConfig
+from api.inference.service import get_inference_engine
 from core.config import get_settings
 from core.db.models import Checkpoint, Job, Model, User
 from core.db.session import session_scope
 from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
+from modulora.serve.engine import InferenceEngine
+from modulora.serve.events import DoneEvent, ErrorEvent, FinishEvent, GenerationEvent, TextEvent
+from modulora.serve.types import EngineConfig, EngineError, ModelSpec, Prompt, SamplingParams
 from tests.api.conftest import Service
-from tests.api.inference.factories import export_random_adapter, random_adapter, tiny_quantized_llama
+from tests.modulora.serve.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -41,6 +45,116 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path, Any]
     )
 
 
+@dataclasses.dataclass
+class ScriptedEngine:
+    """An `EngineClient` that answers every request with `events`, from a thread of its own."""
+
+    events: list[GenerationEvent]
+    config: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(max_seq_len=64))
+    submitted: list[tuple[ModelSpec, SamplingParams, Prompt]] = dataclasses.field(default_factory=list)
+    cancels: int = 0
+
+    def submit(
+        self,
+        spec: ModelSpec,
+        params: SamplingParams,
+        prompt: Prompt,
+        on_event: Callable[[GenerationEvent], None],
+    ) -> ScriptedEngine:
+        self.submitted.append((spec, params, prompt))
+        threading.Thread(target=lambda: [on_event(event) for event in self.events]).start()
+        return self
+
+    def cancel(self) -> None:
+        self.cancels += 1
+
+
+TWO_CHOICES = [TextEvent(0, "Hel"), TextEvent(1, "Bon"), TextEvent(0, "lo"), FinishEvent(1, "stop"),
+               FinishEvent(0, "length"), DoneEvent(prompt_tokens=7, completion_tokens=5)]  # fmt: skip
+
+
+@pytest.fixture
+def scripted(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[list[GenerationEvent]], ScriptedEngine]:
+    """Serve base `tiny` from a `ScriptedEngine` with the given events."""
+    monkeypatch.setenv("MODULORA_BASE_MODELS", '["tiny"]')
+    get_settings.cache_clear()
+
+    def serve(events: list[GenerationEvent]) -> ScriptedEngine:
+        engine = ScriptedEngine(events)
+        service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
+        return engine
+
+    return serve
+
+
+def test_chat_completion_is_built_from_engine_events(service: Service, scripted) -> None:
+    engine = scripted(TWO_CHOICES)
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = {"model": "tiny", "n": 2, "seed": 5, "stop": "\n", "messages": messages}
+    response = service.client.post("/v1/chat/completions", headers=service.new_key("ada"), json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert [(c["message"]["content"], c["finish_reason"]) for c in data["choices"]] == [
+        ("Hello", "length"),
+        ("Bon", "stop"),
+    ]
+    assert data["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    # OpenAI's defaults, max_tokens up to the engine's context, "developer" as the templates' "system".
+    (spec, params, prompt) = engine.submitted[0]
+    assert spec == ModelSpec("tiny", "tiny")
+    assert params == SamplingParams(max_tokens=64, temperature=1.0, top_p=1.0, stop=["\n"], seed=5, n=2)
+    assert prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+def test_stream_sends_a_role_per_choice_then_finish_reasons_and_done(service: Service, scripted) -> None:
+    engine = scripted(TWO_CHOICES)
+    body = {"model": "tiny", "prompt": "Hi", "n": 2, "stream": True}
+    with service.client.stream(
+        "POST", "/v1/completions", headers=service.new_key("ada"), json=body
+    ) as response:
+        completion_chunks = sse_payloads(response)
+    assert completion_chunks[-1] == "[DONE]"
+    assert [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in completion_chunks[:3]] == [
+        (0, "Hel"), (1, "Bon"), (0, "lo")]  # fmt: skip
+    assert engine.submitted[0][1].max_tokens == 16  # OpenAI's default for completions
+
+    body = {"model": "tiny", "messages": MESSAGES, "n": 2, "stream": True}
+    with service.client.stream(
+        "POST", "/v1/chat/completions", headers=service.new_key("bo"), json=body
+    ) as response:
+        chunks = sse_payloads(response)[:-1]
+    deltas = [
+        (c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks
+    ]
+    assert deltas == [
+        (0, {"role": "assistant", "content": "Hel"}, None),
+        (1, {"role": "assistant", "content": "Bon"}, None),
+        (0, {"role": None, "content": "lo"}, None),
+        (1, {"role": None, "content": None}, "stop"),
+        (0, {"role": None, "content": None}, "length"),
+    ]
+    assert all("usage" not in c for c in chunks)
+    assert engine.cancels == 2  # each stream released its request once it ended (a no-op when done)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "kind"),
+    [("context_length_exceeded", 400, "invalid_request_error"),
+     ("model_not_found", 404, "invalid_request_error"),
+     ("server_busy", 503, "server_error"), ("inference_error", 500, "server_error")],
+)  # fmt: skip
+def test_engine_errors_keep_their_code_in_the_openai_envelope(
+    service: Service, scripted, code: str, status: int, kind: str
+) -> None:
+    scripted([ErrorEvent(EngineError("no room", code=code, param="model"))])
+    body = {"model": "tiny", "messages": MESSAGES}
+    response = service.client.post("/v1/chat/completions", headers=service.new_key("ada"), json=body)
+    assert response.status_code == status
+    assert response.json()["error"] == {"message": "no room", "type": kind, "param": "model", "code": code}
+
+
 @pytest.fixture
 def served(
     service: Service, tiny: tuple[Any, Any, Path], monkeypatch: pytest.MonkeyPatch
@@ -51,19 +165,21 @@ def served(
     get_settings.cache_clear()
     config = EngineConfig(max_batch_size=4, max_seq_len=128)
     engine = InferenceEngine(config, load_base=lambda ref, device, dtype: (copy.deepcopy(base), tokenizer))
-    service.client.app.dependency_overrides[get_engine] = lambda: engine
+    service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
     yield service
     engine.shutdown()
 
 
-def register_adapter(service: Service, folder: Path, user_name: str, model_id: str) -> str:
+def register_adapter(
+    service: Service, folder: Path, user_name: str, model_id: str, base: str = "tiny"
+) -> str:
     """What the worker does when a job succeeds: adapter under home/adapters, a Model row; the job id."""
     target = service.home / "adapters" / model_id
     shutil.copytree(folder, target)
     with session_scope() as session:
         user = session.query(User).filter(User.name == user_name).one()
         hyperparameters = {"lora_r": 4, "lora_alpha": 8.0, "quantization": "rtn"}  # as `random_adapter`
-        job = Job(user_id=user.id, model="tiny", training_file="file-x", seed=0, status="succeeded",
+        job = Job(user_id=user.id, model=base, training_file="file-x", seed=0, status="succeeded",
                   hyperparameters=hyperparameters)  # fmt: skip
         session.add(job)
         session.flush()
@@ -72,8 +188,8 @@ def register_adapter(service: Service, folder: Path, user_name: str, model_id: s
                 id=model_id,
                 user_id=user.id,
                 job_id=job.id,
-                parent="tiny",
-                base="tiny",
+                parent=base,
+                base=base,
                 path=f"adapters/{model_id}",
             )
         )

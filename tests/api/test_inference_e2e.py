@@ -1,47 +1,58 @@
-"""End to end on CPU with the real SmolLM2: a job finishes, the `openai` SDK streams its model.
+"""End to end on CPU with the real SmolLM2 and the service's own engine (no override).
 
-The job runs through the worker's own code (`run_job`, inline instead of through a broker); the
-service runs in a real uvicorn server so the SDK streams over HTTP.
+A job finishes and the `openai` SDK streams its model; `modulora generate` and the chat endpoint
+give the same answer for the same adapter; 16 concurrent first requests share one engine. The
+service runs in a real uvicorn server, so requests arrive concurrently over HTTP.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import uvicorn
 
-from api.inference.engine import InferenceEngine
-from api.inference.service import get_engine
-from api.inference.types import EngineConfig
+from api.inference import service as inference_service
+from modulora import cli
+from modulora.export import load_adapter
+from modulora.generate import generate
+from modulora.models import load_model
+from modulora.serve.engine import InferenceEngine
+from modulora.serve.types import SamplingParams
 from tests.api.conftest import CHAT_ROW, Service, jsonl
+from tests.api.test_inference import register_adapter
 from tests.conftest import REPO
 from worker.tasks.train import run_job
 
 pytestmark = pytest.mark.slow
 
+BASE = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture
-def server(service: Service) -> Iterator[str]:
-    """The service's app on a free localhost port, with a CPU engine; yields the base URL."""
+def server(service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The service's app on a free localhost port with its own CPU engine; yields the base URL."""
     # The SmolLM2 conversion the other tests share, instead of converting the GGUF again (~35 s).
     shared_models = REPO / ".cache" / "test-home" / "models"
     if shared_models.is_dir():
         service.home.mkdir(parents=True, exist_ok=True)
         (service.home / "models").symlink_to(shared_models, target_is_directory=True)
-    engine = InferenceEngine(EngineConfig(device="cpu", max_batch_size=2, max_seq_len=256))
-    app = service.client.app
-    app.dependency_overrides[get_engine] = lambda: engine
+    monkeypatch.setenv("MODULORA_INFERENCE_DEVICE", "cpu")
+    monkeypatch.setenv("MODULORA_INFERENCE_MAX_SEQ_LEN", "256")
+    inference_service._create_engine.cache_clear()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(service.client.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:
@@ -49,17 +60,23 @@ def server(service: Service) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}/v1"
     uv.should_exit = True
     thread.join()
-    engine.shutdown()
+    if inference_service._create_engine.cache_info().currsize:
+        inference_service._create_engine().shutdown()
+    inference_service._create_engine.cache_clear()
+
+
+def sdk(service: Service, server: str, user: str = "ada") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server, api_key=service.new_key(user)["Authorization"][7:])
 
 
 def test_openai_sdk_streams_a_chat_completion_from_a_fresh_job(service: Service, server: str) -> None:
-    client = openai.OpenAI(base_url=server, api_key=service.new_key("ada")["Authorization"][7:])
+    client = sdk(service, server)
     upload = client.files.create(file=("train.jsonl", jsonl([CHAT_ROW], copies=10)), purpose="fine-tune")
     # One optimizer step on the GGUF's own 4-bit weights: the job is the set-up, not the subject.
     hyperparameters = {"n_epochs": 1, "batch_size": 2, "quantization": "gguf", "lora_r": 4,
                        "lora_targets": ["q_proj", "v_proj"], "max_steps": 1, "max_seq_len": 32}  # fmt: skip
     job = client.fine_tuning.jobs.create(
-        model="smollm2-135m-instruct",
+        model=BASE,
         training_file=upload.id,
         extra_body={"hyperparameters": hyperparameters},
     )
@@ -78,4 +95,79 @@ def test_openai_sdk_streams_a_chat_completion_from_a_fresh_job(service: Service,
 
     assert text and chunks[-2].choices[0].finish_reason in ("stop", "length")
     adapter = next(m for m in client.models.list() if m.id == job.fine_tuned_model)
-    assert adapter.parent == "smollm2-135m-instruct"
+    assert adapter.parent == BASE
+
+
+def test_cli_generate_and_the_chat_endpoint_give_the_same_greedy_answer(
+    service: Service, server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A real adapter: a few LoRA steps on SmolLM2 with the library's own command, then exported.
+    answer = {"role": "assistant", "content": "Ahoy, sailor! The sea is calm today."}
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, answer]}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 8))
+    run = tmp_path / "run"
+    finetune = ["finetune", "--model", BASE, "--data", data, "--max-steps", 2, "--micro-batch-size", 2,
+                "--learning-rate", "1e-2", "--lora-r", 8, "--target-modules", "q_proj", "v_proj",
+                "--max-seq-len", 48, "--out", run, "--device", "cpu"]  # fmt: skip
+    assert cli.main([str(arg) for arg in finetune]) == 0
+    capsys.readouterr()
+
+    max_tokens = 12
+    generate_command = ["generate", "--model", BASE, "--adapter", str(run), "--chat", "--prompt", "Hi",
+                        "--max-new-tokens", str(max_tokens), "--device", "cpu"]  # fmt: skip
+    assert cli.main(generate_command) == 0
+    from_cli = capsys.readouterr().out.removesuffix("\n")
+
+    client = sdk(service, server)
+    register_adapter(service, run / "adapter", "ada", "ft:smollm2:ada:1", base=BASE)
+
+    def chat(model: str) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0
+        )
+
+    from_api = chat("ft:smollm2:ada:1")
+    assert from_api.choices[0].message.content == from_cli
+    assert from_cli != chat(BASE).choices[0].message.content, "the adapter should change the answer"
+
+    # The in-memory helper eval uses, on the model with the adapter's LoRA modules attached: the
+    # same token ids (as many as the API counted) and the same text.
+    model, tokenizer = load_model(BASE)
+    load_adapter(model, run / "adapter")
+    (in_memory,) = generate(
+        model, tokenizer, [MESSAGES], SamplingParams(max_tokens=max_tokens, temperature=0)
+    )
+    assert len(in_memory.token_ids) == from_api.usage.completion_tokens
+    assert in_memory.text == from_cli
+
+
+def test_concurrent_first_requests_share_one_engine(
+    service: Service, server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issues 22/23: concurrent first requests each built an engine, their loads raced, and every
+    chat failed afterwards with "Cannot copy out of meta tensor"."""
+    built = []
+    init = InferenceEngine.__init__
+
+    def counted_init(engine: InferenceEngine, *args: object, **kwargs: object) -> None:
+        built.append(engine)
+        time.sleep(0.2)  # the window in which a concurrent first call would build a second engine
+        init(engine, *args, **kwargs)
+
+    monkeypatch.setattr(InferenceEngine, "__init__", counted_init)
+    headers = service.new_key("ada")
+    body = {"model": BASE, "messages": MESSAGES, "max_tokens": 3, "temperature": 0}
+
+    def chat(_: int) -> httpx.Response:
+        return httpx.post(f"{server}/chat/completions", json=body, headers=headers, timeout=600)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(chat, range(16)))
+    assert [r.status_code for r in responses] == [200] * 16, [
+        r.text for r in responses if r.status_code != 200
+    ]
+    assert all(r.json()["choices"][0]["message"]["content"] for r in responses)
+    assert len(built) == 1
+    again = chat(16)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] > 0

@@ -39,6 +39,25 @@ def test_entry_point_subcommands_are_registered(monkeypatch) -> None:
     assert cli.main(["hello"]) == 7
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--model", "no-such-model", "--prompt", "Hi"],
+            "generate: ValueError: model: 'no-such-model' is not",
+        ),
+        (
+            ["--model", "m", "--prompt", "Hi", "--temperature", "3"],
+            "generate: temperature: 3.0 must be in [0, 2]",
+        ),
+        (["--model", "m", "--prompt", "Hi", *["--stop", "x"] * 5], "generate: stop: at most 4"),
+    ],
+)
+def test_generate_reports_bad_input_as_a_message(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli.main(["generate", *argv, "--device", "cpu"])
+
+
 def modulora(*args: str) -> int:
     """Run the command in-process, on the CPU."""
     return cli.main([*map(str, args), "--device", "cpu"])

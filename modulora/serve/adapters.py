@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from api.inference.types import EngineError
+from modulora.serve.types import EngineError
 
 _PEFT_PREFIX = "base_model.model."
 

@@ -1,4 +1,4 @@
-"""The engine: library-equal greedy output, one base for many adapters, mixed batches, LRU, batching."""
+"""The engine: greedy and seeded output equal to the library's, one base for many adapters, LRU, batching."""
 
 import threading
 from pathlib import Path
@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from api.inference.types import DoneEvent, EngineError, FinishEvent, ModelSpec, SamplingParams, TextEvent
 from modulora.generate import generate
+from modulora.serve.events import DoneEvent, FinishEvent, TextEvent
+from modulora.serve.types import EngineError, ModelSpec, SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -22,22 +23,29 @@ def test_greedy_output_equals_library_generate_token_for_token(
     name: str, make_engine, adapters, tiny_base, tokenizer
 ) -> None:
     reference_model = adapters[name][1] if name in adapters else tiny_base
-    texts, usage = make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)
-    expected = generate(
-        reference_model, tokenizer, [MESSAGES], max_new_tokens=GREEDY.max_tokens, temperature=0
-    )[0]
+    texts, usage = make_engine().complete(spec(name, adapters), GREEDY, MESSAGES)
+    expected = generate(reference_model, tokenizer, [MESSAGES], GREEDY)[0]
     assert texts == [expected.text]
     assert usage.completion_tokens == len(expected.token_ids) == GREEDY.max_tokens
 
 
+def test_seeded_sampling_equals_library_generate(make_engine, adapters, tokenizer) -> None:
+    """One sampler and one stop/EOS logic: the engine and the in-memory helper draw the same tokens."""
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=40, top_p=0.95, seed=11, n=2)
+    texts, _ = make_engine().complete(spec("ft-a", adapters), params, MESSAGES)
+    expected = generate(adapters["ft-a"][1], tokenizer, [MESSAGES], params)
+    assert texts == [c.text for c in expected]
+    assert texts[0] != texts[1]
+
+
 def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
     engine = make_engine()
-    engine.complete(spec("ft-a", adapters), GREEDY, messages=MESSAGES)
+    engine.complete(spec("ft-a", adapters), GREEDY, MESSAGES)
     base = engine.bases["tiny"]
     weights_before = {
         name: t.data_ptr() for name, t in base.decoder.model.state_dict().items() if "lora" not in name
     }
-    engine.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)
+    engine.complete(spec("ft-b", adapters), GREEDY, MESSAGES)
 
     memory = engine.memory()
     assert list(engine.bases) == ["tiny"]
@@ -57,17 +65,13 @@ def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
 
 def test_mixed_adapter_batch_equals_each_request_alone(make_engine, adapters) -> None:
     names = ["ft-a", "tiny", "ft-b", "ft-c"]
-    alone = {
-        name: make_engine().complete(spec(name, adapters), GREEDY, messages=MESSAGES)[0] for name in names
-    }
+    alone = {name: make_engine().complete(spec(name, adapters), GREEDY, MESSAGES)[0] for name in names}
 
     engine = make_engine(max_batch_size=4)
     results: dict[str, list[str]] = {}
     threads = [
         threading.Thread(
-            target=lambda n=n: results.__setitem__(
-                n, engine.complete(spec(n, adapters), GREEDY, messages=MESSAGES)[0]
-            )
+            target=lambda n=n: results.__setitem__(n, engine.complete(spec(n, adapters), GREEDY, MESSAGES)[0])
         )
         for n in names
     ]
@@ -81,30 +85,28 @@ def test_mixed_adapter_batch_equals_each_request_alone(make_engine, adapters) ->
 
 def test_least_recently_used_adapter_is_evicted_under_the_budget(make_engine, adapters) -> None:
     probe = make_engine()
-    probe.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)
+    probe.complete(spec("ft-b", adapters), GREEDY, MESSAGES)
     base = probe.bases["tiny"]
     # Room for the base, its cache and a bank of three rank-8 slots (empty slot + two adapters).
     budget = base.decoder.base_bytes + base.decoder.kv_cache_bytes + 3 * base.slot_bytes(8)
     engine = make_engine(memory_budget_bytes=budget)
     for name in ["ft-b", "ft-a", "ft-c"]:
-        engine.complete(spec(name, adapters), GREEDY, messages=MESSAGES)
+        engine.complete(spec(name, adapters), GREEDY, MESSAGES)
     assert engine.memory()["adapters"]["tiny"] == ["ft-a", "ft-c"]
     assert engine.memory()["total"] <= budget
 
-    texts, _ = engine.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)  # reloaded, evicts ft-a
+    texts, _ = engine.complete(spec("ft-b", adapters), GREEDY, MESSAGES)  # reloaded, evicts ft-a
     assert engine.memory()["adapters"]["tiny"] == ["ft-c", "ft-b"]
-    assert texts == probe.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)[0]
+    assert texts == probe.complete(spec("ft-b", adapters), GREEDY, MESSAGES)[0]
 
 
 def test_new_request_joins_a_running_batch(make_engine, adapters) -> None:
     engine = make_engine()
     long_events = engine.stream(
-        spec("ft-a", adapters), SamplingParams(max_tokens=60, temperature=0), messages=MESSAGES
+        spec("ft-a", adapters), SamplingParams(max_tokens=60, temperature=0), MESSAGES
     )
     next(e for e in long_events if isinstance(e, TextEvent))  # the long request is decoding
-    short, _ = engine.complete(
-        spec("ft-b", adapters), SamplingParams(max_tokens=3, temperature=0), messages=MESSAGES
-    )
+    short, _ = engine.complete(spec("ft-b", adapters), SamplingParams(max_tokens=3, temperature=0), MESSAGES)
     remaining = list(long_events)
     assert short and isinstance(remaining[-1], DoneEvent)
     assert any(isinstance(e, TextEvent) for e in remaining), "the short request finished before the long one"
@@ -113,10 +115,10 @@ def test_new_request_joins_a_running_batch(make_engine, adapters) -> None:
 
 def test_stop_string_ends_the_choice_before_the_stop(make_engine, adapters) -> None:
     engine = make_engine()
-    full, _ = engine.complete(spec("ft-a", adapters), GREEDY, messages=MESSAGES)
+    full, _ = engine.complete(spec("ft-a", adapters), GREEDY, MESSAGES)
     stop = full[0][5:8]
     params = SamplingParams(max_tokens=12, temperature=0, stop=[stop])
-    events = list(engine.stream(spec("ft-a", adapters), params, messages=MESSAGES))
+    events = list(engine.stream(spec("ft-a", adapters), params, MESSAGES))
     text = "".join(e.text for e in events if isinstance(e, TextEvent))
     assert text == full[0][: full[0].find(stop)]
     assert [e.finish_reason for e in events if isinstance(e, FinishEvent)] == ["stop"]
@@ -125,8 +127,8 @@ def test_stop_string_ends_the_choice_before_the_stop(make_engine, adapters) -> N
 def test_seeded_sampling_repeats_and_choices_differ(make_engine, adapters) -> None:
     engine = make_engine()
     params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=3)
-    first, usage = engine.complete(spec("ft-a", adapters), params, prompt="Once upon a time")
-    again, _ = engine.complete(spec("ft-a", adapters), params, prompt="Once upon a time")
+    first, usage = engine.complete(spec("ft-a", adapters), params, "Once upon a time")
+    again, _ = engine.complete(spec("ft-a", adapters), params, "Once upon a time")
     assert first == again
     assert len(set(first)) > 1
     assert usage.completion_tokens == 3 * 8
@@ -135,7 +137,7 @@ def test_seeded_sampling_repeats_and_choices_differ(make_engine, adapters) -> No
 def test_prompt_longer_than_the_cache_is_an_error(make_engine, adapters) -> None:
     engine = make_engine(max_seq_len=16)
     with pytest.raises(EngineError, match="max_seq_len") as error:
-        engine.complete(spec("tiny", adapters), GREEDY, prompt="word " * 40)
+        engine.complete(spec("tiny", adapters), GREEDY, "word " * 40)
     assert error.value.code == "context_length_exceeded"
 
 
@@ -145,8 +147,8 @@ def test_failing_listener_cancels_its_request_not_the_engine(make_engine, adapte
     def closed_loop(event: object) -> None:
         raise RuntimeError("Event loop is closed")
 
-    request = engine.submit(spec("ft-a", adapters), SamplingParams(max_tokens=50, temperature=0), closed_loop,
-                            messages=MESSAGES)  # fmt: skip
-    texts, usage = engine.complete(spec("ft-b", adapters), GREEDY, messages=MESSAGES)
+    params = SamplingParams(max_tokens=50, temperature=0)
+    request = engine.submit(spec("ft-a", adapters), params, MESSAGES, closed_loop)
+    texts, usage = engine.complete(spec("ft-b", adapters), GREEDY, MESSAGES)
     assert request.cancelled
     assert usage.completion_tokens == GREEDY.max_tokens and texts[0]

@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from api.inference.multi_lora import LoraPlan, MultiLoraLinear
 from modulora.lora import LoraConfig, LoraLinear
 from modulora.quant import QuantConfig, get_quantizer
+from modulora.serve.multi_lora import LoraPlan, MultiLoraLinear
 
 
 def make_base() -> torch.nn.Module:

@@ -21,24 +21,26 @@ from typing import Any
 
 import torch
 
-from api.inference.adapters import LoraWeights, read_adapter
-from api.inference.decoder import Decoder
-from api.inference.sequence import Sequence, sample
-from api.inference.types import (
+from modulora.serve.adapters import LoraWeights, read_adapter
+from modulora.serve.decoder import Decoder
+from modulora.serve.events import (
     DoneEvent,
-    EngineConfig,
-    EngineError,
     ErrorEvent,
-    Event,
+    EventListener,
     FinishEvent,
-    ModelSpec,
-    SamplingParams,
+    GenerationEvent,
     TextEvent,
 )
-from modulora.generate import encode_prompt
+from modulora.serve.sampling import next_tokens
+from modulora.serve.sequence import SequenceState, encode_prompt, eos_token_ids
+from modulora.serve.types import EngineConfig, EngineError, ModelSpec, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 LoadBase = Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]
+# Loading a model goes through process-wide state (transformers' and accelerate's empty-weights
+# init), so two loads at once, from two engines of one process, could leave a model on the meta
+# device: "Cannot copy out of meta tensor" on every later request (issues 22 and 23).
+_LOAD_LOCK = threading.Lock()
 
 
 def _default_load_base(ref: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -48,13 +50,15 @@ def _default_load_base(ref: str, device: torch.device, dtype: torch.dtype) -> tu
 
 
 @dataclasses.dataclass
-class Request:
+class GenerationRequest:
+    """One submitted request: its choices run as `sequences`, all on adapter bank slot `slot`."""
+
     spec: ModelSpec
     params: SamplingParams
-    on_event: Callable[[Event], None]
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    sequences: list[Sequence] = dataclasses.field(default_factory=list)
+    prompt: Prompt
+    on_event: EventListener
+    sequences: list[SequenceState] = dataclasses.field(default_factory=list)
+    slot: int = 0  # adapter bank slot (0: the base alone)
     prompt_tokens: int = 0
     cancelled: bool = False
 
@@ -62,7 +66,7 @@ class Request:
         """Stop generating for this request (a streaming client went away); its rows are freed."""
         self.cancelled = True
 
-    def notify(self, event: Event) -> None:
+    def notify(self, event: GenerationEvent) -> None:
         """Deliver an event; a failing listener (say, its event loop closed) cancels this request only."""
         if self.cancelled and not isinstance(event, ErrorEvent):
             return
@@ -80,7 +84,8 @@ class ResidentBase:
     eos_ids: set[int]
     adapters: collections.OrderedDict[str, int] = dataclasses.field(default_factory=collections.OrderedDict)
     chat_templates: dict[str, str | None] = dataclasses.field(default_factory=dict)
-    running: dict[int, tuple[Request, Sequence]] = dataclasses.field(default_factory=dict)  # row -> sequence
+    # KV cache row -> the request and the choice decoding in it
+    running: dict[int, tuple[GenerationRequest, SequenceState]] = dataclasses.field(default_factory=dict)
 
     def slot_bytes(self, rank: int) -> int:
         elem = self.decoder.dtype.itemsize
@@ -104,7 +109,7 @@ class InferenceEngine:
         self.dtype = getattr(torch, auto_dtype if dtype == "auto" else dtype)
         self.load_base = load_base or _default_load_base
         self.bases: collections.OrderedDict[str, ResidentBase] = collections.OrderedDict()
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -113,17 +118,11 @@ class InferenceEngine:
     # ---- public surface -------------------------------------------------------------------------
 
     def submit(
-        self,
-        spec: ModelSpec,
-        params: SamplingParams,
-        on_event: Callable[[Event], None],
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | None = None,
-    ) -> Request:
-        """Queue a completion (`prompt`) or chat completion (`messages`); events arrive via `on_event`."""
-        if (prompt is None) == (messages is None):
-            raise ValueError("give exactly one of prompt and messages")
-        request = Request(spec, params, on_event, prompt, messages)
+        self, spec: ModelSpec, params: SamplingParams, prompt: Prompt, on_event: EventListener
+    ) -> GenerationRequest:
+        """Queue a completion (a text prompt) or a chat completion (messages); returns at once.
+        Its events arrive through `on_event`, called from the engine's thread."""
+        request = GenerationRequest(spec, params, prompt, on_event)
         with self._wake:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
@@ -132,29 +131,35 @@ class InferenceEngine:
             self._wake.notify()
         return request
 
-    def stream(self, spec: ModelSpec, params: SamplingParams, **prompt: Any) -> Iterator[Event]:
-        """Blocking iterator over one request's events (for the CLI, tests and benchmarks)."""
-        events: collections.deque[Event] = collections.deque()
+    def stream(self, spec: ModelSpec, params: SamplingParams, prompt: Prompt) -> Iterator[GenerationEvent]:
+        """Submit a request now and return a blocking iterator over its events (for the CLI, tests
+        and benchmarks); requests submitted one after another decode together."""
+        events: collections.deque[GenerationEvent] = collections.deque()
         ready = threading.Condition()
 
-        def on_event(event: Event) -> None:
+        def on_event(event: GenerationEvent) -> None:
             with ready:
                 events.append(event)
                 ready.notify()
 
-        self.submit(spec, params, on_event, **prompt)
-        while True:
-            with ready:
-                ready.wait_for(lambda: bool(events))
-                event = events.popleft()
-            yield event
-            if isinstance(event, DoneEvent | ErrorEvent):
-                return
+        def read() -> Iterator[GenerationEvent]:
+            while True:
+                with ready:
+                    ready.wait_for(lambda: bool(events))
+                    event = events.popleft()
+                yield event
+                if isinstance(event, DoneEvent | ErrorEvent):
+                    return
 
-    def complete(self, spec: ModelSpec, params: SamplingParams, **prompt: Any) -> tuple[list[str], DoneEvent]:
+        self.submit(spec, params, prompt, on_event)
+        return read()
+
+    def complete(
+        self, spec: ModelSpec, params: SamplingParams, prompt: Prompt
+    ) -> tuple[list[str], DoneEvent]:
         """Every choice's full text and the usage counts; raises the request's EngineError."""
         texts = [""] * params.n
-        for event in self.stream(spec, params, **prompt):
+        for event in self.stream(spec, params, prompt):
             if isinstance(event, TextEvent):
                 texts[event.index] += event.text
             elif isinstance(event, ErrorEvent):
@@ -202,7 +207,7 @@ class InferenceEngine:
         with self._wake:
             pending = list(self._waiting)
             self._waiting.clear()
-        blocked: list[Request] = []
+        blocked: list[GenerationRequest] = []
         for request in pending:
             if request.cancelled:
                 continue
@@ -220,7 +225,7 @@ class InferenceEngine:
         with self._wake:
             self._waiting.extendleft(reversed(blocked))
 
-    def _admit(self, request: Request) -> bool:
+    def _admit(self, request: GenerationRequest) -> bool:
         base = self._resident_base(request.spec.base)
         free = [row for row in range(base.decoder.rows) if row not in base.running]
         if len(free) < request.params.n:
@@ -230,29 +235,24 @@ class InferenceEngine:
                 )
             return False
         adapter_id = request.spec.id if request.spec.adapter_dir is not None else None
-        slot = 0 if adapter_id is None else self._adapter_slot(base, request.spec)
+        request.slot = 0 if adapter_id is None else self._adapter_slot(base, request.spec)
         prompt_ids = self._tokenize(base, request, adapter_id)
         if len(prompt_ids) >= base.decoder.max_seq_len:
             raise EngineError(
                 f"the prompt has {len(prompt_ids)} tokens; max_seq_len is {base.decoder.max_seq_len}",
                 code="context_length_exceeded",
-                param="messages" if request.messages is not None else "prompt",
+                param="prompt" if isinstance(request.prompt, str) else "messages",
             )
         request.prompt_tokens = len(prompt_ids)
         for index, row in zip(range(request.params.n), free, strict=False):
-            sequence = Sequence(index, prompt_ids, request.params, base.tokenizer, base.eos_ids)
-            sequence.row, sequence.slot = row, slot
+            sequence = SequenceState(index, prompt_ids, request.params, base.tokenizer, base.eos_ids)
             request.sequences.append(sequence)
             logits = base.decoder.forward(
-                torch.tensor([prompt_ids], device=base.decoder.device), [row], [0], [slot]
+                torch.tensor([prompt_ids], device=base.decoder.device), [row], [0], [request.slot]
             )
             base.running[row] = (request, sequence)
-            self._emit(
-                base,
-                request,
-                sequence,
-                sample(logits[0], request.params.temperature, request.params.top_p, sequence.generator),
-            )
+            (token,) = next_tokens(logits, [request.params], [sequence.generator])
+            self._emit(base, row, token)
         return True
 
     def _decode_step(self, base: ResidentBase) -> None:
@@ -264,11 +264,11 @@ class InferenceEngine:
         rows = sorted(base.running)
         self.stats["decode_steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-        sequences = [base.running[row][1] for row in rows]
+        requests, sequences = zip(*(base.running[row] for row in rows), strict=True)
         tokens = torch.tensor([[s.output_ids[-1]] for s in sequences], device=base.decoder.device)
         try:
             logits = base.decoder.forward(
-                tokens, rows, [s.position for s in sequences], [s.slot for s in sequences]
+                tokens, rows, [s.position for s in sequences], [r.slot for r in requests]
             )
         except Exception as error:
             log.exception("decode step failed")
@@ -278,26 +278,21 @@ class InferenceEngine:
                     request.cancelled = True
                     request.notify(ErrorEvent(EngineError(f"{type(error).__name__}: {error}")))
             return
-        greedy = all(s.params.temperature == 0 for s in sequences)
-        picked = logits.argmax(-1).tolist() if greedy else [None] * len(rows)
-        for i, (row, sequence) in enumerate(zip(rows, sequences, strict=True)):
-            params = sequence.params
-            token = (
-                picked[i]
-                if greedy
-                else sample(logits[i], params.temperature, params.top_p, sequence.generator)
-            )
-            self._emit(base, base.running[row][0], sequence, token)
+        picked = next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences])
+        for row, token in zip(rows, picked, strict=True):
+            self._emit(base, row, token)
 
-    def _emit(self, base: ResidentBase, request: Request, sequence: Sequence, token: int) -> None:
+    def _emit(self, base: ResidentBase, row: int, token: int) -> None:
+        """Append `token` to the choice decoding in `row` and send its events; free the row when done."""
+        request, sequence = base.running[row]
         cache_full = sequence.position + 2 > base.decoder.max_seq_len
         delta = sequence.append(token, cache_full)
         if delta:
             request.notify(TextEvent(sequence.index, delta))
         if sequence.finish_reason is None:
             return
-        del base.running[sequence.row]
-        request.notify(FinishEvent(sequence.index, sequence.finish_reason))  # type: ignore[arg-type]
+        del base.running[row]
+        request.notify(FinishEvent(sequence.index, sequence.finish_reason))
         if (
             all(s.finish_reason is not None for s in request.sequences)
             and len(request.sequences) == request.params.n
@@ -307,28 +302,20 @@ class InferenceEngine:
 
     # ---- models, adapters, memory ---------------------------------------------------------------
 
-    def _tokenize(self, base: ResidentBase, request: Request, adapter: str | None) -> list[int]:
-        """Prompt ids exactly as training and `modulora.generate` build them (no added special tokens);
-        chat messages go through the adapter's saved chat template, else the base tokenizer's."""
+    def _tokenize(self, base: ResidentBase, request: GenerationRequest, adapter: str | None) -> list[int]:
+        """Prompt ids as training builds them; chat messages go through the adapter's saved chat
+        template, else the base tokenizer's."""
         template = base.chat_templates.get(adapter) if adapter else None
-        if request.messages is None or template is None:
-            return encode_prompt(
-                base.tokenizer, request.prompt if request.messages is None else request.messages
-            )
-        text = base.tokenizer.apply_chat_template(
-            request.messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-        return list(base.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_prompt(base.tokenizer, request.prompt, template)
 
     def _resident_base(self, ref: str) -> ResidentBase:
         if ref in self.bases:
             self.bases.move_to_end(ref)
             return self.bases[ref]
-        model, tokenizer = self.load_base(ref, self.device, self.dtype)
+        with _LOAD_LOCK:
+            model, tokenizer = self.load_base(ref, self.device, self.dtype)
         decoder = Decoder(model.to(self.device), self.config.max_batch_size, self.config.max_seq_len)
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        base = ResidentBase(decoder, tokenizer, {e for e in eos_ids if e is not None})
+        base = ResidentBase(decoder, tokenizer, eos_token_ids(model, tokenizer))
         self._make_room(decoder.base_bytes + decoder.kv_cache_bytes, keep=base)
         self.bases[ref] = base
         return base

@@ -1,6 +1,7 @@
-"""The engine's plain data: configuration, sampling parameters, what a model id resolves to, events.
+"""The engine's plain data: configuration, sampling parameters, prompts, what a model id serves.
 
-Nothing here imports torch, so the API can build requests and read events without the ML stack.
+Nothing here imports torch, so the API can build requests without the ML stack (the events a
+request emits are in `modulora.serve.events`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 DEVICES = ("auto", "cpu", "cuda")
+FinishReason = Literal["stop", "length"]
+Prompt = str | list[dict[str, str]]
+"""A raw text prompt, or chat messages ({"role", "content"}) rendered with the chat template."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -52,11 +56,18 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class SamplingParams:
-    """OpenAI's sampling fields. temperature 0 is greedy; `seed` makes sampling reproducible."""
+    """How to pick the tokens of one request, for the engine and `modulora.generate` alike.
+
+    The defaults are OpenAI's (temperature 1, top_p 1, one choice); the CLI and library callers pass
+    their own. temperature 0 is greedy; otherwise top_k (0: off), then top_p filter the distribution.
+    Choice i samples from its own generator seeded with `seed + i`, so a seeded request repeats.
+    A choice ends at EOS, before a stop string, or after max_tokens.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
     stop: list[str] = dataclasses.field(default_factory=list)
     seed: int | None = None
     n: int = 1
@@ -68,6 +79,8 @@ class SamplingParams:
             raise ValueError(f"temperature: {self.temperature} must be in [0, 2]")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: {self.top_k} must not be negative")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError("stop: at most 4 non-empty strings")
         if not 1 <= self.n <= 16:
@@ -85,33 +98,3 @@ class ModelSpec:
     base: str
     adapter_dir: Path | None = None
     checkpoint_scaling: float | None = None
-
-
-@dataclasses.dataclass
-class TextEvent:
-    """New text of choice `index` (may be empty when a token completes no character yet)."""
-
-    index: int
-    text: str
-
-
-@dataclasses.dataclass
-class FinishEvent:
-    index: int
-    finish_reason: Literal["stop", "length"]
-
-
-@dataclasses.dataclass
-class DoneEvent:
-    """The request is over: every choice has finished. Token counts for `usage`."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclasses.dataclass
-class ErrorEvent:
-    error: EngineError
-
-
-Event = TextEvent | FinishEvent | DoneEvent | ErrorEvent

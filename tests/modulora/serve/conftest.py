@@ -6,10 +6,10 @@ from typing import Any
 import pytest
 import torch
 
-from api.inference.engine import InferenceEngine
-from api.inference.types import EngineConfig
 from modulora.models import load_tokenizer
-from tests.api.inference.factories import export_random_adapter, random_adapter, tiny_quantized_llama
+from modulora.serve.engine import InferenceEngine
+from modulora.serve.types import EngineConfig
+from tests.modulora.serve.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 
 
 @pytest.fixture(scope="session")

@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from api.inference.multi_lora import LoraPlan, MultiLoraLinear, base_product
 from gpu_kernels.decode_attention import decode_attention
 from gpu_kernels.kv_cache import rotary_kv_write_
 from gpu_kernels.rmsnorm import add_rmsnorm
 from gpu_kernels.rotary import apply_rotary_
 from gpu_kernels.swiglu import silu_mul
 from modulora.quant.gptq_packed import GPTQLinear, fuse_outputs_
+from modulora.serve.multi_lora import LoraPlan, MultiLoraLinear, base_product
+from modulora.targets import ALL_LINEAR
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ class Decoder:
         self.lora_layers: dict[str, MultiLoraLinear] = {}
         for name, module in list(model.named_modules()):
             parent_name, _, leaf = name.rpartition(".")
-            if leaf in LORA_TARGETS and hasattr(module, "in_features"):
+            if leaf in ALL_LINEAR and hasattr(module, "in_features"):
                 wrapped = MultiLoraLinear(module, self.plan, self.dtype, self.device)
                 setattr(model.get_submodule(parent_name), leaf, wrapped)
                 self.lora_layers[name] = wrapped

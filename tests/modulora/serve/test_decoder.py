@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import torch
 
-from api.inference.decoder import Decoder, _fuse
-from tests.api.inference.factories import tiny_quantized_llama
+from modulora.serve.decoder import Decoder, _fuse
+from tests.modulora.serve.factories import tiny_quantized_llama
 
 
 def greedy(decoder: Decoder, prompt: list[int], row: int, steps: int) -> list[int]:
