@@ -76,6 +76,8 @@ function route() {
 }
 
 navToggle.addEventListener("click", () => setNavOpen(!nav.classList.contains("open")));
+// A link to the page already shown changes no hash: close the menu here too.
+nav.addEventListener("click", (event) => event.target.closest("a") && setNavOpen(false));
 
 signOut.addEventListener("click", () => {
   clearKey();

@@ -87,7 +87,8 @@ export class LiveChart {
         scales: { x: { time: false }, y: this.logScale ? { distr: 3, log: 10 } : {} },
         axes: [
           { label: "step", incrs: STEP_INCREMENTS },
-          { size: axisWidth, values: (u, ticks) => ticks.map((v) => format(v)) },
+          // A log axis leaves some ticks unlabelled: uPlot hands those over as null.
+          { size: axisWidth, values: (u, ticks) => ticks.map((v) => (v === null ? "" : format(v))) },
         ],
         series: [
           { label: "step" },
