@@ -63,6 +63,11 @@ def on_path(path: str) -> Callable[[str], bool]:
     return lambda url: urlsplit(url).path == path
 
 
+def fulfill(content_type: str, body: str) -> Callable[[object], None]:
+    """A Playwright route handler answering 200 with `body`."""
+    return lambda route: route.fulfill(content_type=content_type, body=body)
+
+
 def need(runs: dict[str, str], *names: str) -> list[str]:
     missing = [n for n in names if n not in runs]
     if missing:
@@ -231,29 +236,18 @@ def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboar
     phase = {"phase": "quantizing", "done": 3, "total": 30, "unit": "layer", "eta_s": 42, "message": "q"}
     page = dashboard.page
     dashboard.sign_in()
+    empty = '{"object": "list", "data": []}'
     served = {
-        f"**/v1/fine_tuning/jobs/{job_id}": (200, "application/json", json.dumps(job)),
-        f"**/v1/fine_tuning/jobs/{job_id}/checkpoints?*": (
-            200,
-            "application/json",
-            '{"object": "list", "data": []}',
-        ),
-        f"**/v1/dashboard/jobs/{job_id}/messages?*": (
-            200,
-            "application/json",
-            '{"object": "list", "data": []}',
-        ),
-        f"**/v1/fine_tuning/jobs/{job_id}/metrics/stream": (
-            200,
+        f"/v1/fine_tuning/jobs/{job_id}": ("application/json", json.dumps(job)),
+        f"/v1/fine_tuning/jobs/{job_id}/checkpoints": ("application/json", empty),
+        f"/v1/dashboard/jobs/{job_id}/messages": ("application/json", empty),
+        f"/v1/fine_tuning/jobs/{job_id}/metrics/stream": (
             "text/event-stream",
             f"id: 7\nevent: phase\ndata: {json.dumps(phase)}\n\n",
         ),
     }
-    for pattern, (status, content_type, body) in served.items():
-        page.route(
-            pattern,
-            lambda route, s=status, c=content_type, b=body: route.fulfill(status=s, content_type=c, body=b),
-        )
+    for path, (content_type, body) in served.items():
+        page.route(on_path(path), fulfill(content_type, body))
     dashboard.open(f"jobs/{job_id}")
     page.wait_for_selector("#job-phase:has-text('Quantizing: layer 3 of 30')")
     assert page.inner_text("#job-phase").endswith("ETA 42s")
@@ -594,4 +588,4 @@ def test_every_page_fits_a_phone_without_horizontal_overflow(
     page.wait_for_function("document.getElementById('chart-compare').dataset.series === '2'")
     check("compare", "#compare-table")
     phone.open("playground")
-    check("playground", "#chat-model option")
+    check("playground", "#chat-log")

@@ -54,7 +54,7 @@ export function renderNewJob(main) {
   let estimateTimer = null;
   let estimateSeq = 0;
   const abort = new AbortController();
-  const estimateBox = h("div", { id: "estimate", class: "estimate", "aria-live": "polite" }, "Estimating peak memory…");
+  const estimateBox = h("div", { id: "estimate", class: "estimate no-verdict", "aria-live": "polite" }, "Estimating peak memory…");
   const submitError = h("p", { id: "submit-error", class: "error", role: "alert" });
   const prefillNote = h("p", { id: "prefill-note", class: "note", hidden: true });
   const form = h(
@@ -217,6 +217,7 @@ export function renderNewJob(main) {
       }
     } catch (err) {
       if (abort.signal.aborted) return;
+      setVerdict("no-verdict");
       fill(estimateBox, h("span", { class: "error" }, `The preset "${preset.label}" could not check the memory estimate: ${err.message}`));
       return;
     }
@@ -228,8 +229,13 @@ export function renderNewJob(main) {
     estimateTimer = setTimeout(showEstimate, 250);
   }
 
+  /** The box's colour says what it holds: green fits, red too big, grey no verdict (yet). */
+  function setVerdict(verdict) {
+    for (const name of ["too-big", "no-verdict"]) estimateBox.classList.toggle(name, verdict === name);
+  }
+
   function showPreparing(err) {
-    estimateBox.classList.remove("too-big");
+    setVerdict("no-verdict");
     fill(estimateBox, h("p", { id: "estimate-preparing", class: "muted" }, `${err.message}`));
   }
 
@@ -241,7 +247,7 @@ export function renderNewJob(main) {
         signal: abort.signal,
       });
       if (seq !== estimateSeq) return; // a newer edit is being estimated
-      estimateBox.classList.toggle("too-big", !estimate.fits);
+      setVerdict(estimate.fits ? "fits" : "too-big");
       const time = estimate.time;
       fill(
         estimateBox,
@@ -260,7 +266,7 @@ export function renderNewJob(main) {
       );
     } catch (err) {
       if (seq === estimateSeq && !abort.signal.aborted) {
-        estimateBox.classList.remove("too-big");
+        setVerdict("no-verdict");
         fill(estimateBox, h("span", { class: "error", id: "estimate-error" }, `No estimate for these settings: ${err.param ? `${err.param}: ` : ""}${err.message}`));
       }
     }
