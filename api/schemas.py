@@ -16,7 +16,6 @@ T = TypeVar("T")
 QUANT_METHODS = ("rtn", "optq", "nf4", "gguf", "quip#")
 # The code widths each method supports (mirrors the quantizers' `supported_bits`, kept torch-free).
 METHOD_BITS = {"rtn": [2, 3, 4, 8], "optq": [2, 3, 4, 8], "nf4": [4], "gguf": [4, 8], "quip#": [2]}
-BASE_LEARNING_RATE = 2e-4
 """learning_rate_multiplier scales this (the usual LoRA learning rate)."""
 
 

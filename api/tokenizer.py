@@ -55,8 +55,11 @@ def _token_text(token: Any) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds the files LightTokenizer reads."""
+    return (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
 def load_light_tokenizer(folder: Path) -> LightTokenizer | None:
     """The tokenizer in `folder`, or None when the model has not been converted there yet."""
-    if not (folder / "tokenizer.json").is_file() or not (folder / "tokenizer_config.json").is_file():
-        return None
-    return LightTokenizer(folder)
+    return LightTokenizer(folder) if has_tokenizer(folder) else None

@@ -15,6 +15,9 @@ from pydantic import AliasChoices, Field, field_validator
 
 from modulora.settings import HomeFolder, Settings
 
+BASE_LEARNING_RATE = 2e-4
+"""A job's learning rate is this times its `learning_rate_multiplier` (OpenAI's hyperparameter)."""
+
 
 class ServiceSettings(Settings):
     # Service URLs. Empty means "embedded": SQLite file, SQLite broker, in-process metrics.

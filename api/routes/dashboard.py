@@ -1,17 +1,22 @@
 """/v1/dashboard: JSON the browser dashboard needs beyond the OpenAI contract.
 
-Form options and the peak-memory estimate for the new-job page, a dataset's report for a chosen
-sequence length and a preview of rows as the model sees them (trained tokens marked), live
-progress of every job, the user's checkpoints, and zip downloads of adapters and checkpoints.
-Everything here is torch-free: tokenization goes through `api.tokenizer.LightTokenizer`.
+Form options and the peak-memory and time estimates for the new-job page, a dataset's report for a
+chosen sequence length and a preview of rows as the model sees them (trained tokens marked), live
+progress of every job, a job's loss curve and log messages, the user's checkpoints, and zip
+downloads of adapters and checkpoints. Tokenization goes through the torch-free
+`api.tokenizer.LightTokenizer`; only preparing a base model on a fresh server (once, in a
+background thread) imports the library's model loader.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import tempfile
+import threading
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,24 +30,29 @@ from api import crud, storage
 from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
-from api.tokenizer import LightTokenizer, load_light_tokenizer
-from core.config import get_settings
+from api.tokenizer import LightTokenizer, has_tokenizer
+from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.models import Checkpoint, File, Job, JobEvent
 from modulora import data, memory
 
 router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"])
 
 GB = 10**9
-# Cards people pick from; memory as vendors state it (decimal GB).
+# Cards people pick from: memory as vendors state it (decimal GB), and the dense bf16 tensor peak
+# (TFLOP/s, fp32 accumulate) of the slowest card named, which the time estimate scales by.
 GPUS = [
-    {"name": "16GB", "label": "16 GB card (T4, V100 16 GB)", "memory_bytes": 16 * GB},
-    {"name": "24GB", "label": "24 GB card (RTX 3090/4090, A10)", "memory_bytes": 24 * GB},
-    {"name": "40GB", "label": "A100 40 GB", "memory_bytes": 40 * GB},
-    {"name": "48GB", "label": "48 GB card (A6000, L40S)", "memory_bytes": 48 * GB},
-    {"name": "80GB", "label": "80 GB card (A100, H100)", "memory_bytes": 80 * GB},
-    {"name": "141GB", "label": "H200 141 GB", "memory_bytes": 141 * GB},
+    {"name": "16GB", "label": "16 GB card (T4, V100 16 GB)", "memory_bytes": 16 * GB, "bf16_tflops": 65},
+    {"name": "24GB", "label": "24 GB card (RTX 3090/4090, A10)", "memory_bytes": 24 * GB, "bf16_tflops": 71},
+    {"name": "40GB", "label": "A100 40 GB", "memory_bytes": 40 * GB, "bf16_tflops": 312},
+    {"name": "48GB", "label": "48 GB card (A6000, L40S)", "memory_bytes": 48 * GB, "bf16_tflops": 155},
+    {"name": "80GB", "label": "80 GB card (A100, H100)", "memory_bytes": 80 * GB, "bf16_tflops": 312},
+    {"name": "141GB", "label": "H200 141 GB", "memory_bytes": 141 * GB, "bf16_tflops": 989},
 ]
-# Bit widths each method produces (GGUF: the Q4_0/Q4_1/Q8_0 block formats).
+# The time estimate's two constants, fitted to the H200 training-step bench (docs/benchmarks.md:
+# LLaMA-7B shape, 4-bit, LoRA r 16 on all linears, checkpointing): 0.093 s for 1 x 512 tokens and
+# 0.487 s for 4 x 1024 give 38.6 % of the bf16 peak plus 0.037 s per micro-batch (launches, host).
+PEAK_FRACTION = 0.386
+MICRO_STEP_OVERHEAD_S = 0.037
 METHOD_LABELS = {
     "rtn": "RTN (round to nearest, no calibration)",
     "optq": "OPTQ / GPTQ (calibrated)",
@@ -51,6 +61,7 @@ METHOD_LABELS = {
     "quip#": "QuIP# (E8P lattice, 2-bit)",
 }
 PREVIEW_MAX_ROWS = 10
+PREPARE_RETRY_S = 3
 
 
 def _gpu(name: str | None) -> dict[str, Any]:
@@ -71,16 +82,88 @@ def _model_folder(model: str) -> Path:
     return settings.models_dir / model
 
 
+# ------------------------------------------------------------------ base models on a fresh server
+
+
+def _is_prepared(folder: Path) -> bool:
+    # A conversion writes its folder under a temporary name and renames it: config.json is there
+    # only once everything is.
+    return (folder / "config.json").is_file()
+
+
+def _prepare(model: str) -> None:
+    """Convert the base model into its cached folder (what the first job would do anyway)."""
+    from modulora.models import resolve_model  # imports torch: only ever on a fresh server
+
+    resolve_model(model)
+
+
+_preparing: dict[str, Future[None]] = {}
+_preparing_lock = threading.Lock()
+_preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-model")
+
+
+def _prepared_folder(model: str) -> Path:
+    """The base model's folder with its config and tokenizer, or 503 `model_preparing` while a
+    background thread converts it. A failed conversion is reported once and never remembered:
+    the next request starts it again."""
+    folder = _model_folder(model)
+    if _is_prepared(folder):
+        return folder
+    with _preparing_lock:
+        running = _preparing.get(model)
+        if running is not None and running.done():
+            del _preparing[model]
+            error = running.exception()
+            if error is not None:
+                raise APIError(
+                    500,
+                    f"model: preparing {model!r} on this server failed ({type(error).__name__}: {error}); "
+                    "the next request tries again",
+                    type="server_error",
+                    param="model",
+                    code="model_prepare_failed",
+                )
+            if _is_prepared(folder):
+                return folder
+            running = None
+        if running is None:
+            _preparing[model] = _preparer.submit(_prepare, model)
+    raise APIError(
+        503,
+        f"model: {model!r} is being prepared on this server (its tokenizer and config are converted "
+        f"once, on first use; about a minute). Try again in {PREPARE_RETRY_S} s.",
+        type="server_error",
+        param="model",
+        code="model_preparing",
+        details={"retry_after_s": PREPARE_RETRY_S},
+    )
+
+
 @functools.lru_cache(maxsize=4)
-def _tokenizer(folder: Path) -> LightTokenizer | None:
-    return load_light_tokenizer(folder)
+def _tokenizer_in(folder: Path) -> LightTokenizer:
+    return LightTokenizer(folder)
 
 
-def _owned_file(session: SessionDep, user: CurrentUser, file_id: str) -> File:
+def _tokenizer(model: str) -> LightTokenizer | None:
+    """The base model's tokenizer (preparing the model first on a fresh server); None for a model
+    folder that has no `tokenizer.json`. Only loaded tokenizers are cached."""
+    folder = _prepared_folder(model)
+    return _tokenizer_in(folder) if has_tokenizer(folder) else None
+
+
+def _owned_file(session: SessionDep, user: CurrentUser, file_id: str, param: str = "file_id") -> File:
     file = crud.get_file(session=session, user_id=user.id, file_id=file_id)
     if file is None:
-        raise not_found("file", file_id, param="file_id")
+        raise not_found("file", file_id, param=param)
     return file
+
+
+def _owned_job(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
+    job = crud.get_job(session=session, user_id=user.id, job_id=job_id)
+    if job is None:
+        raise not_found("job", job_id, param="fine_tuning_job_id")
+    return job
 
 
 # ------------------------------------------------------------------------------- new-job form
@@ -88,7 +171,8 @@ def _owned_file(session: SessionDep, user: CurrentUser, file_id: str) -> File:
 
 @router.get("/options")
 def options(user: CurrentUser) -> dict[str, Any]:
-    """Choices for the new-job form: base models, quantization methods and their bits, GPUs."""
+    """Choices for the new-job form: base models, quantization methods and their bits, GPUs, and
+    the base learning rate that `learning_rate_multiplier` scales."""
     return {
         "base_models": get_settings().base_models,
         "quantization_methods": [
@@ -96,7 +180,16 @@ def options(user: CurrentUser) -> dict[str, Any]:
             for m in QUANT_METHODS
         ],
         "gpus": GPUS,
+        "base_learning_rate": BASE_LEARNING_RATE,
     }
+
+
+class TimeEstimatePublic(BaseModel):
+    steps: int
+    tokens_per_step: int
+    step_seconds: float
+    total_seconds: float
+    basis: str
 
 
 class MemoryEstimatePublic(BaseModel):
@@ -105,37 +198,73 @@ class MemoryEstimatePublic(BaseModel):
     gpu: dict[str, Any]
     fits: bool
     advice: str | None = None
+    time: TimeEstimatePublic
+
+
+def _training_flops_per_token(shape: memory.ModelShape, seq_len: int, hp: dict[str, Any]) -> float:
+    """Forward FLOPs per token (linears, head, causal attention) times the passes a LoRA step makes:
+    forward and input gradients (frozen base weights get none), plus a recomputed forward when
+    checkpointing."""
+    linears = sum(i * o for i, o in shape.linears().values()) * shape.num_layers
+    attention = 2 * shape.num_layers * seq_len * shape.hidden_size
+    forward = 2 * (linears + shape.vocab_size * shape.hidden_size) + attention
+    return forward * (3 if hp["gradient_checkpointing"] else 2)
+
+
+def _time_estimate(
+    shape: memory.ModelShape, hp: dict[str, Any], rows: int, mean_tokens: float | None, gpu: dict[str, Any]
+) -> TimeEstimatePublic:
+    steps = hp["n_epochs"] * math.ceil(rows / hp["batch_size"])
+    if hp.get("max_steps"):
+        steps = min(steps, hp["max_steps"])
+    row_tokens = min(hp["max_seq_len"], round(mean_tokens)) if mean_tokens else hp["max_seq_len"]
+    tokens_per_step = hp["batch_size"] * row_tokens
+    micro_steps = hp["batch_size"] // hp["micro_batch_size"]
+    compute_s = (
+        tokens_per_step
+        * _training_flops_per_token(shape, row_tokens, hp)
+        / (gpu["bf16_tflops"] * 1e12 * PEAK_FRACTION)
+    )
+    step_s = compute_s + micro_steps * MICRO_STEP_OVERHEAD_S
+    rows_basis = f"{row_tokens} tokens a row" + ("" if mean_tokens else " (rows assumed full length)")
+    return TimeEstimatePublic(
+        steps=steps,
+        tokens_per_step=tokens_per_step,
+        step_seconds=step_s,
+        total_seconds=steps * step_s,
+        basis=(
+            f"{steps} steps of {rows_basis} at {PEAK_FRACTION:.0%} of the card's bf16 peak, fitted to "
+            "the H200 training-step benchmark; quantizing the base (cached after the first job) not included"
+        ),
+    )
 
 
 @router.post("/memory_estimate", response_model=MemoryEstimatePublic)
 def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep) -> MemoryEstimatePublic:
-    """Peak memory of the job described by a POST /v1/fine_tuning/jobs body, and whether it fits
-    the GPU named in `metadata.gpu` (one of /options' gpus)."""
+    """Peak memory of the job described by a POST /v1/fine_tuning/jobs body, whether it fits the GPU
+    named in `metadata.gpu` (one of /options' gpus), and an estimate of its training time there."""
     try:
         request = JobCreate.model_validate(body)
-        rows = 100
-        if request.training_file:
-            rows = _owned_file(session, user, request.training_file).rows or rows
+    except ValidationError as e:
+        raise bad_request(f"Invalid job: {e}", param="hyperparameters") from e
+    rows, mean_tokens = 100, None
+    if request.training_file:
+        training = _owned_file(session, user, request.training_file, param="training_file")
+        rows = training.rows or rows
+        mean_tokens = ((training.report or {}).get("token_stats") or {}).get("mean")
+    try:
         hp = request.requested_hyperparameters().resolve(rows)
     except (ValidationError, ValueError) as e:
-        raise bad_request(f"Invalid job: {e}", param="hyperparameters") from e
+        raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from e
     gpu = _gpu((request.metadata or {}).get("gpu"))
-    config = _model_folder(request.model) / "config.json"
-    if not config.is_file():
-        raise APIError(
-            409,
-            f"model: {request.model!r} has not been prepared on this server yet (no {config.name})",
-            param="model",
-            code="model_not_ready",
-        )
-    shape = memory.ModelShape.from_folder(config.parent)
+    shape = memory.ModelShape.from_folder(_prepared_folder(request.model))
     job = memory.job_memory_fields(hp)
     try:
         estimate = memory.estimate_training_memory(
             shape, seq_len=hp["max_seq_len"], micro_batch=hp["micro_batch_size"], **job
         )
     except ValueError as e:
-        raise bad_request(str(e), param="hyperparameters") from e
+        raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from e
     fits = estimate.total <= gpu["memory_bytes"]
     advice = None
     if not fits:
@@ -151,7 +280,12 @@ def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep
             else "Nothing fits at these bits and rank: try fewer bits, checkpointing or a bigger GPU."
         )
     return MemoryEstimatePublic(
-        peak_bytes=estimate.total, breakdown=dataclasses.asdict(estimate), gpu=gpu, fits=fits, advice=advice
+        peak_bytes=estimate.total,
+        breakdown=dataclasses.asdict(estimate),
+        gpu=gpu,
+        fits=fits,
+        advice=advice,
+        time=_time_estimate(shape, hp, rows, mean_tokens, gpu),
     )
 
 
@@ -170,7 +304,7 @@ def file_report(
     statistics and histogram (`{lo, hi, count}` buckets), rows over the limit, first errors."""
     file = _owned_file(session, user, file_id)
     model = model or get_settings().base_models[0]
-    tokenizer = _tokenizer(_model_folder(model))
+    tokenizer = _tokenizer(model)
     report = data.validate_file(storage.file_path(file.id), tokenizer=tokenizer, max_seq_len=max_seq_len)
     return {
         "file_id": file.id,
@@ -226,15 +360,17 @@ def file_preview(
     them, split into segments whose `trained` flag marks the tokens that carry loss."""
     file = _owned_file(session, user, file_id)
     model = model or get_settings().base_models[0]
-    tokenizer = _tokenizer(_model_folder(model))
+    tokenizer = _tokenizer(model)
     if tokenizer is None:
         raise APIError(
             409,
-            f"model: {model!r} has not been prepared on this server yet (no tokenizer)",
+            f"model: the preview needs {model!r}'s tokenizer.json, which its folder on this server lacks",
             param="model",
             code="model_not_ready",
         )
     all_rows = data.read_rows(storage.file_path(file.id))
+    if not all_rows:
+        return {"file_id": file.id, "model": model, "format": file.format, "rows": []}
     fmt = file.format or data.detect_format(all_rows[0])
     previews = []
     for row in all_rows[:rows]:
@@ -278,16 +414,77 @@ def jobs_progress(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
     }
 
 
+@router.get("/jobs/{job_id}/loss")
+def job_loss(job_id: str, user: CurrentUser, session: SessionDep) -> dict[str, Any]:
+    """The job's loss curve as columns (`step`, `train_loss`, `valid_loss`, null where a step has
+    none), for overlaying runs on one chart."""
+    job = _owned_job(session, user, job_id)
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "metrics").order_by(JobEvent.step)
+    )
+    steps, train, valid = [], [], []
+    for event in events:
+        metrics = event.data or {}
+        steps.append(event.step)
+        train.append(metrics.get("train_loss", metrics.get("loss")))
+        valid.append(metrics.get("valid_loss"))
+    return {"job_id": job.id, "step": steps, "train_loss": train, "valid_loss": valid}
+
+
+@router.get("/jobs/{job_id}/messages")
+def job_messages(
+    job_id: str, user: CurrentUser, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0
+) -> dict[str, Any]:
+    """The job's log without its per-step metrics, oldest first, from event number `after` on (so a
+    page polls only what is new). Each item is a fine-tuning event object plus its number `n`."""
+    job = _owned_job(session, user, job_id)
+    events = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job.id, JobEvent.type != "metrics", JobEvent.pk > after)
+        .order_by(JobEvent.pk)
+    )
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": e.public_id,
+                "n": e.pk,
+                "created_at": int(e.created_at.timestamp()),
+                "level": e.level,
+                "message": e.message,
+                "type": e.type,
+                "data": e.data,
+            }
+            for e in events
+        ],
+    }
+
+
 @router.get("/checkpoints")
 def checkpoints(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
-    """Every checkpoint of the user's jobs, newest first (the playground can serve them)."""
-    rows = session.scalars(
-        select(Checkpoint)
+    """Every checkpoint of the user's jobs, newest first (the playground can serve them), with its
+    job's base model and suffix so the playground can group them."""
+    rows = session.execute(
+        select(Checkpoint, Job)
         .join(Job, Job.id == Checkpoint.job_id)
         .where(Job.user_id == user.id)
         .order_by(Checkpoint.pk.desc())
     )
-    return {"object": "list", "data": [{"id": c.id, "job_id": c.job_id, "step": c.step} for c in rows]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": c.id,
+                "job_id": c.job_id,
+                "step": c.step,
+                "model": job.model,
+                "suffix": job.suffix,
+                "job_status": job.status,
+                "metrics": c.metrics,
+            }
+            for c, job in rows
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------------- downloads

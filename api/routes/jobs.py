@@ -1,4 +1,4 @@
-"""/v1/fine_tuning/jobs: create (idempotent), list, retrieve, cancel, events, checkpoints."""
+"""/v1/fine_tuning/jobs: create (idempotent), list, retrieve, cancel, delete, events, checkpoints."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api import crud
+from api import crud, storage
 from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
-from api.schemas import CheckpointObject, EventObject, JobCreate, JobObject, ListPage
+from api.schemas import CheckpointObject, DeletedObject, EventObject, JobCreate, JobObject, ListPage
 from core import tasks
 from core.config import get_settings
 from core.db.events import publish_status, record_event
-from core.db.models import Checkpoint, File, Job, JobEvent, utcnow
+from core.db.models import FINAL_STATUSES, Checkpoint, File, Job, JobEvent, Model, utcnow
 from modulora import memory
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -194,6 +194,28 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
         session.commit()
         record_event(session, job.id, "Cancellation requested; stopping after the current step")
     return to_public(job)
+
+
+@router.delete("/{job_id}", response_model=DeletedObject)
+def delete_job(job_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
+    """Delete a finished job with everything it made: events, checkpoints, its fine-tuned model and
+    their files. A job still waiting or running must be cancelled first (409)."""
+    job = _owned(session, user, job_id)
+    if job.status not in FINAL_STATUSES:
+        raise APIError(
+            409,
+            f"Job {job_id!r} is {job.status}: cancel it first (only a finished job can be deleted)",
+            param="fine_tuning_job_id",
+            code="job_not_finished",
+        )
+    settings = get_settings()
+    folders = [settings.home / m.path for m in session.scalars(select(Model).where(Model.job_id == job.id))]
+    folders.append(settings.jobs_dir / job.id)
+    session.delete(job)  # events, checkpoints and models go with it (ON DELETE CASCADE)
+    session.commit()
+    for folder in folders:
+        storage.remove(folder)
+    return DeletedObject(id=job_id, object="fine_tuning.job")
 
 
 def event_to_public(event: JobEvent) -> EventObject:

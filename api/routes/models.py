@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import not_found
+from api.errors import APIError, not_found
 from api.schemas import DeletedObject, ListPage, ModelObject
 from core.config import get_settings
 from core.db.models import Model
@@ -51,7 +51,14 @@ def retrieve_model(model_id: str, user: CurrentUser, session: SessionDep) -> Mod
 
 @router.delete("/{model_id:path}", response_model=DeletedObject)
 def delete_model(model_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
-    """Delete one of your adapters (its files too)."""
+    """Delete one of your adapters (its files too); base models cannot be deleted (403)."""
+    if any(base.id == model_id for base in base_models()):
+        raise APIError(
+            403,
+            f"model: {model_id!r} is a base model of this server; only your fine-tuned models can be deleted",
+            param="model",
+            code="model_not_deletable",
+        )
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
     if model is None:
         raise not_found("model", model_id, param="model")

@@ -3,11 +3,14 @@ fresh SQLite database, driven by headless Chromium through Playwright.
 
 The storage root is the shared test home, so the converted SmolLM2 and its quantized bases are
 reused across test runs. Jobs go to a queue named for this run, so a worker started by another
-test session on the same Redis never takes them.
+test session on the same Redis never takes them. `fresh_stack` is a second API on an empty home,
+as a new user's first server is. Every page a test visits is checked with axe-core (vendored in
+web/vendor/axe-core) for accessibility violations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +30,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SCREENSHOTS = REPO / "docs" / "screenshots"
+AXE = REPO / "web" / "vendor" / "axe-core" / "axe.min.js"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -64,12 +70,29 @@ def _python(code: str, env: dict[str, str]) -> str:
     return done.stdout.strip()
 
 
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclasses.dataclass
 class Stack:
     url: str
     key: str
     env: dict[str, str]
     tmp: Path
+    port: int
+    server: subprocess.Popen | None = None
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
@@ -77,6 +100,27 @@ class Stack:
     def upload(self, path: Path) -> dict:
         with self.api() as client, path.open("rb") as f:
             response = client.post("/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"})
+        response.raise_for_status()
+        return response.json()
+
+    def create_job(self, training_file: str, **hyperparameters: object) -> dict:
+        """A job on the native GGUF base (no quantization step), small enough for a CPU."""
+        body = {
+            "model": BASE_MODEL,
+            "training_file": training_file,
+            "suffix": hyperparameters.pop("suffix", None),
+            "hyperparameters": {
+                "quantization": "gguf",
+                "bits": 4,
+                "lora_r": 4,
+                "batch_size": 2,
+                "micro_batch_size": 2,
+                "max_seq_len": 128,
+                **hyperparameters,
+            },
+        }
+        with self.api() as client:
+            response = client.post("/v1/fine_tuning/jobs", json=body)
         response.raise_for_status()
         return response.json()
 
@@ -90,28 +134,39 @@ class Stack:
                 time.sleep(0.5)
         raise TimeoutError(f"job {job_id} did not reach {statuses} in {timeout_s}s; last: {job['status']}")
 
+    def start_api(self) -> None:
+        self.server = _start(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            self.env,
+            self.tmp / "api.log",
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError(f"the API did not start:\n{(self.tmp / 'api.log').read_text()[-3000:]}")
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    def kill_api(self) -> None:
+        """Stop the API at once, as a crash or a host restart would (the worker keeps training)."""
+        assert self.server is not None
+        self.server.kill()
+        self.server.wait()
+        self.server = None
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    # Not under pytest's basetemp: concurrent pytest sessions prune each other's old basetemps,
-    # which would pull the database out from under a running server.
-    tmp = Path(tempfile.mkdtemp(prefix="modulora-web-"))
-    port = _free_port()
+def _service_env(tmp: Path, port: int, **extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -123,57 +178,80 @@ def stack() -> Iterator[Stack]:
         MODULORA_SSE_HEARTBEAT_S="1",
         MODULORA_PORT=str(port),
         PYTHONUNBUFFERED="1",
+        **extra,
     )
     if _redis_up():
         env["MODULORA_REDIS_URL"] = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
     else:
         env["MODULORA_BROKER_URL"] = f"sqla+sqlite:///{tmp / 'broker.db'}"
-    # Convert the built-in model once (shared home) so uploads get token statistics, then migrate.
+    return env
+
+
+@contextlib.contextmanager
+def _launch(env: dict[str, str], tmp: Path, port: int, setup: str, worker: bool) -> Iterator[Stack]:
+    """Run `setup` (it prints an API key last), then the API and optionally a worker."""
     key = _python(
-        "from modulora.models import resolve_model; resolve_model('smollm2-135m-instruct')\n"
-        "from core.db import migrate; migrate.upgrade()\n"
+        setup + "from core.db import migrate; migrate.upgrade()\n"
         "from api import crud; from core.db.session import session_scope\n"
         "with session_scope() as s: print(crud.create_api_key(session=s, user_name='dashboard-test'))",
         env,
     ).splitlines()[-1]
-    server = _start(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        env,
-        tmp / "api.log",
-    )
-    worker = _start(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app:app",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "-Q",
-            env["MODULORA_JOB_QUEUE"],
-            "-n",
-            f"web-{port}@%h",
-        ],
-        env,
-        tmp / "worker.log",
-    )
-    url = f"http://127.0.0.1:{port}"
+    stack = Stack(url=f"http://127.0.0.1:{port}", key=key, env=env, tmp=tmp, port=port)
+    processes = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError(f"the API did not start:\n{(tmp / 'api.log').read_text()[-3000:]}")
-        yield Stack(url=url, key=key, env=env, tmp=tmp)
+        if worker:
+            processes.append(
+                _start(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "worker.celery_app:app",
+                        "worker",
+                        "--loglevel",
+                        "INFO",
+                        "-Q",
+                        env["MODULORA_JOB_QUEUE"],
+                        "-n",
+                        f"web-{port}@%h",
+                    ],
+                    env,
+                    tmp / "worker.log",
+                )
+            )
+        stack.start_api()
+        yield stack
     finally:
-        _stop(worker)
-        _stop(server)
+        for process in processes + ([stack.server] if stack.server else []):
+            _stop(process)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    # Not under pytest's basetemp: concurrent pytest sessions prune each other's old basetemps,
+    # which would pull the database out from under a running server.
+    tmp = Path(tempfile.mkdtemp(prefix="modulora-web-"))
+    port = _free_port()
+    # Convert the built-in model once (shared home) so uploads get token statistics.
+    setup = "from modulora.models import resolve_model; resolve_model('smollm2-135m-instruct')\n"
+    try:
+        with _launch(_service_env(tmp, port), tmp, port, setup, worker=True) as running:
+            yield running
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fresh_stack() -> Iterator[Stack]:
+    """An API on an empty storage root: the base model has never been converted there."""
+    tmp = Path(tempfile.mkdtemp(prefix="modulora-web-fresh-"))
+    port = _free_port()
+    env = _service_env(tmp, port, MODULORA_HOME=str(tmp / "home"))
+    try:
+        with _launch(env, tmp, port, "", worker=False) as running:
+            yield running
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -190,38 +268,95 @@ def browser() -> Iterator[object]:
         chromium.close()
 
 
+# The violations axe-core reports, each with its rule, impact and first offending elements.
+_AXE_RUN = """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations.map((v) => ({
+  rule: v.id, impact: v.impact, help: v.help,
+  nodes: v.nodes.slice(0, 3).map((n) => `${n.target.join(" ")}: ${n.failureSummary}`),
+}))"""
+
+
 @dataclasses.dataclass
 class Dashboard:
-    """One browser tab on the dashboard plus the few actions every test needs."""
+    """Tabs on one stack's dashboard (one browser context, so the tabs share localStorage as a
+    person's tabs do), plus the actions every test needs. Confirmation dialogs are accepted, but
+    the next `dismiss_dialogs` ones; `dialogs` keeps what each one asked."""
 
-    page: object
+    context: object
     stack: Stack
+    errors: list[str]
+    page: object = None
+    dialogs: list[str] = dataclasses.field(default_factory=list)
+    dismiss_dialogs: int = 0
+
+    def __post_init__(self) -> None:
+        self.page = self.new_tab()
+
+    def new_tab(self) -> object:
+        tab = self.context.new_page()
+        tab.on("pageerror", lambda error: self.errors.append(str(error)))
+        tab.on("dialog", self._answer)
+        tab.goto(self.stack.url + "/")
+        return tab
+
+    def _answer(self, dialog: object) -> None:
+        self.dialogs.append(dialog.message)
+        if self.dismiss_dialogs:
+            self.dismiss_dialogs -= 1
+            dialog.dismiss()
+        else:
+            dialog.accept()
 
     def sign_in(self) -> None:
         self.page.fill("#api-key", self.stack.key)
         self.page.click("#sign-in button[type=submit]")
         self.page.wait_for_selector("#job-rows")
 
-    def open(self, route: str) -> None:
-        self.page.goto(f"{self.stack.url}/#/{route}")
+    def open(self, route: str, page: object = None) -> None:
+        (page or self.page).goto(f"{self.stack.url}/#/{route}")
 
-    def screenshot(self, name: str) -> None:
+    def audit(self, page: object = None) -> None:
+        """No accessibility violations (axe-core, every rule it runs by default) on the page as it is."""
+        page = page or self.page
+        if not page.evaluate("typeof window.axe !== 'undefined'"):
+            page.add_script_tag(path=str(AXE))
+        violations = page.evaluate(_AXE_RUN)
+        assert violations == [], f"axe-core on {page.url}:\n{json.dumps(violations, indent=1)}"
+
+    def overflow(self, page: object = None) -> dict[str, int]:
+        return (page or self.page).evaluate(
+            "({scrollWidth: document.documentElement.scrollWidth, viewport: window.innerWidth})"
+        )
+
+    def screenshot(self, name: str, page: object = None) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+        (page or self.page).screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def _dashboard(browser: object, stack: Stack, **context_options: object) -> Iterator[Dashboard]:
+    context = browser.new_context(**context_options)
+    context.set_default_timeout(30_000)
+    errors: list[str] = []
+    yield Dashboard(context, stack, errors)
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
 
 
 @pytest.fixture
 def dashboard(browser, stack: Stack) -> Iterator[Dashboard]:
-    """A fresh tab (its own sessionStorage) that fails the test on any uncaught page error."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(30_000)
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda error: errors.append(str(error)))
-    tab.goto(stack.url + "/")
-    yield Dashboard(tab, stack)
-    context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
+    """A fresh desktop browser (its own storage) that fails the test on any uncaught page error."""
+    yield from _dashboard(browser, stack, viewport=DESKTOP)
+
+
+@pytest.fixture
+def fresh_dashboard(browser, fresh_stack: Stack) -> Iterator[Dashboard]:
+    """A desktop browser on `fresh_stack`, the server that has never converted a model."""
+    yield from _dashboard(browser, fresh_stack, viewport=DESKTOP)
+
+
+@pytest.fixture
+def phone(browser, stack: Stack) -> Iterator[Dashboard]:
+    """The same at a phone's size: 390 x 844 CSS pixels, touch, mobile viewport rules."""
+    yield from _dashboard(browser, stack, viewport=PHONE, is_mobile=True, has_touch=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The /v1/dashboard routes the browser uses, through FastAPI's TestClient on an isolated home.
 
 The home holds only SmolLM2's config and tokenizer files (copied from the shared test home), which
-is all these torch-free routes read.
+is all these torch-free routes read. The fresh-server tests start from an empty home and stand in
+a file copy for the GGUF conversion (the browser tests run the real one).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from api import crud
 from api.main import create_app
+from api.routes import dashboard
 from core.config import get_settings
 from core.db import migrate
 from core.db import session as db_session
@@ -54,14 +58,15 @@ def model_folder() -> Path:
     return resolve_model(BASE_MODEL)
 
 
-@pytest.fixture
-def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_folder: Path) -> Iterator[TestClient]:
-    home = tmp_path / "home"
-    (home / "models" / BASE_MODEL).mkdir(parents=True)
+def _copy_model_files(model_folder: Path, target: Path) -> None:
+    target.mkdir(parents=True)
     for name in MODEL_FILES:
         if (model_folder / name).is_file():
-            shutil.copy(model_folder / name, home / "models" / BASE_MODEL / name)
-    monkeypatch.setenv("MODULORA_HOME", str(home))
+            shutil.copy(model_folder / name, target / name)
+
+
+def _service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("MODULORA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MODULORA_DATABASE_URL", f"sqlite:///{tmp_path / 'modulora.db'}")
     for name in ("MODULORA_REDIS_URL", "REDIS_URL", "DATABASE_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -70,6 +75,18 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_folder: Path) 
     with TestClient(create_app()) as test_client:
         yield test_client
     _clear_caches()
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_folder: Path) -> Iterator[TestClient]:
+    _copy_model_files(model_folder, tmp_path / "home" / "models" / BASE_MODEL)
+    yield from _service(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def fresh_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """A server whose home has never seen the base model (nothing converted yet)."""
+    yield from _service(tmp_path, monkeypatch)
 
 
 def _key(user: str) -> dict[str, str]:
@@ -223,3 +240,151 @@ def test_downloads_zip_the_adapter_and_checkpoint_folders(
     # Never a folder outside the storage root, never another user's artifact.
     assert client.get("/v1/dashboard/checkpoints/ftckpt-2/download", headers=headers).status_code == 410
     assert client.get("/v1/dashboard/checkpoints/ftckpt-1/download", headers=_key("bob")).status_code == 404
+
+
+def _wait_until_prepared(client: TestClient, path: str, headers: dict[str, str]) -> dict:
+    """GET a route until the model it needs is prepared: 503 `model_preparing` meanwhile."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = client.get(path, headers=headers)
+        if response.status_code != 503:
+            assert response.status_code == 200, response.text
+            return response.json()
+        assert response.json()["error"]["code"] == "model_preparing"
+        assert response.json()["error"]["param"] == "model"
+        time.sleep(0.05)
+    raise TimeoutError(path)
+
+
+def test_fresh_server_prepares_the_base_model_on_first_use_for_report_and_estimate(
+    fresh_client: TestClient, model_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    calls: list[str] = []
+
+    def prepare(model: str) -> None:
+        calls.append(model)
+        release.wait(10)
+        _copy_model_files(model_folder, get_settings().models_dir / model)
+
+    monkeypatch.setattr(dashboard, "_prepare", prepare)
+    monkeypatch.setattr(dashboard, "_preparing", {})
+    headers = _key("ann")
+    file = _upload(fresh_client, headers, [ROW] * 4)
+    report_path = f"/v1/dashboard/files/{file['id']}/report"
+    # While the conversion runs, every route that needs the model says so, and none starts a second one.
+    for _ in range(3):
+        response = fresh_client.get(report_path, headers=headers)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_preparing"
+    body = {"model": BASE_MODEL, "training_file": file["id"], "hyperparameters": {"quantization": "rtn"}}
+    assert fresh_client.post("/v1/dashboard/memory_estimate", headers=headers, json=body).status_code == 503
+    release.set()
+    report = _wait_until_prepared(fresh_client, report_path, headers)
+    assert calls == [BASE_MODEL]
+    assert report["tokenizer"] == BASE_MODEL and report["tokens"]["min"] > 0
+    assert sum(b["count"] for b in report["histogram"]) == 4
+    preview = fresh_client.get(f"/v1/dashboard/files/{file['id']}/preview", headers=headers).json()
+    assert len(preview["rows"]) == 3
+    estimate = fresh_client.post("/v1/dashboard/memory_estimate", headers=headers, json=body).json()
+    assert estimate["fits"] and estimate["time"]["steps"] > 0
+
+
+def test_a_failed_preparation_is_reported_once_and_then_retried(
+    fresh_client: TestClient, model_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+
+    def prepare(model: str) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("disk full")
+        _copy_model_files(model_folder, get_settings().models_dir / model)
+
+    monkeypatch.setattr(dashboard, "_prepare", prepare)
+    monkeypatch.setattr(dashboard, "_preparing", {})
+    headers = _key("ann")
+    path = f"/v1/dashboard/files/{_upload(fresh_client, headers, [ROW])['id']}/report"
+    deadline = time.monotonic() + 10
+    while (response := fresh_client.get(path, headers=headers)).status_code == 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "model_prepare_failed"
+    assert "disk full" in response.json()["error"]["message"]
+    report = _wait_until_prepared(fresh_client, path, headers)
+    assert len(attempts) == 2 and report["tokens"] is not None
+
+
+def test_options_expose_the_base_learning_rate_the_worker_trains_with(client: TestClient) -> None:
+    from core.config import BASE_LEARNING_RATE
+
+    options = client.get("/v1/dashboard/options", headers=_key("ann")).json()
+    assert options["base_learning_rate"] == BASE_LEARNING_RATE
+
+
+def test_time_estimate_scales_with_steps_and_the_card(client: TestClient) -> None:
+    headers = _key("ann")
+    file = _upload(client, headers, [ROW] * 40)
+    body = {
+        "model": BASE_MODEL,
+        "training_file": file["id"],
+        "hyperparameters": {"quantization": "rtn", "batch_size": 4, "micro_batch_size": 4, "n_epochs": 1},
+    }
+    small_card = client.post(
+        "/v1/dashboard/memory_estimate", headers=headers, json={**body, "metadata": {"gpu": "16GB"}}
+    ).json()["time"]
+    assert small_card["steps"] == 10
+    assert small_card["total_seconds"] == pytest.approx(10 * small_card["step_seconds"])
+    assert "10 steps" in small_card["basis"]
+    body["hyperparameters"]["n_epochs"] = 3
+    three_epochs = client.post(
+        "/v1/dashboard/memory_estimate", headers=headers, json={**body, "metadata": {"gpu": "16GB"}}
+    ).json()["time"]
+    assert three_epochs["steps"] == 30
+    assert three_epochs["total_seconds"] == pytest.approx(3 * small_card["total_seconds"])
+    h200 = client.post(
+        "/v1/dashboard/memory_estimate", headers=headers, json={**body, "metadata": {"gpu": "141GB"}}
+    ).json()["time"]
+    assert h200["step_seconds"] < three_epochs["step_seconds"]
+
+
+def test_job_loss_messages_and_checkpoints_for_the_job_page(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core import tasks
+
+    monkeypatch.setattr(tasks, "enqueue_training", lambda job_id: None)
+    headers = _key("ann")
+    job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+    with session_scope() as session:
+        record_event(session, job_id, "Quantizing", data={"phase": "quantizing", "done": 3, "total": 30})
+        for step, loss in ((1, 2.5), (2, 2.0)):
+            data = {"step": step, "train_loss": loss} | ({"valid_loss": 2.2} if step == 2 else {})
+            record_event(session, job_id, f"step {step}", type="metrics", step=step, data=data)
+        record_event(session, job_id, "Done")
+        session.add(
+            Checkpoint(id="ftckpt-9", job_id=job_id, step=2, path="jobs/x", metrics={"train_loss": 2.0})
+        )
+
+    loss = client.get(f"/v1/dashboard/jobs/{job_id}/loss", headers=headers).json()
+    assert loss == {"job_id": job_id, "step": [1, 2], "train_loss": [2.5, 2.0], "valid_loss": [None, 2.2]}
+    messages = client.get(f"/v1/dashboard/jobs/{job_id}/messages", headers=headers).json()["data"]
+    texts = [m["message"] for m in messages]
+    assert texts[-2:] == ["Quantizing", "Done"] and not any(t.startswith("step") for t in texts)
+    assert messages[-2]["data"] == {"phase": "quantizing", "done": 3, "total": 30}
+    newer = client.get(
+        f"/v1/dashboard/jobs/{job_id}/messages", headers=headers, params={"after": messages[-2]["n"]}
+    ).json()["data"]
+    assert [m["message"] for m in newer] == ["Done"]
+    (checkpoint,) = client.get("/v1/dashboard/checkpoints", headers=headers).json()["data"]
+    assert checkpoint == {
+        "id": "ftckpt-9",
+        "job_id": job_id,
+        "step": 2,
+        "model": BASE_MODEL,
+        "suffix": None,
+        "job_status": "queued",
+        "metrics": {"train_loss": 2.0},
+    }
+    for path in ("loss", "messages"):
+        assert client.get(f"/v1/dashboard/jobs/{job_id}/{path}", headers=_key("bob")).status_code == 404

@@ -1,21 +1,33 @@
-// The HTTP client: one function per API operation, the key read from sessionStorage.
+// The HTTP client: one function per API operation, the key read from localStorage.
 // The key travels only in the Authorization header, never in a URL.
 
 const KEY_NAME = "modulora.apiKey";
+const PREPARING_RETRY_S = 3;
 
+// localStorage, so a second tab (or a reload) is signed in too; "Sign out" removes it everywhere.
 export function getKey() {
-  return sessionStorage.getItem(KEY_NAME);
+  return localStorage.getItem(KEY_NAME);
 }
 
 export function setKey(key) {
-  sessionStorage.setItem(KEY_NAME, key);
+  localStorage.setItem(KEY_NAME, key);
 }
 
 export function clearKey() {
-  sessionStorage.removeItem(KEY_NAME);
+  localStorage.removeItem(KEY_NAME);
 }
 
-/** An error from the API's `{"error": {message, type, param, code}}` envelope. */
+/** Another tab signed in or out: `callback()` re-renders this one. */
+export function onKeyChange(callback) {
+  window.addEventListener("storage", (event) => {
+    if (event.key === KEY_NAME || event.key === null) callback();
+  });
+}
+
+/**
+ * An error from the API's `{"error": {message, type, param, code}}` envelope, or one made here
+ * for what never reached it: `status` 0 is a network failure, a non-JSON body a proxy's page.
+ */
 export class ApiError extends Error {
   constructor(status, body) {
     const error = body?.error ?? body ?? {};
@@ -26,7 +38,12 @@ export class ApiError extends Error {
     this.param = error.param ?? null;
     this.code = error.code ?? null;
     this.line = error.line ?? lineFromMessage(message);
+    this.retryAfterS = error.retry_after_s ?? null;
     this.body = body;
+  }
+
+  get network() {
+    return this.status === 0;
   }
 }
 
@@ -34,6 +51,17 @@ export class ApiError extends Error {
 function lineFromMessage(message) {
   const match = /\bline (\d+)/i.exec(message ?? "");
   return match ? Number(match[1]) : null;
+}
+
+const NETWORK_MESSAGE = "the server could not be reached (network error)";
+
+/** A short message for a body that is not our JSON: a proxy's HTML error page, or plain text. */
+function nonJsonMessage(status, statusText, text) {
+  const title = /<title[^>]*>([^<]*)<\/title>/i.exec(text)?.[1]?.trim();
+  const plain = title || text.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim();
+  const what = status >= 500 ? "the server or a proxy in front of it failed" : "the request was refused";
+  const detail = plain && !plain.startsWith("<") ? `: ${plain.slice(0, 120)}` : "";
+  return `HTTP ${status}${statusText ? ` ${statusText}` : ""} (${what})${detail}`;
 }
 
 function authHeaders(extra = {}) {
@@ -47,9 +75,12 @@ async function parseResponse(response) {
   try {
     body = text ? JSON.parse(text) : null;
   } catch {
-    body = { error: { message: text || `HTTP ${response.status}` } };
+    body = { error: { message: nonJsonMessage(response.status, response.statusText, text) } };
   }
-  if (!response.ok) throw failure(response.status, body);
+  if (!response.ok) {
+    if (body === null) body = { error: { message: nonJsonMessage(response.status, response.statusText, "") } };
+    throw failure(response.status, body);
+  }
   return body;
 }
 
@@ -59,6 +90,16 @@ function failure(status, body) {
   return new ApiError(status, body);
 }
 
+/** fetch(), with a failure to connect turned into an ApiError with status 0. */
+async function send(url, init) {
+  try {
+    return await fetch(url, init);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, { error: { message: NETWORK_MESSAGE } });
+  }
+}
+
 export async function request(method, path, { json, query, signal } = {}) {
   const url = new URL(path, window.location.origin);
   for (const [name, value] of Object.entries(query ?? {})) {
@@ -66,7 +107,23 @@ export async function request(method, path, { json, query, signal } = {}) {
   }
   const headers = authHeaders(json === undefined ? {} : { "Content-Type": "application/json" });
   const body = json === undefined ? undefined : JSON.stringify(json);
-  return parseResponse(await fetch(url, { method, headers, body, signal }));
+  return parseResponse(await send(url, { method, headers, body, signal }));
+}
+
+/**
+ * Run `call()`; while the server answers 503 `model_preparing` (a fresh server converting its base
+ * model, once), call `onWait(err)` and try again after the delay it asks for.
+ */
+export async function whilePreparing(call, { onWait, signal } = {}) {
+  for (;;) {
+    try {
+      return await call();
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.code !== "model_preparing" || signal?.aborted) throw err;
+      onWait?.(err);
+      await new Promise((resolve) => setTimeout(resolve, 1000 * (err.retryAfterS ?? PREPARING_RETRY_S)));
+    }
+  }
 }
 
 /** Follow `after` cursors until `has_more` is false; returns every item. */
@@ -81,11 +138,17 @@ export async function listAll(path, query = {}) {
   }
 }
 
+/** Check `key` against GET /v1/models without storing it (the sign-in form). */
+export async function checkKey(key) {
+  return parseResponse(await send("/v1/models", { headers: { Authorization: `Bearer ${key}` } }));
+}
+
 // ---- files ----------------------------------------------------------------------------------
 
 /**
  * POST /v1/files with an upload progress callback. fetch() cannot report upload progress, so
- * this one request uses XMLHttpRequest. Resolves with the file object, rejects with ApiError.
+ * this one request uses XMLHttpRequest. Resolves with the file object, rejects with ApiError
+ * (status 0: the upload never reached the server).
  */
 export function uploadFile(file, { purpose = "fine-tune", onProgress } = {}) {
   return new Promise((resolve, reject) => {
@@ -103,12 +166,12 @@ export function uploadFile(file, { purpose = "fine-tune", onProgress } = {}) {
       try {
         body = xhr.responseText ? JSON.parse(xhr.responseText) : null;
       } catch {
-        body = { error: { message: xhr.responseText } };
+        body = { error: { message: nonJsonMessage(xhr.status, xhr.statusText, xhr.responseText) } };
       }
       if (xhr.status >= 200 && xhr.status < 300) resolve(body);
       else reject(failure(xhr.status, body));
     };
-    xhr.onerror = () => reject(new ApiError(0, { error: { message: "network error during upload" } }));
+    xhr.onerror = () => reject(new ApiError(0, { error: { message: NETWORK_MESSAGE } }));
     xhr.send(form);
   });
 }
@@ -124,23 +187,27 @@ export const getFilePreview = (id, { model, rows = 3, maxSeqLen } = {}) =>
 // ---- jobs -----------------------------------------------------------------------------------
 
 export const createJob = (body) => request("POST", "/v1/fine_tuning/jobs", { json: body });
-export const listJobs = (limit = 50) => request("GET", "/v1/fine_tuning/jobs", { query: { limit } });
+export const listJobs = (limit = 100) => request("GET", "/v1/fine_tuning/jobs", { query: { limit } });
 export const getJob = (id) => request("GET", `/v1/fine_tuning/jobs/${id}`);
 export const cancelJob = (id) => request("POST", `/v1/fine_tuning/jobs/${id}/cancel`);
-export const listEvents = (id) => listAll(`/v1/fine_tuning/jobs/${id}/events`);
+export const deleteJob = (id) => request("DELETE", `/v1/fine_tuning/jobs/${id}`);
 export const listCheckpoints = (id) => listAll(`/v1/fine_tuning/jobs/${id}/checkpoints`);
 export const getJobsProgress = () => request("GET", "/v1/dashboard/jobs/progress");
+export const getJobLoss = (id) => request("GET", `/v1/dashboard/jobs/${id}/loss`);
+export const getJobMessages = (id, after = 0) =>
+  request("GET", `/v1/dashboard/jobs/${id}/messages`, { query: { after } }).then((page) => page?.data ?? []);
 
 // ---- models and dashboard helpers -----------------------------------------------------------
 
 export const listModels = () => request("GET", "/v1/models").then((page) => page?.data ?? []);
+export const deleteModel = (id) => request("DELETE", `/v1/models/${encodeURIComponent(id)}`);
 export const listServableCheckpoints = () => request("GET", "/v1/dashboard/checkpoints").then((page) => page?.data ?? []);
 export const getDashboardOptions = () => request("GET", "/v1/dashboard/options");
 export const estimateMemory = (body) => request("POST", "/v1/dashboard/memory_estimate", { json: body });
 
 /** Download an authenticated URL as a file: fetch it, then hand the browser a blob URL. */
 export async function download(path, filename) {
-  const response = await fetch(path, { headers: authHeaders() });
+  const response = await send(path, { headers: authHeaders() });
   if (!response.ok) await parseResponse(response);
   const blob = await response.blob();
   const url = URL.createObjectURL(blob);
@@ -155,16 +222,18 @@ export async function download(path, filename) {
 
 /**
  * Read an SSE response with fetch + a stream reader (EventSource cannot send the Authorization
- * header). Calls onEvent({event, data, id}) for each event, `data` JSON-decoded when it parses.
- * Resolves when the server closes the stream or `signal` aborts.
+ * header). Calls onOpen() once the server accepted the request, then onEvent({event, data, id})
+ * for each event, `data` JSON-decoded when it parses. Resolves when the server closes the stream
+ * or `signal` aborts; a dropped connection rejects (ApiError with status 0 when it never opened).
  */
-export async function readEventStream(path, { method = "GET", json, onEvent, signal, lastEventId } = {}) {
+export async function readEventStream(path, { method = "GET", json, onOpen, onEvent, signal, lastEventId } = {}) {
   const headers = authHeaders({ Accept: "text/event-stream" });
   if (json !== undefined) headers["Content-Type"] = "application/json";
   if (lastEventId) headers["Last-Event-ID"] = lastEventId;
   const body = json === undefined ? undefined : JSON.stringify(json);
-  const response = await fetch(path, { method, headers, body, signal });
+  const response = await send(path, { method, headers, body, signal });
   if (!response.ok) await parseResponse(response);
+  onOpen?.();
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -203,7 +272,10 @@ function parseEventBlock(block) {
   return event;
 }
 
-/** Stream a chat completion; onDelta(text) per chunk. Resolves with the full text. */
+/**
+ * Stream a chat completion; onDelta(delta, textSoFar) per chunk. Resolves with the full text.
+ * Aborting `signal` (the Stop button) rejects with an AbortError; the text so far was delivered.
+ */
 export async function streamChat({ model, messages, maxTokens = 128, temperature = 0, onDelta, signal }) {
   let text = "";
   await readEventStream("/v1/chat/completions", {

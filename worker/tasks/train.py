@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from core import lifecycle
 from core.bases import job_base, job_quant_config
-from core.config import get_settings
+from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.events import record_event
 from core.db.models import Checkpoint, File, Job, Model, utcnow
 from core.db.session import session_scope
@@ -28,8 +28,6 @@ from core.tasks import TRAIN_TASK
 from modulora import memory
 from modulora.settings import relative_to_home
 from worker.celery_app import app
-
-BASE_LEARNING_RATE = 2e-4
 
 
 class JobFailure(Exception):

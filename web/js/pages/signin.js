@@ -1,6 +1,6 @@
-// Sign-in: check the key against GET /v1/models, keep it in sessionStorage (this tab only).
+// Sign-in: check the key against GET /v1/models, keep it in localStorage (this browser, every tab).
 
-import { clearKey, listModels, setKey } from "../api.js";
+import { checkKey, setKey } from "../api.js";
 import { h } from "../dom.js";
 
 export function renderSignIn(main, { onSignedIn }) {
@@ -8,8 +8,9 @@ export function renderSignIn(main, { onSignedIn }) {
     id: "api-key",
     type: "password",
     autocomplete: "off",
-    placeholder: "sk-…",
+    placeholder: "mlk-…",
     required: true,
+    "aria-describedby": "api-key-help",
   });
   const error = h("p", { class: "error", id: "sign-in-error", role: "alert" });
   const button = h("button", { type: "submit" }, "Sign in");
@@ -18,7 +19,8 @@ export function renderSignIn(main, { onSignedIn }) {
     "form",
     { class: "card sign-in", id: "sign-in", onsubmit: submit },
     h("h1", {}, "Sign in"),
-    h("p", { class: "muted" }, "Paste an API key (", h("code", {}, "modulora keys create --user NAME"), ")."),
+    h("p", { class: "muted", id: "api-key-help" }, "Paste an API key (", h("code", {}, "modulora keys create --user NAME"),
+      " prints one). It stays in this browser until you sign out."),
     h("label", { for: "api-key" }, "API key"),
     input,
     button,
@@ -29,12 +31,12 @@ export function renderSignIn(main, { onSignedIn }) {
     event.preventDefault();
     error.textContent = "";
     button.disabled = true;
-    setKey(input.value.trim());
+    const key = input.value.trim();
     try {
-      await listModels();
+      await checkKey(key);
+      setKey(key);
       onSignedIn();
     } catch (err) {
-      clearKey();
       error.textContent = err.status === 401 ? "That key was not accepted." : `Could not sign in: ${err.message}`;
     } finally {
       button.disabled = false;
