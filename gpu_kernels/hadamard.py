@@ -1,17 +1,31 @@
-"""Randomized-Hadamard building block: y = x·Hᵀ (each row vector of x multiplied by H), H orthonormal.
+"""Randomized-Hadamard building block: y = ((x·diag(a))·Hᵀ·scale)·diag(b), H orthonormal.
 
 Order n = K·P with P a power of two and K = 1 or the order of a small Hadamard matrix built by
-Paley's constructions (K = 12 for 192 and 1536, 36 for 576, 20 for 5120, 108 for 13824, 344 for
-11008 and 22016). The row index i = k·P + j, and H = (H_K ⊗ H_P)/√n with H_P the Sylvester
-(Walsh–Hadamard, natural order) matrix. H_P is symmetric; H_K need not be, so `transpose=True`
-applies Hᵀ = (H_Kᵀ ⊗ H_P)/√n, the inverse of H.
+Paley's constructions (K = 12 for 192 and 1536, 36 for 576, 20 for 2560 and 5120, 52 for 6656, 60
+for 960, 108 for 13824, 140 for 17920, 344 for 11008 and 22016). The row index i = k·P + j, and
+H = (H_K ⊗ H_P)/√n with H_P the Sylvester (Walsh–Hadamard, natural order) matrix. H_P is
+symmetric; H_K need not be, so `transpose=True` applies Hᵀ = (H_Kᵀ ⊗ H_P)/√n, the inverse of H.
 
-Layouts: x [..., n] in any float dtype, contiguous or not; the result has x's shape and dtype.
-Accumulation is fp32 throughout (a 2-bit layer's inputs overflow fp16 after the transform).
+`pre_scale` a [n] or [G, n] and `post_scale` b [n] or [G, n] multiply elementwise before and after
+the transform (QuIP#'s sign vectors), broadcasting against x [..., n] as `x * a` would: with
+[G, n] scales and x [..., 1, n], one call transforms x under G different sign vectors (the
+inputs of q, k and v at a decode step). Layouts: x in any float dtype and any strides with a unit
+last stride (others are copied); the result is a new tensor of the broadcast shape in `out_dtype`
+(default x's), or `out`. Accumulation is fp32 throughout (a 2-bit layer's inputs overflow fp16
+after the transform).
 
-The Triton kernel runs the power-of-two factor in registers: log2(P) rounds of the constant-geometry
-butterfly y = [x₀+x₁, x₂+x₃, …, x₀−x₁, x₂−x₃, …], whose P-fold repetition is exactly H_P in natural
-order (Pease's form of the FFT). The K factor is a K×K fp32 matmul over the [..., K, P] view.
+The Triton kernels keep a row block in registers from load to store, so sign scaling and the
+dtype casts cost no extra pass:
+- K = 1 (`_fwht_kernel`): log2(P) rounds of the constant-geometry butterfly
+  y = [x₀+x₁, x₂+x₃, …, x₀−x₁, x₂−x₃, …], whose P-fold repetition is exactly H_P in natural order
+  (Pease's form of the FFT);
+- K > 1 (`_hadamard_k_kernel`): H_K and H_P act on different axes of the [K, P] view, so they
+  commute. A program owns a block of BLOCK_K output k's for BLOCK_M rows: it accumulates
+  H_K[k-block, :]·X over the input k's as tensor-core dots (H_K zero-padded to a multiple of 64, so
+  K need not be a power of two), then runs the butterflies on its [BLOCK_K, BLOCK_M·P] result. H_K
+  has entries ±1, exact in bf16; x·a is split into bf16 pieces (hi + mid + lo: 24 significant
+  bits, fp32's) so every product is exact and only the fp32 accumulation rounds. One piece suffices
+  for bf16 inputs without a pre-scale (the transposed transform after a bf16 matmul), two for fp16.
 """
 
 from __future__ import annotations
@@ -21,7 +35,14 @@ import math
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import (
+    device_constant,
+    fastest_config,
+    interpreting,
+    launchable,
+    triton_available,
+    use_triton,
+)
 
 if triton_available():
     import triton
@@ -100,6 +121,7 @@ def _paley(order: int) -> torch.Tensor | None:
     return None
 
 
+@functools.cache
 def hadamard_factors(n: int) -> tuple[int, int]:
     """(K, P) with n = K·P, P a power of two and K = 1 or the smallest Paley order that works."""
     if n <= 0:
@@ -137,6 +159,24 @@ def hadamard_matrix(
     return (torch.kron(small, sylvester) / math.sqrt(n)).to(device=device, dtype=dtype)
 
 
+##### Device-resident H_K #####
+
+SMALL_PAD = 64  # H_K is zero-padded to a multiple of this: the largest BLOCK_K
+
+
+def small_hadamard_table(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The unnormalized H_K zero-padded to [KPAD, KPAD] (KPAD the next multiple of 64) on `device`,
+    built once per (K, device, dtype) (`gpu_kernels._dispatch.device_constant`)."""
+
+    def build() -> torch.Tensor:
+        kpad = -(-k // SMALL_PAD) * SMALL_PAD
+        table = torch.zeros(kpad, kpad, dtype=dtype)
+        table[:k, :k] = _small_hadamard(k)
+        return table
+
+    return device_constant(f"hadamard_K{k}_{dtype}", device, build)
+
+
 ##### Reference #####
 
 
@@ -144,16 +184,28 @@ def _apply_small(y: torch.Tensor, k: int, transpose: bool) -> torch.Tensor:
     """y [rows, K·P] fp32 -> (H_K or H_Kᵀ) applied along the K index of the [rows, K, P] view."""
     if k == 1:
         return y
-    small = _small_hadamard(k).to(device=y.device, dtype=torch.float32)
+    small = small_hadamard_table(k, y.device)[:k, :k]
     small = small.T if transpose else small
     return torch.matmul(small, y.view(y.shape[0], k, -1)).view(y.shape[0], -1)
 
 
-def hadamard_ref(x: torch.Tensor, transpose: bool = False, scale: float | None = None) -> torch.Tensor:
-    """x [..., n] -> x·Hᵀ (or x·H with `transpose`), times `scale` (default 1/√n: orthonormal)."""
+def hadamard_ref(
+    x: torch.Tensor,
+    transpose: bool = False,
+    scale: float | None = None,
+    pre_scale: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """((x·diag(pre_scale))·Hᵀ (or ·H with `transpose`)·scale)·diag(post_scale), in fp32, returned in
+    `out_dtype` (default x's). `scale` defaults to 1/√n (orthonormal)."""
     n = x.shape[-1]
     k, p = hadamard_factors(n)
-    y = x.reshape(-1, n).to(torch.float32)
+    y = x.to(torch.float32)
+    if pre_scale is not None:
+        y = y * pre_scale.to(torch.float32)
+    shape = y.shape
+    y = y.reshape(-1, n)
     rows = y.shape[0]
     half = 1
     while half < p:  # radix-2 butterflies, natural (Sylvester) order
@@ -161,8 +213,10 @@ def hadamard_ref(x: torch.Tensor, transpose: bool = False, scale: float | None =
         y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
         half *= 2
     y = _apply_small(y.reshape(rows, n), k, transpose)
-    y = y * (1 / math.sqrt(n) if scale is None else scale)
-    return y.view(x.shape).to(x.dtype)
+    y = (y * (1 / math.sqrt(n) if scale is None else scale)).view(shape)
+    if post_scale is not None:
+        y = y * post_scale.to(torch.float32)
+    return y.to(x.dtype if out_dtype is None else out_dtype)
 
 
 ##### Triton #####
@@ -170,70 +224,236 @@ def hadamard_ref(x: torch.Tensor, transpose: bool = False, scale: float | None =
 if triton_available():
 
     @triton.jit
+    def _row_offsets(rows, GROUPS: tl.constexpr, stride_outer, stride_inner):
+        """int64 offsets of rows r = outer·GROUPS + inner of a [outer, GROUPS, n] view."""
+        rows = rows.to(tl.int64)
+        return (rows // GROUPS) * stride_outer + (rows % GROUPS) * stride_inner
+
+    @triton.jit
+    def _butterflies(x, ROWS: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
+        """x [ROWS, P] fp32 -> x·H_P (unnormalized) along each row: LOG_P constant-geometry rounds."""
+        for _ in tl.static_range(LOG_P):
+            # One round: pairs (2i, 2i+1) -> sums first, then differences.
+            even, odd = tl.split(tl.reshape(x, (ROWS, P // 2, 2)))
+            x = tl.reshape(tl.permute(tl.join(even + odd, even - odd), (0, 2, 1)), (ROWS, P))
+        return x
+
+    @triton.jit
+    def _dot_pieces(h, x, acc, PIECES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """acc + h·x, x fp32 taken as PIECES bf16 pieces (hi, mid, lo) so each product with h's ±1/0
+        entries is exact. DOT_DTYPE: bf16 on a GPU; fp32 under the interpreter (which multiplies bf16
+        bit patterns as integers), where the bf16-rounded pieces give the same sums."""
+        rest = x
+        for _ in tl.static_range(PIECES):
+            piece = rest.to(tl.bfloat16)
+            acc = tl.dot(h, piece.to(DOT_DTYPE), acc)
+            rest = rest - piece.to(tl.float32)
+        return acc
+
+    @triton.jit
     def _fwht_kernel(
-        x_ptr,
-        y_ptr,
-        rows,
-        stride_xm,
-        stride_ym,
-        scale,
-        P: tl.constexpr,
-        LOG_P: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        x_ptr, pre_ptr, post_ptr, y_ptr, rows,
+        stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi, scale,
+        P: tl.constexpr, LOG_P: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
+        HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    ):  # fmt: skip
+        """K = 1: program m transforms rows [m·BLOCK_M, (m+1)·BLOCK_M) whole, in registers."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_p = tl.arange(0, P)
         mask = (offs_m < rows)[:, None]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :], mask=mask, other=0.0).to(
-            tl.float32
+        x_rows = _row_offsets(offs_m, GROUPS, stride_xo, stride_xi)
+        x = tl.load(x_ptr + x_rows[:, None] + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            pre_rows = (offs_m % GROUPS) * stride_pre
+            x *= tl.load(pre_ptr + pre_rows[:, None] + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _butterflies(x, BLOCK_M, P, LOG_P) * scale
+        if HAS_POST:
+            post_rows = (offs_m % GROUPS) * stride_post
+            x *= tl.load(post_ptr + post_rows[:, None] + offs_p[None, :], mask=mask, other=0.0).to(tl.float32)
+        y_rows = _row_offsets(offs_m, GROUPS, stride_yo, stride_yi)
+        tl.store(y_ptr + y_rows[:, None] + offs_p[None, :], x.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _hadamard_k_kernel(
+        x_ptr, pre_ptr, post_ptr, h_ptr, y_ptr, rows,
+        stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi, stride_h_out, stride_h_in, scale,
+        K: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUPS: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, PIECES: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        """K > 1: program (m, b) computes outputs k' in [b·BLOCK_K, (b+1)·BLOCK_K) (all P) of rows
+        [m·BLOCK_M, (m+1)·BLOCK_M), as a [BLOCK_K, BLOCK_M·P] tile whose column c = row·P + j."""
+        COLS: tl.constexpr = BLOCK_M * P
+        offs_c = tl.arange(0, COLS)
+        offs_m = tl.program_id(0) * BLOCK_M + offs_c // P  # the row of each column
+        offs_j = offs_c % P
+        row_ok = (offs_m < rows)[None, :]
+        x_cols = _row_offsets(offs_m, GROUPS, stride_xo, stride_xi) + offs_j
+        pre_cols = (offs_m % GROUPS) * stride_pre + offs_j
+        offs_out = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc = tl.full((BLOCK_K, COLS), 0.0, tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            offs_in = k0 + tl.arange(0, BLOCK_K)
+            mask = (offs_in < K)[:, None] & row_ok
+            x = tl.load(x_ptr + x_cols[None, :] + (offs_in * P)[:, None], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            if HAS_PRE:
+                pre = tl.load(pre_ptr + pre_cols[None, :] + (offs_in * P)[:, None], mask=mask, other=0.0)
+                x *= pre.to(tl.float32)
+            # H_K is zero-padded past K, so its tile needs no mask.
+            h = tl.load(h_ptr + offs_out[:, None] * stride_h_out + offs_in[None, :] * stride_h_in)
+            acc = _dot_pieces(h.to(DOT_DTYPE), x, acc, PIECES, DOT_DTYPE)
+        if LOG_P > 0:
+            acc = tl.reshape(
+                _butterflies(tl.reshape(acc, (BLOCK_K * BLOCK_M, P)), BLOCK_K * BLOCK_M, P, LOG_P),
+                (BLOCK_K, COLS),
+            )
+        y = acc * scale
+        out_mask = (offs_out < K)[:, None] & row_ok
+        if HAS_POST:
+            post_cols = (offs_m % GROUPS) * stride_post + offs_j
+            post = tl.load(post_ptr + post_cols[None, :] + (offs_out * P)[:, None], mask=out_mask, other=0.0)
+            y *= post.to(tl.float32)
+        y_cols = _row_offsets(offs_m, GROUPS, stride_yo, stride_yi) + offs_j
+        tl.store(
+            y_ptr + y_cols[None, :] + (offs_out * P)[:, None], y.to(y_ptr.dtype.element_ty), mask=out_mask
         )
-        for _ in tl.static_range(LOG_P):
-            # One constant-geometry round: pairs (2i, 2i+1) -> sums first, then differences.
-            even, odd = tl.split(tl.reshape(x, (BLOCK_M, P // 2, 2)))
-            x = tl.reshape(tl.permute(tl.join(even + odd, even - odd), (0, 2, 1)), (BLOCK_M, P))
-        y = (x * scale).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_p[None, :], y, mask=mask)
 
 
 def fwht_config(p: int) -> dict[str, int]:
-    """Rows per program and warps for a row length P: about 2048 elements per program, 4 warps.
+    """K = 1: rows per program and warps for a row length P: about 2048 elements per program.
 
     On an H200 (bf16, 8192 rows) one row and 4 warps moved 84% of copy bandwidth at P = 4096 and 86%
-    at 8192; 8 warps 68% and 83%; several rows a program less (docs/bench/quip.md).
+    at 8192; 8 warps 68% and 83%; several rows a program less (docs/bench/quip.md). 16384 values
+    would take 128 registers a thread at 4 warps: 8 there.
     """
-    return {"BLOCK_M": max(1, min(16, 2048 // p)), "num_warps": 4}
+    return {"BLOCK_M": max(1, min(16, 2048 // p)), "num_warps": 4 if p <= 8192 else 8}
 
 
-def fwht_triton(
+def hadamard_k_candidates(k: int, p: int) -> list[dict[str, int]]:
+    """K > 1: tiles worth timing (the first is the default): BLOCK_M rows of P values as 64-256
+    columns (at least 16, tl.dot's least), BLOCK_K a power of two from 16 to 64 (at most the next
+    power of two above K), at most 16384 fp32 accumulators per program."""
+    top = 1 << (k - 1).bit_length()
+    candidates = []
+    for cols in (128, 64, 256):
+        block_m = max(1, cols // p)
+        cols = block_m * p
+        for block_k in (64, 32):
+            block_k = max(16, min(block_k, top, 16384 // cols))
+            for warps in (4, 8):
+                config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
+                if block_k * cols <= 16384 and config not in candidates:
+                    candidates.append(config)
+    return candidates or [{"BLOCK_M": 1, "BLOCK_K": 16, "num_warps": 8}]  # P > 1024: one row, 16 k's
+
+
+def dot_pieces(x_dtype: torch.dtype, has_pre_scale: bool) -> int:
+    """bf16 pieces per value in the K-factor dot: 1 for bf16 values (exact), 2 for fp16 (11
+    significant bits), 3 (24 bits: fp32's) once a real-valued pre-scale or fp32 input is involved."""
+    if not has_pre_scale and x_dtype == torch.bfloat16:
+        return 1
+    if not has_pre_scale and x_dtype == torch.float16:
+        return 2
+    return 3
+
+
+def _scale_rows(scale: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, int, int]:
+    """A [n] or [G, n] scale as (contiguous tensor, G, row stride)."""
+    if scale is None:
+        return None, 1, 0
+    if scale.dim() not in (1, 2) or scale.shape[-1] != n:
+        raise ValueError(f"scale: shape {tuple(scale.shape)}; need [{n}] or [groups, {n}]")
+    scale = scale.contiguous()
+    groups = 1 if scale.dim() == 1 else scale.shape[0]
+    return scale, groups, n if groups > 1 else 0
+
+
+def _grouped_rows(t: torch.Tensor, groups: int, writable: bool) -> tuple[torch.Tensor, int, int]:
+    """t [..., groups, n] (or [..., n] when groups is 1) as rows r = outer·groups + inner:
+    (a tensor with unit last stride, stride of outer, stride of inner). `writable` views must not copy."""
+    n = t.shape[-1]
+    if groups == 1:
+        rows = t.view(-1, n) if writable else t.reshape(-1, n)
+    else:
+        rows = t.view(-1, groups, n) if writable else t.reshape(-1, groups, n)
+    if rows.stride(-1) != 1:
+        if writable:
+            raise ValueError("out: the last dimension must have stride 1")
+        rows = rows.contiguous()
+    return rows, rows.stride(0), 0 if groups == 1 else rows.stride(1)
+
+
+def hadamard_triton(
     x: torch.Tensor,
-    scale: float,
-    out_dtype: torch.dtype = torch.float32,
+    transpose: bool = False,
+    scale: float | None = None,
+    pre_scale: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """x [rows, P] (P a power of two, unit column stride) -> x·H_Pᵀ·scale in `out_dtype` (fp32 inside)."""
-    rows, p = x.shape
-    if p & (p - 1) or x.stride(1) != 1:
-        raise ValueError(f"x: rows of length {p} with column stride {x.stride(1)}; need a power of two and 1")
-    config = config or fwht_config(p)
-    y = torch.empty(rows, p, device=x.device, dtype=out_dtype)
-    grid = (triton.cdiv(rows, config["BLOCK_M"]),)
-    launchable(_fwht_kernel)[grid](
-        x, y, rows, x.stride(0), y.stride(0), scale,
-        P=p, LOG_P=p.bit_length() - 1, BLOCK_M=config["BLOCK_M"], num_warps=config["num_warps"],
-    )  # fmt: skip
-    return y
-
-
-def hadamard(x: torch.Tensor, transpose: bool = False, scale: float | None = None) -> torch.Tensor:
-    """x [..., n] -> x·Hᵀ (or x·H with `transpose`); Triton on CUDA, the reference elsewhere."""
-    if not use_triton(x):
-        return hadamard_ref(x, transpose, scale)
+    """The Triton transform (see `hadamard`); `config` fixes the tile (`fwht_config` for K = 1, else
+    one of `hadamard_k_candidates`; by default the fastest of those, timed on first use)."""
     n = x.shape[-1]
     k, p = hadamard_factors(n)
-    rows = x.reshape(-1, p).contiguous()
+    pre, pre_groups, stride_pre = _scale_rows(pre_scale, n)
+    post, post_groups, stride_post = _scale_rows(post_scale, n)
+    groups = max(pre_groups, post_groups)
+    if 1 < pre_groups != post_groups > 1:
+        raise ValueError(f"post_scale: {post_groups} groups but pre_scale has {pre_groups}")
+    shape = torch.broadcast_shapes(x.shape, *(s.shape for s in (pre, post) if s is not None))
+    if out is None:
+        out = torch.empty(shape, device=x.device, dtype=x.dtype if out_dtype is None else out_dtype)
+    elif out.shape != shape:
+        raise ValueError(f"out: shape {tuple(out.shape)}; the result has {tuple(shape)}")
+    if out.numel() == 0:
+        return out
+    x_rows, stride_xo, stride_xi = _grouped_rows(x.expand(shape), groups, writable=False)
+    y_rows, stride_yo, stride_yi = _grouped_rows(out, groups, writable=True)
+    rows = y_rows.numel() // n
     scale = 1 / math.sqrt(n) if scale is None else scale
+    common = dict(GROUPS=groups, HAS_PRE=pre is not None, HAS_POST=post is not None)
+    pointers = (x_rows, x_rows if pre is None else pre, x_rows if post is None else post)
+    strides = (stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi)
     if k == 1:
-        return fwht_triton(rows, scale, x.dtype).view(x.shape)
-    y = fwht_triton(rows, scale).view(-1, n)  # fp32 until the K factor is applied
-    return _apply_small(y, k, transpose).view(x.shape).to(x.dtype)
+        config = config or fwht_config(p)
+        launchable(_fwht_kernel)[(triton.cdiv(rows, config["BLOCK_M"]),)](
+            *pointers, y_rows, rows, *strides, scale, P=p, LOG_P=p.bit_length() - 1, **common, **config
+        )
+        return out
+    dot_dtype = torch.float32 if interpreting() else torch.bfloat16
+    table = small_hadamard_table(k, x.device, dot_dtype)
+    stride_h = table.stride()[::-1] if transpose else table.stride()
+
+    def launch(cfg: dict[str, int]) -> torch.Tensor:
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"]))
+        launchable(_hadamard_k_kernel)[grid](
+            *pointers, table, y_rows, rows, *strides, *stride_h, scale,
+            K=k, P=p, LOG_P=p.bit_length() - 1, PIECES=dot_pieces(x.dtype, pre is not None),
+            DOT_DTYPE=tl.float32 if dot_dtype == torch.float32 else tl.bfloat16, **common, **cfg,
+        )  # fmt: skip
+        return out
+
+    if config is None:
+        key = ("hadamard", k, p, 1 << (rows - 1).bit_length(), x.dtype, out.dtype, pre is not None)
+        config = fastest_config(key, hadamard_k_candidates(k, p), launch, x.device)
+    return launch(config)
+
+
+def hadamard(
+    x: torch.Tensor,
+    transpose: bool = False,
+    scale: float | None = None,
+    pre_scale: torch.Tensor | None = None,
+    post_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """((x·diag(pre_scale))·Hᵀ (or ·H with `transpose`)·scale)·diag(post_scale) in `out_dtype`
+    (default x's), written to `out` if given; Triton on CUDA, the reference elsewhere."""
+    if use_triton(x):
+        return hadamard_triton(x, transpose, scale, pre_scale, post_scale, out_dtype, out)
+    y = hadamard_ref(x, transpose, scale, pre_scale, post_scale, out_dtype)
+    return y if out is None else out.copy_(y)
