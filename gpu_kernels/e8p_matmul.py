@@ -49,12 +49,6 @@ if triton_available():
     from gpu_kernels.e8p import decode_e8p_values
     from gpu_kernels.gptq_gemv import add_split
 
-    # tl.reduce with our own combine function rather than tl.sum, whose standard-library JIT function
-    # Triton's interpreter cannot call from a kernel imported before it was enabled
-    @triton.jit
-    def _add(a, b):
-        return a + b
-
     @triton.jit
     def _e8p_matmul_kernel(
         x_ptr, codes_ptr, values_ptr, y_ptr, acc_ptr, arrivals_ptr,
@@ -76,6 +70,9 @@ if triton_available():
         code_rows = codes_ptr + offs_n.to(tl.int64)[:, None] * stride_cn
         offs_m = tl.arange(0, ROWS)
         lane = tl.arange(0, 8)
+        # Sums through tl.reduce with the standard library's combine function: tl.sum (a JIT function)
+        # cannot be called by the interpreter from a kernel imported before it was enabled, and
+        # this combine function is the one the interpreter sums with NumPy.
         if ROWS == 1:
             acc = tl.full((BLOCK_N, BLOCK_G), 0.0, tl.float32)
         else:
@@ -92,7 +89,7 @@ if triton_available():
             # Inputs past the split are 0, which also zeroes the masked codes' (finite) values.
             if ROWS == 1:
                 x = tl.load(x_input + offs_g[:, None] * 8 + lane[None, :], mask=g_mask[:, None], other=0.0)
-                acc += tl.reduce(w * x.to(tl.float32)[None, :, :], 2, _add)
+                acc += tl.reduce(w * x.to(tl.float32)[None, :, :], 2, tl.standard._sum_combine)
             else:
                 offs_k = g0 * 8 + tl.arange(0, BLOCK_G * 8)
                 x_mask = (offs_m < M)[:, None] & (offs_k < g_end * 8)[None, :]
@@ -100,7 +97,7 @@ if triton_available():
                 w = tl.reshape(w, (BLOCK_N, BLOCK_G * 8))
                 acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
         if ROWS == 1:
-            part = tl.reduce(acc, 1, _add)[None, :]
+            part = tl.reduce(acc, 1, tl.standard._sum_combine)[None, :]
         else:
             part = acc
         y_mask = (offs_m < M)[:, None] & n_mask[None, :]
@@ -123,7 +120,7 @@ def matmul_candidates(rows: int, n_codes: int, boundaries: Sequence[int]) -> lis
     forms = [1, MAX_ROWS] if rows == 1 else [MAX_ROWS]
     candidates = []
     for form in forms:
-        tiles = ((64, 16), (32, 16), (128, 8), (64, 32)) if form == 1 else ((64, 16), (128, 8), (64, 8))
+        tiles = ((64, 16), (32, 16), (128, 8), (64, 32)) if form == 1 else ((64, 16), (128, 8), (32, 16))
         for block_n, block_g in tiles:
             if any(b % block_n for b in boundaries):
                 continue

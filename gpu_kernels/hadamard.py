@@ -331,21 +331,20 @@ def fwht_config(p: int) -> dict[str, int]:
 
 
 def hadamard_k_candidates(k: int, p: int) -> list[dict[str, int]]:
-    """K > 1: tiles worth timing (the first is the default): BLOCK_M rows of P values as 64-256
-    columns (at least 16, tl.dot's least), BLOCK_K a power of two from 16 to 64 (at most the next
-    power of two above K), at most 16384 fp32 accumulators per program."""
+    """K > 1: tiles worth timing (the first is the default), few because each compiles per variant:
+    BLOCK_M rows of P values as about 64-256 columns (at least 16, tl.dot's least), BLOCK_K a power
+    of two from 16 to 64 (at most the next power of two above K), and at most 16384 fp32
+    accumulators a program (8 warps above 8192)."""
     top = 1 << (k - 1).bit_length()
     candidates = []
-    for cols in (128, 64, 256):
+    for cols, block_k in ((128, 64), (128, 32), (64, 64), (256, 32)):
         block_m = max(1, cols // p)
-        cols = block_m * p
-        for block_k in (64, 32):
-            block_k = max(16, min(block_k, top, 16384 // cols))
-            for warps in (4, 8):
-                config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
-                if block_k * cols <= 16384 and config not in candidates:
-                    candidates.append(config)
-    return candidates or [{"BLOCK_M": 1, "BLOCK_K": 16, "num_warps": 8}]  # P > 1024: one row, 16 k's
+        block_k = max(16, min(block_k, top, 16384 // (block_m * p)))
+        warps = 4 if block_k * block_m * p <= 8192 else 8
+        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
+        if config not in candidates:
+            candidates.append(config)
+    return candidates
 
 
 def dot_pieces(x_dtype: torch.dtype, has_pre_scale: bool) -> int:
