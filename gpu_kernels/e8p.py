@@ -149,8 +149,11 @@ def e8p_decode_triton(
     values = e8p_values(codes.device)
 
     def launch(cfg: dict[str, int]) -> torch.Tensor:
+        # Rows of fewer codes than the tile's (small models) take more rows a program instead.
+        block_g = min(cfg["BLOCK_G"], 1 << (groups - 1).bit_length())
+        cfg = dict(cfg, BLOCK_G=block_g, BLOCK_M=cfg["BLOCK_M"] * (cfg["BLOCK_G"] // block_g))
         out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(groups, cfg["BLOCK_G"]))
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(groups, block_g))
         launchable(_e8p_decode_kernel)[grid](
             codes, values, out, rows, groups, codes.stride(0), out.stride(0), **cfg
         )
