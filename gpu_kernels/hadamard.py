@@ -36,6 +36,7 @@ import math
 import torch
 
 from gpu_kernels._dispatch import (
+    dependent_launch,
     device_constant,
     fastest_config,
     interpreting,
@@ -159,22 +160,28 @@ def hadamard_matrix(
     return (torch.kron(small, sylvester) / math.sqrt(n)).to(device=device, dtype=dtype)
 
 
-##### Device-resident H_K #####
+##### Device-resident factors #####
 
-SMALL_PAD = 64  # H_K is zero-padded to a multiple of this: the largest BLOCK_K
+SMALL_PAD = 64  # tables are zero-padded to a multiple of this: the largest BLOCK_K
 
 
-def small_hadamard_table(k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The unnormalized H_K zero-padded to [KPAD, KPAD] (KPAD the next multiple of 64) on `device`,
-    built once per (K, device, dtype) (`gpu_kernels._dispatch.device_constant`)."""
+def hadamard_table(k: int, a: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The unnormalized H_K ⊗ H_a (H_a Sylvester, a a power of two) zero-padded to [RPAD, RPAD] (RPAD
+    the next multiple of 64 above K·a) on `device`, built once per (K, a, device, dtype)
+    (`gpu_kernels._dispatch.device_constant`)."""
 
     def build() -> torch.Tensor:
-        kpad = -(-k // SMALL_PAD) * SMALL_PAD
-        table = torch.zeros(kpad, kpad, dtype=dtype)
-        table[:k, :k] = _small_hadamard(k)
+        sylvester = torch.ones(1, 1, dtype=torch.int64)
+        while sylvester.shape[0] < a:
+            sylvester = torch.kron(torch.tensor([[1, 1], [1, -1]]), sylvester)
+        small = torch.ones(1, 1, dtype=torch.int64) if k == 1 else _small_hadamard(k)
+        order = k * a
+        padded = -(-order // SMALL_PAD) * SMALL_PAD
+        table = torch.zeros(padded, padded, dtype=dtype)
+        table[:order, :order] = torch.kron(small, sylvester)
         return table
 
-    return device_constant(f"hadamard_K{k}_{dtype}", device, build)
+    return device_constant(f"hadamard_K{k}xH{a}_{dtype}", device, build)
 
 
 ##### Reference #####
@@ -184,7 +191,7 @@ def _apply_small(y: torch.Tensor, k: int, transpose: bool) -> torch.Tensor:
     """y [rows, K·P] fp32 -> (H_K or H_Kᵀ) applied along the K index of the [rows, K, P] view."""
     if k == 1:
         return y
-    small = small_hadamard_table(k, y.device)[:k, :k]
+    small = hadamard_table(k, 1, y.device)[:k, :k]
     small = small.T if transpose else small
     return torch.matmul(small, y.view(y.shape[0], k, -1)).view(y.shape[0], -1)
 
@@ -222,6 +229,7 @@ def hadamard_ref(
 ##### Triton #####
 
 if triton_available():
+    from gpu_kernels._pdl import wait_for_inputs
 
     @triton.jit
     def _row_offsets(rows, GROUPS: tl.constexpr, stride_outer, stride_inner):
@@ -239,14 +247,21 @@ if triton_available():
         return x
 
     @triton.jit
-    def _dot_pieces(h, x, acc, PIECES: tl.constexpr, DOT_DTYPE: tl.constexpr):
-        """acc + h·x, x fp32 taken as PIECES bf16 pieces (hi, mid, lo) so each product with h's ±1/0
-        entries is exact. DOT_DTYPE: bf16 on a GPU; fp32 under the interpreter (which multiplies bf16
-        bit patterns as integers), where the bf16-rounded pieces give the same sums."""
-        rest = x
+    def _dot_pieces(a, b, acc, PIECES: tl.constexpr, DOT_DTYPE: tl.constexpr, SPLIT_LEFT: tl.constexpr):
+        """acc + a·b with one operand ±1/0 (exact in bf16) and the other, fp32, taken as PIECES bf16
+        pieces (hi, mid, lo), so every product is exact and only the fp32 sums round. SPLIT_LEFT: a
+        is the fp32 one. DOT_DTYPE: bf16 on a GPU; fp32 under the interpreter (which multiplies
+        bf16 bit patterns as integers), where the bf16-rounded pieces give the same sums."""
+        if SPLIT_LEFT:
+            rest = a
+        else:
+            rest = b
         for _ in tl.static_range(PIECES):
             piece = rest.to(tl.bfloat16)
-            acc = tl.dot(h, piece.to(DOT_DTYPE), acc)
+            if SPLIT_LEFT:
+                acc = tl.dot(piece.to(DOT_DTYPE), b, acc)
+            else:
+                acc = tl.dot(a, piece.to(DOT_DTYPE), acc)
             rest = rest - piece.to(tl.float32)
         return acc
 
@@ -255,9 +270,10 @@ if triton_available():
         x_ptr, pre_ptr, post_ptr, y_ptr, rows,
         stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi, scale,
         P: tl.constexpr, LOG_P: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr,
-        HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+        HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """K = 1: program m transforms rows [m·BLOCK_M, (m+1)·BLOCK_M) whole, in registers."""
+        """K = 1, butterflies: program m transforms rows [m·BLOCK_M, (m+1)·BLOCK_M) whole, in registers."""
+        wait_for_inputs(PDL)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_p = tl.arange(0, P)
         mask = (offs_m < rows)[:, None]
@@ -274,81 +290,108 @@ if triton_available():
         tl.store(y_ptr + y_rows[:, None] + offs_p[None, :], x.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _hadamard_k_kernel(
-        x_ptr, pre_ptr, post_ptr, h_ptr, y_ptr, rows,
-        stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi, stride_h_out, stride_h_in, scale,
-        K: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUPS: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, PIECES: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
+    def _hadamard_dot_kernel(
+        x_ptr, pre_ptr, post_ptr, left_ptr, right_ptr, y_ptr, rows,
+        stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi,
+        stride_left_out, stride_left_in, stride_right, scale,
+        R: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, RIGHT_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, HAS_PRE: tl.constexpr,
+        HAS_POST: tl.constexpr, PIECES: tl.constexpr, OUT_PIECES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
-        """K > 1: program (m, b) computes outputs k' in [b·BLOCK_K, (b+1)·BLOCK_K) (all P) of rows
-        [m·BLOCK_M, (m+1)·BLOCK_M), as a [BLOCK_K, BLOCK_M·P] tile whose column c = row·P + j."""
-        COLS: tl.constexpr = BLOCK_M * P
-        offs_c = tl.arange(0, COLS)
-        offs_m = tl.program_id(0) * BLOCK_M + offs_c // P  # the row of each column
-        offs_j = offs_c % P
+        """Each row as a matrix X [R, C] (index r·C + c), transformed as L·X·H_C with L = H_K ⊗ H_a
+        (`hadamard_table`, R = K·a) as tensor-core dots and H_C either as butterflies or, with
+        RIGHT_DOT, as one more dot. Program (m, b) computes outputs r' in [b·BLOCK_K, (b+1)·BLOCK_K)
+        (all C) of rows [m·BLOCK_M, (m+1)·BLOCK_M), as a [BLOCK_K, BLOCK_M·C] tile whose column
+        j = row·C + c."""
+        COLS: tl.constexpr = BLOCK_M * C
+        wait_for_inputs(PDL)
+        offs_j = tl.arange(0, COLS)
+        offs_m = tl.program_id(0) * BLOCK_M + offs_j // C  # the row of each column
+        offs_c = offs_j % C
         row_ok = (offs_m < rows)[None, :]
-        x_cols = _row_offsets(offs_m, GROUPS, stride_xo, stride_xi) + offs_j
-        pre_cols = (offs_m % GROUPS) * stride_pre + offs_j
+        x_cols = _row_offsets(offs_m, GROUPS, stride_xo, stride_xi) + offs_c
+        pre_cols = (offs_m % GROUPS) * stride_pre + offs_c
         offs_out = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         acc = tl.full((BLOCK_K, COLS), 0.0, tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            offs_in = k0 + tl.arange(0, BLOCK_K)
-            mask = (offs_in < K)[:, None] & row_ok
-            x = tl.load(x_ptr + x_cols[None, :] + (offs_in * P)[:, None], mask=mask, other=0.0)
+        for r0 in tl.static_range(0, R, BLOCK_K):
+            offs_in = r0 + tl.arange(0, BLOCK_K)
+            mask = (offs_in < R)[:, None] & row_ok
+            x = tl.load(x_ptr + x_cols[None, :] + (offs_in * C)[:, None], mask=mask, other=0.0)
             x = x.to(tl.float32)
             if HAS_PRE:
-                pre = tl.load(pre_ptr + pre_cols[None, :] + (offs_in * P)[:, None], mask=mask, other=0.0)
+                pre = tl.load(pre_ptr + pre_cols[None, :] + (offs_in * C)[:, None], mask=mask, other=0.0)
                 x *= pre.to(tl.float32)
-            # H_K is zero-padded past K, so its tile needs no mask.
-            h = tl.load(h_ptr + offs_out[:, None] * stride_h_out + offs_in[None, :] * stride_h_in)
-            acc = _dot_pieces(h.to(DOT_DTYPE), x, acc, PIECES, DOT_DTYPE)
-        if LOG_P > 0:
-            acc = tl.reshape(
-                _butterflies(tl.reshape(acc, (BLOCK_K * BLOCK_M, P)), BLOCK_K * BLOCK_M, P, LOG_P),
-                (BLOCK_K, COLS),
-            )
+            # L is zero-padded past R, so its tile needs no mask.
+            left = tl.load(left_ptr + offs_out[:, None] * stride_left_out + offs_in[None, :] * stride_left_in)
+            acc = _dot_pieces(left.to(DOT_DTYPE), x, acc, PIECES, DOT_DTYPE, False)
+        if RIGHT_DOT:  # ·H_C (symmetric) on each row's C columns
+            offs_r = tl.arange(0, C)
+            right = tl.load(right_ptr + offs_r[:, None] * stride_right + offs_r[None, :]).to(DOT_DTYPE)
+            rows_c = tl.reshape(acc, (BLOCK_K * BLOCK_M, C))
+            zero = tl.full((BLOCK_K * BLOCK_M, C), 0.0, tl.float32)
+            acc = tl.reshape(_dot_pieces(rows_c, right, zero, OUT_PIECES, DOT_DTYPE, True), (BLOCK_K, COLS))
+        elif LOG_C > 0:
+            rows_c = _butterflies(tl.reshape(acc, (BLOCK_K * BLOCK_M, C)), BLOCK_K * BLOCK_M, C, LOG_C)
+            acc = tl.reshape(rows_c, (BLOCK_K, COLS))
         y = acc * scale
-        out_mask = (offs_out < K)[:, None] & row_ok
+        out_mask = (offs_out < R)[:, None] & row_ok
         if HAS_POST:
-            post_cols = (offs_m % GROUPS) * stride_post + offs_j
-            post = tl.load(post_ptr + post_cols[None, :] + (offs_out * P)[:, None], mask=out_mask, other=0.0)
+            post_cols = (offs_m % GROUPS) * stride_post + offs_c
+            post = tl.load(post_ptr + post_cols[None, :] + (offs_out * C)[:, None], mask=out_mask, other=0.0)
             y *= post.to(tl.float32)
-        y_cols = _row_offsets(offs_m, GROUPS, stride_yo, stride_yi) + offs_j
-        tl.store(
-            y_ptr + y_cols[None, :] + (offs_out * P)[:, None], y.to(y_ptr.dtype.element_ty), mask=out_mask
-        )
+        y_cols = _row_offsets(offs_m, GROUPS, stride_yo, stride_yi) + offs_c
+        y_ptrs = y_ptr + y_cols[None, :] + (offs_out * C)[:, None]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+RIGHT_DOT_COLUMNS = 64  # C of the dot form: the last 64 of P's factors of two (all of P if fewer)
+DOT_FORM_MAX_ROWS = 64  # the dot form is timed only for this many rows or fewer (decode steps)
 
 
 def fwht_config(p: int) -> dict[str, int]:
-    """K = 1: rows per program and warps for a row length P: about 2048 elements per program.
+    """K = 1 butterflies: rows per program and warps for a row length P: about 2048 elements a program.
 
     On an H200 (bf16, 8192 rows) one row and 4 warps moved 84% of copy bandwidth at P = 4096 and 86%
     at 8192; 8 warps 68% and 83%; several rows a program less (docs/bench/quip.md). 16384 values
     would take 128 registers a thread at 4 warps: 8 there.
     """
-    return {"BLOCK_M": max(1, min(16, 2048 // p)), "num_warps": 4 if p <= 8192 else 8}
+    return {"BLOCK_M": max(1, min(16, 2048 // p)), "num_warps": 4 if p <= 8192 else 8, "RIGHT_DOT": 0}
 
 
-def hadamard_k_candidates(k: int, p: int) -> list[dict[str, int]]:
-    """K > 1: tiles worth timing (the first is the default), few because each compiles per variant:
-    BLOCK_M rows of P values as about 64-256 columns (at least 16, tl.dot's least), BLOCK_K a power
-    of two from 16 to 64 (at most the next power of two above K), and at most 16384 fp32
-    accumulators a program (8 warps above 8192)."""
-    top = 1 << (k - 1).bit_length()
-    candidates = []
-    for cols, block_k in ((128, 64), (128, 32), (64, 64), (256, 32)):
-        block_m = max(1, cols // p)
-        block_k = max(16, min(block_k, top, 16384 // (block_m * p)))
-        warps = 4 if block_k * block_m * p <= 8192 else 8
-        config = {"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps}
-        if config not in candidates:
-            candidates.append(config)
-    return candidates
+def hadamard_candidates(k: int, p: int, rows: int) -> list[dict[str, int]]:
+    """Configurations worth timing (the first is the default), few because each compiles per variant.
+
+    Butterfly form (RIGHT_DOT 0): for K = 1 `fwht_config`; for K > 1 the dot over K then log2(P)
+    butterfly rounds, BLOCK_M rows of P values as about 64-256 columns (at least 16, tl.dot's
+    least), BLOCK_K a power of two from 16 to 64 (at most the next power of two above K), at most
+    16384 fp32 accumulators a program (8 warps above 8192). Dot form (RIGHT_DOT 1, for at most
+    `DOT_FORM_MAX_ROWS` rows and P >= 16): the row as [K·a, C] with C = min(P, 64), both sides as
+    dots; a decode step's one row then takes a few dots instead of up to 14 dependent butterfly rounds.
+    """
+    candidates = [fwht_config(p)] if k == 1 else []
+    if k > 1:
+        top = 1 << (k - 1).bit_length()
+        for cols, block_k in ((128, 64), (128, 32), (64, 64), (256, 32)):
+            block_m = max(1, cols // p)
+            block_k = max(16, min(block_k, top, 16384 // (block_m * p)))
+            warps = 4 if block_k * block_m * p <= 8192 else 8
+            candidates.append({"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": warps, "RIGHT_DOT": 0})
+    if rows <= DOT_FORM_MAX_ROWS and p >= 16:
+        c = min(p, RIGHT_DOT_COLUMNS)
+        top = 1 << (k * p // c - 1).bit_length()
+        for block_m, block_k in ((1, 64), (1, 16), (2, 32)):
+            block_k = max(16, min(block_k, top))
+            candidates.append({"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": 4, "RIGHT_DOT": 1})
+    deduplicated = []
+    for config in candidates:
+        if config not in deduplicated:
+            deduplicated.append(config)
+    return deduplicated
 
 
 def dot_pieces(x_dtype: torch.dtype, has_pre_scale: bool) -> int:
-    """bf16 pieces per value in the K-factor dot: 1 for bf16 values (exact), 2 for fp16 (11
+    """bf16 pieces per input value in the left dot: 1 for bf16 values (exact), 2 for fp16 (11
     significant bits), 3 (24 bits: fp32's) once a real-valued pre-scale or fp32 input is involved."""
     if not has_pre_scale and x_dtype == torch.bfloat16:
         return 1
@@ -393,8 +436,8 @@ def hadamard_triton(
     out: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """The Triton transform (see `hadamard`); `config` fixes the tile (`fwht_config` for K = 1, else
-    one of `hadamard_k_candidates`; by default the fastest of those, timed on first use)."""
+    """The Triton transform (see `hadamard`); `config` fixes the form and tile (one of
+    `hadamard_candidates`; by default the fastest of those, timed on first use)."""
     n = x.shape[-1]
     k, p = hadamard_factors(n)
     pre, pre_groups, stride_pre = _scale_rows(pre_scale, n)
@@ -413,31 +456,41 @@ def hadamard_triton(
     y_rows, stride_yo, stride_yi = _grouped_rows(out, groups, writable=True)
     rows = y_rows.numel() // n
     scale = 1 / math.sqrt(n) if scale is None else scale
-    common = dict(GROUPS=groups, HAS_PRE=pre is not None, HAS_POST=post is not None)
+    common = dict(
+        GROUPS=groups, HAS_PRE=pre is not None, HAS_POST=post is not None, **dependent_launch(x.device)
+    )
     pointers = (x_rows, x_rows if pre is None else pre, x_rows if post is None else post)
     strides = (stride_xo, stride_xi, stride_pre, stride_post, stride_yo, stride_yi)
-    if k == 1:
-        config = config or fwht_config(p)
-        launchable(_fwht_kernel)[(triton.cdiv(rows, config["BLOCK_M"]),)](
-            *pointers, y_rows, rows, *strides, scale, P=p, LOG_P=p.bit_length() - 1, **common, **config
-        )
-        return out
     dot_dtype = torch.float32 if interpreting() else torch.bfloat16
-    table = small_hadamard_table(k, x.device, dot_dtype)
-    stride_h = table.stride()[::-1] if transpose else table.stride()
 
     def launch(cfg: dict[str, int]) -> torch.Tensor:
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(k, cfg["BLOCK_K"]))
-        launchable(_hadamard_k_kernel)[grid](
-            *pointers, table, y_rows, rows, *strides, *stride_h, scale,
-            K=k, P=p, LOG_P=p.bit_length() - 1, PIECES=dot_pieces(x.dtype, pre is not None),
+        cfg = dict(cfg)
+        right_dot = cfg.pop("RIGHT_DOT")
+        if k == 1 and not right_dot:
+            launchable(_fwht_kernel)[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+                *pointers, y_rows, rows, *strides, scale, P=p, LOG_P=p.bit_length() - 1, **common, **cfg
+            )
+            return out
+        c = min(p, RIGHT_DOT_COLUMNS) if right_dot else p
+        left = hadamard_table(k, p // c, x.device, dot_dtype)
+        right = hadamard_table(1, c, x.device, dot_dtype)
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(k * p // c, cfg["BLOCK_K"]))
+        launchable(_hadamard_dot_kernel)[grid](
+            *pointers, left, right, y_rows, rows, *strides,
+            *(left.stride()[::-1] if transpose else left.stride()), right.stride(0), scale,
+            R=k * p // c, C=c, LOG_C=c.bit_length() - 1, RIGHT_DOT=right_dot,
+            PIECES=dot_pieces(x.dtype, pre is not None), OUT_PIECES=3 if out.dtype == torch.float32 else 2,
             DOT_DTYPE=tl.float32 if dot_dtype == torch.float32 else tl.bfloat16, **common, **cfg,
         )  # fmt: skip
         return out
 
     if config is None:
-        key = ("hadamard", k, p, 1 << (rows - 1).bit_length(), x.dtype, out.dtype, pre is not None)
-        config = fastest_config(key, hadamard_k_candidates(k, p), launch, x.device)
+        candidates = hadamard_candidates(k, p, rows)
+        if len(candidates) == 1:
+            config = candidates[0]
+        else:
+            key = ("hadamard", k, p, 1 << (rows - 1).bit_length(), x.dtype, out.dtype, pre is not None)
+            config = fastest_config(key, candidates, launch, x.device)
     return launch(config)
 
 

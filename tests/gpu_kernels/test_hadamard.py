@@ -136,19 +136,29 @@ def test_out_writes_into_a_strided_view_and_leaves_the_rest(device: torch.device
     assert (out[:, :n] == 7.0).all()
 
 
-@pytest.mark.parametrize("n", [576, 688])  # 688 = 344·2: six blocks of 64 over the padded K
-def test_every_k_factor_tile_equals_reference(device: torch.device, n: int) -> None:
+# 688 = 344·2: six blocks of 64 over the padded K; 5120 = 20·256: the dot form folds 4 into K.
+@pytest.mark.parametrize("n", [576, 688, 4096, 5120])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_every_form_and_tile_equals_reference(device: torch.device, n: int, transpose: bool) -> None:
     k, p = hadamard_factors(n)
     x, su = torch.randn(5, n, device=device), torch.randn(n, device=device)
-    want = hadamard_ref(x.cpu(), pre_scale=su.cpu())
-    tiles = {(c["BLOCK_M"], c["BLOCK_K"]): c for c in hadamard_module.hadamard_k_candidates(k, p)}
+    want = hadamard_ref(x.cpu(), transpose, pre_scale=su.cpu())
+    candidates = hadamard_module.hadamard_candidates(k, p, rows=5)
+    # Butterflies and, for a few rows of P >= 16, dots.
+    assert {c["RIGHT_DOT"] for c in candidates} == ({0, 1} if p >= 16 else {0})
     if device.type == "cpu":  # warps change nothing in the interpreter
-        configs = list(tiles.values())
-    else:
-        configs = hadamard_module.hadamard_k_candidates(k, p)
-    for config in configs:
-        y = hadamard_module.hadamard_triton(x, pre_scale=su, config=config)
+        candidates = list({(c["BLOCK_M"], c.get("BLOCK_K"), c["RIGHT_DOT"]): c for c in candidates}.values())
+    for config in candidates:
+        y = hadamard_module.hadamard_triton(x, transpose, pre_scale=su, config=config)
         torch.testing.assert_close(y.cpu(), want, rtol=1e-5, atol=1e-5, msg=str(config))
+
+
+def test_dot_form_is_timed_for_decode_rows_only() -> None:
+    forms = {
+        rows: {c["RIGHT_DOT"] for c in hadamard_module.hadamard_candidates(344, 32, rows)}
+        for rows in (1, 512)
+    }
+    assert forms == {1: {0, 1}, 512: {0}}
 
 
 def test_bad_scale_and_out_shapes_name_the_argument(device: torch.device) -> None:
@@ -164,9 +174,15 @@ def test_k_factor_tables_are_built_once_per_device_and_refused_during_capture(mo
     # by the first call, outside capture, and a first call during capture says what to do.
     dispatch = importlib.import_module("gpu_kernels._dispatch")
     monkeypatch.setattr(dispatch, "_constants", {})
-    first = hadamard_module.small_hadamard_table(12, torch.device("cpu"))
-    assert hadamard_module.small_hadamard_table(12, torch.device("cpu")) is first
+    first = hadamard_module.hadamard_table(12, 1, torch.device("cpu"))
+    assert hadamard_module.hadamard_table(12, 1, torch.device("cpu")) is first
     assert first.shape == (64, 64) and not first[12:].any() and not first[:, 12:].any()
+    folded = hadamard_module.hadamard_table(12, 8, torch.device("cpu"))  # H_12 ⊗ H_8, padded to 128
+    assert folded.shape == (128, 128) and torch.equal(
+        folded[:96, :96] @ folded[:96, :96].T, 96 * torch.eye(96)
+    )
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="hadamard_K12_torch.float32: not yet on cuda:0; run the op once"):
-        hadamard_module.small_hadamard_table(12, torch.device("cuda", 0))
+    with pytest.raises(
+        RuntimeError, match="hadamard_K12xH1_torch.float32: not yet on cuda:0; run the op once"
+    ):
+        hadamard_module.hadamard_table(12, 1, torch.device("cuda", 0))

@@ -322,3 +322,57 @@ def test_twenty_training_steps_through_the_kernels_match_the_reference_losses(
     reference = lora_losses(20)
     assert reference[-1] < reference[0] - 0.1  # the adapters learn: gradients flow through every base
     torch.testing.assert_close(kernels, reference, rtol=1e-5, atol=0)  # fp32 summation orders
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_graphed_training_step_equals_eager_step(autocast: torch.dtype | None) -> None:
+    # The E8P forward and backward (transform kernels, decode, cuBLAS) replay from a CUDA graph.
+    from modulora.lora import LoraConfig, add_lora_
+    from modulora.step_graph import StepGraphs
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    model = e8p_llama(seed=0).cuda()
+    add_lora_(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)  # B != 0: every factor gets a gradient
+    batch = {"input_ids": torch.randint(0, 256, (2, 24), device="cuda")}
+    graphs = StepGraphs(model, loss_fn, params, autocast_dtype=autocast)
+    graphs.run(batch)  # captures
+    model.zero_grad(set_to_none=False)
+    graphed_loss = graphs.run(batch)
+    graphed = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
+        eager_loss = loss_fn(model, batch)
+    eager_loss.backward()
+    tolerance = 1e-5 if autocast is None else 1e-2  # bf16: captured and eager cuBLAS calls round apart
+    torch.testing.assert_close(graphed_loss, eager_loss.detach(), rtol=tolerance, atol=tolerance)
+    for got, param in zip(graphed, params, strict=True):
+        assert ((got - param.grad).norm() / param.grad.norm()).item() < tolerance
+
+
+@pytest.mark.gpu
+def test_decode_products_replay_from_a_cuda_graph() -> None:
+    # What the inference engine captures: a one-row layer product and fused q/k/v, after one warm-up.
+    layer = random_e8p_layer(96, 160, seed=0, device="cuda")
+    qkv = fuse_e8p_outputs_(
+        [random_e8p_layer(96, width, seed=i, device="cuda") for i, width in enumerate((96, 64, 64))]
+    )
+    x = torch.randn(1, 1, 96, device="cuda").bfloat16()
+    with torch.inference_mode():
+        outputs = (layer.matmul(x), qkv.matmul(x))  # warm-up: tables, tiles, workspaces
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = (layer.matmul(x), qkv.matmul(x))
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        eager = (layer.matmul(x), qkv.matmul(x))
+    for got, want, first in zip(captured, eager, outputs, strict=True):
+        # Split-K partial sums arrive in any order: equal to fp32 rounding before the bf16 cast.
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+        assert not torch.equal(got, first)  # the replay read the new input
