@@ -120,7 +120,7 @@ def matmul_candidates(rows: int, n_codes: int, boundaries: Sequence[int]) -> lis
     forms = [1, MAX_ROWS] if rows == 1 else [MAX_ROWS]
     candidates = []
     for form in forms:
-        tiles = ((64, 16), (32, 16), (128, 8), (64, 32)) if form == 1 else ((64, 16), (128, 8), (32, 16))
+        tiles = ((64, 16), (32, 16), (128, 8)) if form == 1 else ((64, 16), (32, 16))
         for block_n, block_g in tiles:
             if any(b % block_n for b in boundaries):
                 continue

@@ -314,7 +314,7 @@ if triton_available():
         pre_cols = (offs_m % GROUPS) * stride_pre + offs_c
         offs_out = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         acc = tl.full((BLOCK_K, COLS), 0.0, tl.float32)
-        for r0 in tl.static_range(0, R, BLOCK_K):
+        for r0 in range(0, R, BLOCK_K):  # a loop, not unrolled: R/BLOCK_K is up to 24 blocks
             offs_in = r0 + tl.arange(0, BLOCK_K)
             mask = (offs_in < R)[:, None] & row_ok
             x = tl.load(x_ptr + x_cols[None, :] + (offs_in * C)[:, None], mask=mask, other=0.0)
@@ -363,16 +363,17 @@ def hadamard_candidates(k: int, p: int, rows: int) -> list[dict[str, int]]:
     """Configurations worth timing (the first is the default), few because each compiles per variant.
 
     Butterfly form (RIGHT_DOT 0): for K = 1 `fwht_config`; for K > 1 the dot over K then log2(P)
-    butterfly rounds, BLOCK_M rows of P values as about 64-256 columns (at least 16, tl.dot's
+    butterfly rounds, BLOCK_M rows of P values as about 128-256 columns (at least 16, tl.dot's
     least), BLOCK_K a power of two from 16 to 64 (at most the next power of two above K), at most
     16384 fp32 accumulators a program (8 warps above 8192). Dot form (RIGHT_DOT 1, for at most
-    `DOT_FORM_MAX_ROWS` rows and P >= 16): the row as [K·a, C] with C = min(P, 64), both sides as
-    dots; a decode step's one row then takes a few dots instead of up to 14 dependent butterfly rounds.
+    `DOT_FORM_MAX_ROWS` rows and P >= 16): each row as [K·a, C] with C = min(P, 64), both sides as
+    dots, one row a program; a decode step's row then takes a few dots instead of up to 14
+    dependent butterfly rounds.
     """
     candidates = [fwht_config(p)] if k == 1 else []
     if k > 1:
         top = 1 << (k - 1).bit_length()
-        for cols, block_k in ((128, 64), (128, 32), (64, 64), (256, 32)):
+        for cols, block_k in ((128, 64), (128, 32), (256, 32)):
             block_m = max(1, cols // p)
             block_k = max(16, min(block_k, top, 16384 // (block_m * p)))
             warps = 4 if block_k * block_m * p <= 8192 else 8
@@ -380,9 +381,9 @@ def hadamard_candidates(k: int, p: int, rows: int) -> list[dict[str, int]]:
     if rows <= DOT_FORM_MAX_ROWS and p >= 16:
         c = min(p, RIGHT_DOT_COLUMNS)
         top = 1 << (k * p // c - 1).bit_length()
-        for block_m, block_k in ((1, 64), (1, 16), (2, 32)):
+        for block_k in (64, 32):
             block_k = max(16, min(block_k, top))
-            candidates.append({"BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": 4, "RIGHT_DOT": 1})
+            candidates.append({"BLOCK_M": 1, "BLOCK_K": block_k, "num_warps": 4, "RIGHT_DOT": 1})
     deduplicated = []
     for config in candidates:
         if config not in deduplicated:

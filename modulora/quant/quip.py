@@ -63,9 +63,9 @@ class E8PLinear(QuantizedLinear):
         return (self.sv[:, None] * w * self.su[None, :]).to(dtype)
 
     # The transforms run in fp32 inside their kernels (sign scaling and casts fused); the
-    # decode-and-matmul runs in x's (compute) dtype: fused for a few rows (decode steps), else
-    # decode + cuBLAS, which beats a fused tile kernel at training sizes. Nothing here copies from
-    # the host, so the product can be captured in a CUDA graph once it has run once.
+    # decode-and-matmul runs in x's (compute) dtype: one fused kernel for up to 16 rows (decode
+    # steps), else decode + cuBLAS (as GPTQ's training matmuls). Nothing here copies from the host,
+    # so the products can be captured in a CUDA graph once they have run once.
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rotated = hadamard(x, pre_scale=self.su)  # x·diag(su)·Hᵢᵀ
