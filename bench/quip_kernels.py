@@ -1,7 +1,7 @@
 """QuIP# kernels on the current GPU: Hadamard transforms, E8P decode, few-row products, a decode step.
 
-    python bench/quip_kernels.py [--out $OUT/quip_kernels.json]
-    BENCH_DEVICE=cpu TRITON_INTERPRET=1 python bench/quip_kernels.py --out /tmp/  # smoke test, tiny sizes
+    python -m bench.quip_kernels [--out $OUT/quip_kernels.json]
+    BENCH_DEVICE=cpu TRITON_INTERPRET=1 python -m bench.quip_kernels --out /tmp/  # smoke test, tiny sizes
 
 Prints tables and writes JSON (to $OUT on the device machine). Every kernel is checked against its
 PyTorch reference before it is timed. Times are device milliseconds per call from CUDA-graph

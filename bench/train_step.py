@@ -1,6 +1,6 @@
 """One LoRA training step: ModuLoRA (GPTQ 2/3/4-bit, NF4, QuIP# 2-bit) vs PEFT LoRA and PEFT QLoRA.
 
-    python bench/train_step.py [--plan full|7b|graphs|large|parity|profile] [--out $OUT/]
+    python -m bench.train_step [--plan full|7b|graphs|large|2bit|parity|parity-e8p|profile] [--out $OUT/]
 
 Same for every method: random LLaMA-1-shaped weights, LoRA r=16 (alpha 16, dropout 0.05) on all
 seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast,
@@ -9,7 +9,9 @@ memory is `torch.cuda.max_memory_allocated` over building the adapters and those
 model's packed weights included). Methods ending in "+graphs" replay each step's forward and
 backward from a CUDA graph (`modulora.step_graph`, as `modulora.train` does on a GPU). `--plan
 parity` also trains a tiny model 20 steps with the Triton kernels and with the PyTorch reference
-(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses.
+(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses (`parity-e8p`: QuIP# only).
+Run it as a module: as a script, bench/ comes first on sys.path and `bench/kernels.py` shadows the
+`kernels` package that transformers imports when installed.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def parity_curve(
             setattr(GPTQLinear, key, value)
 
 
-def loss_parity(steps: int = 20) -> list[dict]:
+def loss_parity(steps: int = 20, formats: tuple[str, ...] = ("gptq", "e8p")) -> list[dict]:
     """Losses of a tiny ModuLoRA model: Triton kernels vs the PyTorch reference, same data and init.
 
     On CUDA: the "tiny" model (MLP width 688 = 344·2: QuIP#'s largest Paley factor) in bf16
@@ -222,7 +224,7 @@ def loss_parity(steps: int = 20) -> list[dict]:
     if not on_cpu:
         runs.append(("e8p", 2, ["triton", "triton-graphs"], torch.float32))
     results = []
-    for build, bits, variants, dtype in runs:
+    for build, bits, variants, dtype in (run for run in runs if run[0] in formats):
         autocast = dtype == torch.bfloat16
         ref = parity_curve(build, bits, "reference", steps, dtype, autocast)
         for variant in variants:
@@ -255,15 +257,15 @@ def profile_step(size: str = "7b", batch: int = 1, seq: int = 512, name: str = "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default="full", choices=[*PLANS, "parity", "profile"])
+    parser.add_argument("--plan", default="full", choices=[*PLANS, "parity", "parity-e8p", "profile"])
     parser.add_argument("--out", help="JSON file or folder (default: $OUT or the current folder)")
     args = parser.parse_args()
     payload: dict = dict(environment=environment(), plan=args.plan)
     if args.plan == "profile":
         payload["profile"] = profile_step()
         print(payload["profile"])
-    elif args.plan == "parity":
-        payload["parity"] = loss_parity()
+    elif args.plan.startswith("parity"):
+        payload["parity"] = loss_parity(formats=("e8p",) if args.plan == "parity-e8p" else ("gptq", "e8p"))
         print_table(
             payload["parity"],
             ["format", "bits", "dtype", "variant", "max_abs_loss_diff", "first", "last", "last_variant"],
