@@ -1,6 +1,6 @@
 """One LoRA training step: ModuLoRA (GPTQ 2/3/4-bit, NF4, QuIP# 2-bit) vs PEFT LoRA and PEFT QLoRA.
 
-    python bench/train_step.py [--plan full|7b|graphs|large|parity|profile] [--out $OUT/]
+    python -m bench.train_step [--plan full|7b|graphs|large|2bit|parity|parity-e8p|profile] [--out $OUT/]
 
 Same for every method: random LLaMA-1-shaped weights, LoRA r=16 (alpha 16, dropout 0.05) on all
 seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast,
@@ -9,7 +9,9 @@ memory is `torch.cuda.max_memory_allocated` over building the adapters and those
 model's packed weights included). Methods ending in "+graphs" replay each step's forward and
 backward from a CUDA graph (`modulora.step_graph`, as `modulora.train` does on a GPU). `--plan
 parity` also trains a tiny model 20 steps with the Triton kernels and with the PyTorch reference
-(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses.
+(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses (`parity-e8p`: QuIP# only).
+Run it as a module: as a script, bench/ comes first on sys.path and `bench/kernels.py` shadows the
+`kernels` package that transformers imports when installed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ METHODS = {  # name -> (build method, bits, adapter library)
 ALL = list(METHODS)
 # "+graphs": each step's forward and backward replayed from a CUDA graph (`modulora.step_graph`),
 # as `modulora.train` runs on a GPU; the optimizer step stays eager.
-GRAPHED = ["modulora-2bit+graphs", "modulora-3bit+graphs", "modulora-4bit+graphs", "modulora-nf4+graphs"]
+GRAPHED = [
+    "modulora-2bit+graphs",
+    "modulora-3bit+graphs",
+    "modulora-4bit+graphs",
+    "modulora-nf4+graphs",
+    "modulora-quip#-2bit+graphs",
+]
 METHODS |= {name: METHODS[name.removesuffix("+graphs")] for name in GRAPHED}
 METHODS["peft-lora-bf16+graphs"] = METHODS["peft-lora-bf16"]  # how much of the gain is the graphs
 PLANS = {  # (size, batch, seq, methods)
@@ -58,14 +66,14 @@ PLANS = {  # (size, batch, seq, methods)
             ["modulora-2bit+graphs", "modulora-4bit+graphs", "peft-lora-bf16", "peft-qlora-bnb-nf4"],
         ),
         ("30b", 1, 128, ["modulora-2bit+graphs", "modulora-4bit+graphs", "peft-qlora-bnb-nf4"]),
-        ("65b", 1, 128, ["modulora-2bit", "modulora-quip#-2bit", "modulora-4bit", "modulora-4bit+graphs"]),
+        ("65b", 1, 128, ["modulora-2bit+graphs", "modulora-quip#-2bit+graphs", "modulora-4bit+graphs"]),
     ],
 }
 PLANS["full"] = PLANS["7b"] + PLANS["large"]
 PLANS["65b"] = PLANS["large"][-1:]
-PLANS["2bit"] = [  # QuIP#'s E8P next to GPTQ 2-bit, at the 7B and 65B shapes (issue 7)
-    ("7b", 1, 512, ["modulora-2bit", "modulora-quip#-2bit"]),
-    ("65b", 1, 128, ["modulora-2bit", "modulora-quip#-2bit", "modulora-4bit"]),
+PLANS["2bit"] = [  # QuIP#'s E8P next to GPTQ 2-bit, both graphed, at the 7B and 65B shapes (issue 24)
+    ("7b", 1, 512, ["modulora-2bit+graphs", "modulora-quip#-2bit+graphs"]),
+    ("65b", 1, 128, ["modulora-2bit+graphs", "modulora-quip#-2bit+graphs"]),
 ]
 PLANS["graphs"] = [  # eager and graphed ModuLoRA beside the peers (issue 3's 7B targets)
     (
@@ -79,10 +87,10 @@ PLANS["graphs"] = [  # eager and graphed ModuLoRA beside the peers (issue 3's 7B
 PLANS["smoke"] = [("tiny", 2, 64, ALL[:5])]  # BENCH_DEVICE=cpu: the code path, no measurement
 
 
-def add_adapters(model: torch.nn.Module, library: str) -> torch.nn.Module:
+def add_adapters(model: torch.nn.Module, library: str, dropout: float = 0.05) -> torch.nn.Module:
     set_activation_checkpointing(model, True)
     if library == "modulora":
-        add_lora_(model, LoraConfig(r=16, alpha=16, dropout=0.05))
+        add_lora_(model, LoraConfig(r=16, alpha=16, dropout=dropout))
         return model
     import peft
 
@@ -163,16 +171,12 @@ def run_one(size: str, batch: int, seq: int, name: str) -> dict:
     return row
 
 
-def loss_parity(steps: int = 20) -> list[dict]:
-    """Losses of a tiny ModuLoRA model: Triton kernels vs the PyTorch reference, same data and init.
-
-    On CUDA: the "tiny" model in bf16 autocast. With BENCH_DEVICE=cpu TRITON_INTERPRET=1 the kernels
-    run in Triton's interpreter: a "micro" model in float32 (the interpreter computes bf16 dots wrongly).
-    """
-    on_cpu = DEVICE == "cpu"
-    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("BENCH_DEVICE=cpu: parity needs TRITON_INTERPRET=1 to run the kernels")
-    dtype = torch.float32 if on_cpu else torch.bfloat16
+def parity_curve(
+    build: str, bits: int, variant: str, steps: int, dtype: torch.dtype, autocast: bool
+) -> list[float]:
+    """Losses of `steps` LoRA steps on the parity model with the PyTorch references ("reference"),
+    the Triton kernels ("triton"), every GPTQ matmul through the fused kernel ("triton-fused") or
+    the kernels under CUDA-graph steps ("triton-graphs")."""
     from gpu_kernels.gptq_matmul import gptq_matmul_triton
     from modulora.quant.gptq_packed import GPTQLinear
 
@@ -180,32 +184,58 @@ def loss_parity(steps: int = 20) -> list[dict]:
         args = (self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, transpose)
         return gptq_matmul_triton(x, *args)
 
-    results = []
-    for bits in (2, 3, 4):
-        curves = {}
-        for variant in ("reference", "triton-materialize", "triton-fused"):
-            os.environ["MODULORA_DISABLE_TRITON"] = "1" if variant == "reference" else "0"
-            patched = {}
-            if variant == "triton-fused":  # every matmul through the fused kernel, whatever the rows
-                patched = {"matmul": GPTQLinear.matmul, "matmul_t": GPTQLinear.matmul_t}
-                GPTQLinear.matmul = lambda self, x: fused_matmul(self, x)
-                GPTQLinear.matmul_t = lambda self, g: fused_matmul(self, g, transpose=True)
-            try:
-                torch.manual_seed(0)
-                model = add_adapters(
-                    build_model("micro" if on_cpu else "tiny", "gptq", bits, dtype), "modulora"
-                )
-                data = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-                curves[variant] = train_steps(model, data, steps, lr=1e-3, autocast=not on_cpu)
-            finally:
-                for key, value in patched.items():
-                    setattr(GPTQLinear, key, value)
+    os.environ["MODULORA_DISABLE_TRITON"] = "1" if variant == "reference" else "0"
+    patched = {}
+    if variant == "triton-fused":  # every matmul through the fused kernel, whatever the rows
+        patched = {"matmul": GPTQLinear.matmul, "matmul_t": GPTQLinear.matmul_t}
+        GPTQLinear.matmul = lambda self, x: fused_matmul(self, x)
+        GPTQLinear.matmul_t = lambda self, g: fused_matmul(self, g, transpose=True)
+    try:
+        torch.manual_seed(0)
+        model = add_adapters(
+            build_model("micro" if DEVICE == "cpu" else "tiny", build, bits, dtype), "modulora"
+        )
+        data = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        graphs = None
+        if variant == "triton-graphs":
+            params = [p for p in model.parameters() if p.requires_grad]
+            graphs = StepGraphs(model, causal_lm_loss, params, torch.bfloat16 if autocast else None)
+        return train_steps(model, data, steps, lr=1e-3, autocast=autocast, graphs=graphs)
+    finally:
         os.environ.pop("MODULORA_DISABLE_TRITON")
-        ref = curves["reference"]
-        for variant in ("triton-materialize", "triton-fused"):
-            diff = max(abs(a - b) for a, b in zip(curves[variant], ref, strict=True))
-            row = dict(bits=bits, variant=variant, max_abs_loss_diff=diff, first=ref[0], last=ref[-1])
-            results.append(dict(row, last_variant=curves[variant][-1], losses=curves[variant], reference=ref))
+        for key, value in patched.items():
+            setattr(GPTQLinear, key, value)
+
+
+def loss_parity(steps: int = 20, formats: tuple[str, ...] = ("gptq", "e8p")) -> list[dict]:
+    """Losses of a tiny ModuLoRA model: Triton kernels vs the PyTorch reference, same data and init.
+
+    On CUDA: the "tiny" model (MLP width 688 = 344·2: QuIP#'s largest Paley factor) in bf16
+    autocast, and QuIP# also in float32 (where the transforms must agree to fp32 rounding) and with
+    graphed steps. With BENCH_DEVICE=cpu TRITON_INTERPRET=1 the kernels run in Triton's interpreter:
+    a "micro" model in float32 (the interpreter computes bf16 dots wrongly).
+    """
+    on_cpu = DEVICE == "cpu"
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("BENCH_DEVICE=cpu: parity needs TRITON_INTERPRET=1 to run the kernels")
+    # On CPU: no bf16 in the interpreter, no graphs without CUDA.
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    runs = [("gptq", bits, ["triton", "triton-fused"], dtype) for bits in (2, 3, 4)]
+    runs.append(("e8p", 2, ["triton"] if on_cpu else ["triton", "triton-graphs"], dtype))
+    if not on_cpu:
+        runs.append(("e8p", 2, ["triton", "triton-graphs"], torch.float32))
+    results = []
+    for build, bits, variants, dtype in (run for run in runs if run[0] in formats):
+        autocast = dtype == torch.bfloat16
+        ref = parity_curve(build, bits, "reference", steps, dtype, autocast)
+        for variant in variants:
+            curve = parity_curve(build, bits, variant, steps, dtype, autocast)
+            diff = max(abs(a - b) for a, b in zip(curve, ref, strict=True))
+            name = str(dtype).removeprefix("torch.")
+            row = dict(format=build, bits=bits, dtype=name, variant=variant, max_abs_loss_diff=diff,
+                       first=ref[0], last=ref[-1], last_variant=curve[-1])  # fmt: skip
+            print(row, flush=True)
+            results.append(dict(row, losses=curve, reference=ref))
     return results
 
 
@@ -228,17 +258,18 @@ def profile_step(size: str = "7b", batch: int = 1, seq: int = 512, name: str = "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default="full", choices=[*PLANS, "parity", "profile"])
+    parser.add_argument("--plan", default="full", choices=[*PLANS, "parity", "parity-e8p", "profile"])
     parser.add_argument("--out", help="JSON file or folder (default: $OUT or the current folder)")
     args = parser.parse_args()
     payload: dict = dict(environment=environment(), plan=args.plan)
     if args.plan == "profile":
         payload["profile"] = profile_step()
         print(payload["profile"])
-    elif args.plan == "parity":
-        payload["parity"] = loss_parity()
+    elif args.plan.startswith("parity"):
+        payload["parity"] = loss_parity(formats=("e8p",) if args.plan == "parity-e8p" else ("gptq", "e8p"))
         print_table(
-            payload["parity"], ["bits", "variant", "max_abs_loss_diff", "first", "last", "last_variant"]
+            payload["parity"],
+            ["format", "bits", "dtype", "variant", "max_abs_loss_diff", "first", "last", "last_variant"],
         )
     else:
         rows = [run_one(size, b, s, m) for size, b, s, methods in PLANS[args.plan] for m in methods]

@@ -5,7 +5,7 @@ PyTorch. The public functions below pick the implementation from the tensors' de
 library calls one name and never branches on hardware itself.
 """
 
-from gpu_kernels.e8p import e8p_decode, e8p_decode_ref, e8p_grid, e8p_signed_grid, e8p_table
+from gpu_kernels.e8p import e8p_decode, e8p_decode_ref, e8p_grid, e8p_signed_grid, e8p_values
 from gpu_kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
 from gpu_kernels.gptq_matmul import gptq_matmul, gptq_matmul_ref
 from gpu_kernels.hadamard import hadamard, hadamard_factors, hadamard_matrix, hadamard_ref
@@ -20,7 +20,7 @@ __all__ = [
     "e8p_matmul",
     "e8p_matmul_ref",
     "e8p_signed_grid",
-    "e8p_table",
+    "e8p_values",
     "gptq_matmul",
     "gptq_matmul_ref",
     "hadamard",

@@ -94,6 +94,30 @@ def dependent_launch(device: torch.device) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+_constants: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def device_constant(name: str, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The constant tensor `name` (a codebook, a small Hadamard matrix) resident on `device`, built by
+    `build()` on the host and moved there once per process.
+
+    Ops read their tables from here, never from a fresh host tensor: a host-to-device copy inside
+    CUDA-graph capture fails ("Cannot copy between CPU and CUDA tensors during CUDA graph capture
+    unless the CPU tensor is pinned", the QuIP# serving bug of issue 22), and one copy per call would
+    cost a transfer every step anyway. The first call on a device must come before capture; graph
+    warm-ups (`modulora.step_graph`, the inference engine's decoder) make it.
+    """
+    key = (name, torch.device(device))
+    tensor = _constants.get(key)
+    if tensor is None:
+        if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{name}: not yet on {key[1]}; run the op once before CUDA-graph capture (a warm-up)"
+            )
+        tensor = _constants[key] = build().to(key[1])
+    return tensor
+
+
 _fastest: dict[tuple, dict[str, int]] = {}
 
 

@@ -14,9 +14,10 @@ stored table pre-negates coordinate 0 of the abs vectors with an odd coordinate 
 of sign flips then keeps every decoded point (minus its shift) in D̂8.
 
 Layouts: `codes` int16 [rows, cols / 8], code (r, g) covering weights [r, 8g : 8g + 8]; the decoded
-tile is [rows, cols]. `e8p_table()` packs each signed table vector into one int32 as eight nibbles,
-nibble j = 2·t_j + 8 (t_j ∈ ±{½, 3/2, 5/2}), so the whole codebook is a 1 KB table and a decode is
-one gather, eight shifts and one fused multiply-add per weight.
+tile is [rows, cols]. Kernels read the signed grid itself, fp32 [256, 8] (8 KB, resident per device:
+`e8p_values`): a decode is one gather of eight contiguous values per code, an XOR of each sign bit
+into its value's sign bit and one add of the shift per weight, with no integer-to-float conversion
+(a quarter-rate instruction on NVIDIA GPUs).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import itertools
 
 import torch
 
-from gpu_kernels._dispatch import launchable, triton_available, use_triton
+from gpu_kernels._dispatch import device_constant, fastest_config, launchable, triton_available, use_triton
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    SIGN_BIT = tl.constexpr(-(2**31))  # 0x80000000 as an int32
 
 
 ##### The codebook #####
@@ -63,11 +66,9 @@ def e8p_signed_grid() -> torch.Tensor:
     return grid
 
 
-def e8p_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The signed grid packed as eight nibbles (2·t + 8) per int32 [256]."""
-    nibbles = (e8p_signed_grid() * 2 + 8).to(torch.int64)
-    word = (nibbles << (4 * torch.arange(8))).sum(dim=1)
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).to(device)
+def e8p_values(device: torch.device) -> torch.Tensor:
+    """`e8p_signed_grid()` on `device` (fp32 [256, 8]), built once per device."""
+    return device_constant("e8p_signed_grid", device, e8p_signed_grid)
 
 
 ##### Reference #####
@@ -83,7 +84,7 @@ def e8p_decode_ref(codes: torch.Tensor, dtype: torch.dtype = torch.float16) -> t
     parity = parity & 1
     signs = signs ^ parity  # odd popcount: flip bit 0, shift −¼
     bits = (signs[..., None] >> torch.arange(8, device=codes.device)) & 1
-    values = e8p_signed_grid().to(codes.device)[index] * (1 - 2 * bits) + (0.25 - 0.5 * parity)[..., None]
+    values = e8p_values(codes.device)[index] * (1 - 2 * bits) + (0.25 - 0.5 * parity)[..., None]
     return values.reshape(codes.shape[0], -1).to(dtype)
 
 
@@ -92,25 +93,30 @@ def e8p_decode_ref(codes: torch.Tensor, dtype: torch.dtype = torch.float16) -> t
 if triton_available():
 
     @triton.jit
-    def decode_e8p_tile(word, table_ptr):
-        """int32 code words [R, G] (16 low bits used) -> fp32 weights [R, G·8]."""
+    def decode_e8p_values(word, values_ptr):
+        """int32 code words [R, G] (16 low bits used) -> fp32 weights [R, G, 8]."""
         word = word & 0xFFFF
         signs = word & 0xFF
         parity = signs ^ (signs >> 4)
         parity = parity ^ (parity >> 2)
         parity = (parity ^ (parity >> 1)) & 1
         signs = signs ^ parity  # odd popcount: flip bit 0, shift −¼
-        packed = tl.load(table_ptr + (word >> 8))  # [R, G] int32: eight nibbles 2·t + 8
         lane = tl.arange(0, 8)[None, None, :]
-        nibble = (packed[:, :, None] >> (4 * lane)) & 0xF
-        negate = (signs[:, :, None] >> lane) & 1
-        value = (nibble.to(tl.float32) - 8.0) * 0.5 * (1 - 2 * negate).to(tl.float32)
-        value = value + (0.25 - 0.5 * parity.to(tl.float32))[:, :, None]
+        grid = tl.load(values_ptr + (word >> 8)[:, :, None] * 8 + lane)  # [R, G, 8]: 8 contiguous values
+        # Sign bit j of the code to bit 31 of value j (a shift and one three-input logic op).
+        sign_bit = (signs[:, :, None] << (31 - lane)) & SIGN_BIT
+        value = (grid.to(tl.int32, bitcast=True) ^ sign_bit).to(tl.float32, bitcast=True)
+        return value + tl.where(parity == 1, -0.25, 0.25)[:, :, None]
+
+    @triton.jit
+    def decode_e8p_tile(word, values_ptr):
+        """int32 code words [R, G] (16 low bits used) -> fp32 weights [R, G·8]."""
+        value = decode_e8p_values(word, values_ptr)
         return tl.reshape(value, (value.shape[0], value.shape[1] * 8))
 
     @triton.jit
     def _e8p_decode_kernel(
-        codes_ptr, table_ptr, out_ptr, rows, groups, stride_cm, stride_om,
+        codes_ptr, values_ptr, out_ptr, rows, groups, stride_cm, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
     ):  # fmt: skip
         pid_m, pid_g = tl.program_id(0), tl.program_id(1)
@@ -118,34 +124,44 @@ if triton_available():
         offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = (offs_m < rows)[:, None] & (offs_g < groups)[None, :]
         word = tl.load(codes_ptr + offs_m[:, None] * stride_cm + offs_g[None, :], mask=mask, other=0)
-        value = decode_e8p_tile(word.to(tl.int32), table_ptr)
+        value = decode_e8p_tile(word.to(tl.int32), values_ptr)
         offs_k = pid_g * BLOCK_G * 8 + tl.arange(0, BLOCK_G * 8)
         out_mask = (offs_m < rows)[:, None] & (offs_k < groups * 8)[None, :]
         out = out_ptr + offs_m[:, None] * stride_om + offs_k[None, :]
         tl.store(out, value.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@functools.cache
-def cached_table(device: torch.device) -> torch.Tensor:
-    """`e8p_table()` on `device`, built once per device."""
-    return e8p_table(device)
+DECODE_CANDIDATES = [  # BLOCK_M rows x BLOCK_G codes a program; the first is the default
+    {"BLOCK_M": 8, "BLOCK_G": 128, "num_warps": 4},
+    {"BLOCK_M": 16, "BLOCK_G": 64, "num_warps": 4},
+    {"BLOCK_M": 32, "BLOCK_G": 32, "num_warps": 4},
+    {"BLOCK_M": 32, "BLOCK_G": 64, "num_warps": 8},
+]
 
 
 def e8p_decode_triton(
     codes: torch.Tensor, dtype: torch.dtype = torch.float16, config: dict[str, int] | None = None
 ) -> torch.Tensor:
-    """The Triton decode; `config` overrides the tile (BLOCK_M rows x BLOCK_G codes) and num_warps."""
+    """The Triton decode; `config` fixes the tile (one of `DECODE_CANDIDATES`; by default the
+    fastest for this shape, timed on first use)."""
     codes = codes.contiguous()
     rows, groups = codes.shape
-    # 8 rows x 128 codes: the fastest of the tiles bench/quip_kernels.py times at the LLaMA shapes.
-    config = config or {"BLOCK_M": 8, "BLOCK_G": 128, "num_warps": 4}
-    out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
-    grid = (triton.cdiv(rows, config["BLOCK_M"]), triton.cdiv(groups, config["BLOCK_G"]))
-    launchable(_e8p_decode_kernel)[grid](
-        codes, cached_table(codes.device), out, rows, groups, codes.stride(0), out.stride(0),
-        BLOCK_M=config["BLOCK_M"], BLOCK_G=config["BLOCK_G"], num_warps=config["num_warps"],
-    )  # fmt: skip
-    return out
+    values = e8p_values(codes.device)
+
+    def launch(cfg: dict[str, int]) -> torch.Tensor:
+        # Rows of fewer codes than the tile's (small models) take more rows a program instead.
+        block_g = min(cfg["BLOCK_G"], 1 << (groups - 1).bit_length())
+        cfg = dict(cfg, BLOCK_G=block_g, BLOCK_M=cfg["BLOCK_M"] * (cfg["BLOCK_G"] // block_g))
+        out = torch.empty(rows, groups * 8, device=codes.device, dtype=dtype)
+        grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(groups, block_g))
+        launchable(_e8p_decode_kernel)[grid](
+            codes, values, out, rows, groups, codes.stride(0), out.stride(0), **cfg
+        )
+        return out
+
+    if config is None:
+        config = fastest_config(("e8p_decode", rows, groups, dtype), DECODE_CANDIDATES, launch, codes.device)
+    return launch(config)
 
 
 def e8p_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:

@@ -18,12 +18,13 @@ the dense product (`materialize` builds it for tests, export and dense reference
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Self
 
 import torch
-import torch.nn.functional as F
 
-from gpu_kernels import e8p_decode, e8p_grid, hadamard, hadamard_factors
+from gpu_kernels import e8p_decode, e8p_grid, e8p_matmul, hadamard, hadamard_factors
+from gpu_kernels.e8p_matmul import MAX_INPUTS, e8p_matmul_grouped
 from modulora.quant.base import QuantConfig, QuantizedLinear, Quantizer, register_format, register_quantizer
 
 ##### The storage format #####
@@ -61,19 +62,20 @@ class E8PLinear(QuantizedLinear):
         w = hadamard(w.T.contiguous(), transpose=True).T  # Hₒᵀ·Ŵ·Hᵢ
         return (self.sv[:, None] * w * self.su[None, :]).to(dtype)
 
+    # The transforms run in fp32 inside their kernels (sign scaling and casts fused); the
+    # decode-and-matmul runs in x's (compute) dtype: one fused kernel for up to 16 rows (decode
+    # steps), else decode + cuBLAS (as GPTQ's training matmuls). Nothing here copies from the host,
+    # so the products can be captured in a CUDA graph once they have run once.
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # The transforms run in fp32; the decode-and-matmul in x's (compute) dtype.
-        dtype = x.dtype
-        rotated = hadamard(x.float() * self.su).to(dtype)  # x·diag(su)·Hᵢᵀ
-        # Decode + cuBLAS: faster than the fused few-row kernel (gpu_kernels.e8p_matmul, no split-K).
-        y = F.linear(rotated, self.decode(dtype))
-        return (hadamard(y.float(), transpose=True) * self.sv).to(dtype)  # ·Hₒ·diag(sv)
+        rotated = hadamard(x, pre_scale=self.su)  # x·diag(su)·Hᵢᵀ
+        y = e8p_matmul(rotated, self.codes)
+        return hadamard(y, transpose=True, post_scale=self.sv)  # ·Hₒ·diag(sv)
 
     def matmul_t(self, grad: torch.Tensor) -> torch.Tensor:
-        dtype = grad.dtype
-        rotated = hadamard(grad.float() * self.sv).to(dtype)  # grad·diag(sv)·Hₒᵀ
-        g = rotated @ self.decode(dtype)
-        return (hadamard(g.float(), transpose=True) * self.su).to(dtype)  # ·Hᵢ·diag(su)
+        rotated = hadamard(grad, pre_scale=self.sv)  # grad·diag(sv)·Hₒᵀ
+        g = rotated @ self.decode(grad.dtype)
+        return hadamard(g, transpose=True, post_scale=self.su)  # ·Hᵢ·diag(su)
 
     def format_config(self) -> dict[str, Any]:
         return {"codebook": "e8p", "version": 1}
@@ -83,6 +85,84 @@ class E8PLinear(QuantizedLinear):
         if config.get("codebook", "e8p") != "e8p":
             raise ValueError(f"codebook: {config['codebook']!r} is not one of ['e8p']")
         return cls(in_features, out_features, bias)
+
+
+class E8PProjections:
+    """Several E8P layers of one input (q, k and v; gate and up) as one product, for decode steps.
+
+    One Hadamard kernel rotates x under every layer's su at once (x [..., in] -> [..., I, in]), one
+    decode-matmul reads all their codes (`gpu_kernels.e8p_matmul.e8p_matmul_grouped`: at a few rows
+    one kernel), and one transposed transform per run of layers with equal output widths applies
+    Hₒ and sv: three kernels for q, k and v instead of nine. Built by `fuse_e8p_outputs_`.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        su: torch.Tensor,
+        sv: torch.Tensor,
+        widths: list[int],
+        bias: torch.Tensor | None,
+    ) -> None:
+        self.codes, self.su, self.sv, self.widths, self.bias = codes, su, sv, widths, bias
+        self.in_features, self.out_features = su.shape[1], sum(widths)
+        self.runs: list[tuple[int, int, int]] = []  # (first column, layers, width) of equal widths
+        start = 0
+        for width in widths:
+            if self.runs and self.runs[-1][2] == width:
+                first, count, _ = self.runs[-1]
+                self.runs[-1] = (first, count + 1, width)
+            else:
+                self.runs.append((start, 1, width))
+            start += width
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> the layers' outputs side by side [..., Σ out] in x's dtype."""
+        lead = x.shape[:-1]
+        rotated = hadamard(x[..., None, :], pre_scale=self.su)  # [..., I, in]
+        y = e8p_matmul_grouped(rotated, self.codes, self.widths)
+        out = torch.empty_like(y)
+        for first, count, width in self.runs:
+            columns = slice(first, first + count * width)
+            shape = (*lead, count, width)
+            sv = self.sv[columns].view(count, width)
+            hadamard(
+                y[..., columns].view(shape), transpose=True, post_scale=sv, out=out[..., columns].view(shape)
+            )
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def fuse_e8p_outputs_(layers: Sequence[E8PLinear]) -> E8PProjections | None:
+    """One product computing the layers' outputs side by side (`E8PProjections`). Each layer's
+    buffers become views into the fused ones, so no code is stored twice and the layers still
+    compute alone.
+
+    None when they cannot share one: other input widths, more than 3 layers, bias on some only, or
+    an output boundary between layers that is not a multiple of 32 columns (a column block of the
+    decode-matmul reads one input).
+    """
+    first = layers[0]
+    widths = [layer.out_features for layer in layers]
+    compatible = (
+        len(layers) <= MAX_INPUTS
+        and all(layer.in_features == first.in_features for layer in layers)
+        and all((layer.bias is None) == (first.bias is None) for layer in layers)
+        and all(width % 32 == 0 for width in widths[:-1])
+    )
+    if not compatible:
+        return None
+    codes = torch.cat([layer.codes for layer in layers])
+    su = torch.stack([layer.su for layer in layers])
+    sv = torch.cat([layer.sv for layer in layers])
+    bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+    start = 0
+    for i, (layer, width) in enumerate(zip(layers, widths, strict=True)):
+        end = start + width
+        layer.codes, layer.su, layer.sv = codes[start:end], su[i], sv[start:end]
+        if bias is not None:
+            layer.bias = bias[start:end]
+        start = end
+    return E8PProjections(codes, su, sv, widths, bias)
 
 
 ##### E8P nearest-point search #####

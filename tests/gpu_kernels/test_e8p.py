@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gpu_kernels import e8p_decode, e8p_decode_ref, e8p_grid, e8p_signed_grid, e8p_table
+from gpu_kernels import e8p_decode, e8p_decode_ref, e8p_grid, e8p_signed_grid, e8p_values
+from gpu_kernels.e8p import DECODE_CANDIDATES, e8p_decode_triton
 
 
 def codebook_from_definition() -> torch.Tensor:
@@ -55,10 +56,20 @@ def test_decode_equals_codebook_lookup(codebook: torch.Tensor) -> None:
     torch.testing.assert_close(e8p_decode_ref(codes, torch.float32), lookup, rtol=0, atol=0)
 
 
-def test_table_nibbles_hold_the_signed_grid() -> None:
-    words = e8p_table().to(torch.int64) & 0xFFFFFFFF
-    nibbles = (words[:, None] >> (4 * torch.arange(8))) & 0xF
-    torch.testing.assert_close((nibbles.float() - 8) / 2, e8p_signed_grid(), rtol=0, atol=0)
+def test_values_table_is_the_signed_grid_resident_once_per_device() -> None:
+    table = e8p_values(torch.device("cpu"))
+    assert e8p_values(torch.device("cpu")) is table  # no host copy on later calls (issue 22)
+    torch.testing.assert_close(table, e8p_signed_grid(), rtol=0, atol=0)
+    odd = e8p_grid().sum(1).remainder(2) == 1
+    assert (table[odd, 0] < 0).all() and (table[~odd] > 0).all()
+
+
+def test_every_decode_tile_equals_reference(device: torch.device) -> None:
+    codes = torch.randint(-(2**15), 2**15, (40, 136), dtype=torch.int16, device=device)
+    want = e8p_decode_ref(codes.cpu(), torch.bfloat16)
+    for config in DECODE_CANDIDATES:
+        got = e8p_decode_triton(codes, torch.bfloat16, config)
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, msg=str(config))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
