@@ -177,12 +177,12 @@ def check_memory(job: Job, model_dir: Path, device: Any) -> None:
     estimate, hint = memory.check_job_memory(shape, job.hyperparameters, budget)
     if hint is None:
         return
-    limit = f"the {budget / memory.GIB:.1f} GiB free on {device}" + (
-        f" (budget {configured / memory.GIB:.1f} GiB)" if configured else ""
+    limit = f"{free / memory.GIB:.1f} GiB free on {device}" + (
+        f", budget {configured / memory.GIB:.1f} GiB" if configured else ""
     )
     raise JobFailure(
         "insufficient_memory",
-        f"needs ~{estimate.total / memory.GIB:.1f} GiB of {limit}; {hint}",
+        f"needs ~{estimate.total / memory.GIB:.1f} GiB; {limit}; {hint}",
         "hyperparameters",
     )
 
