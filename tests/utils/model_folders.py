@@ -13,6 +13,11 @@ TINY_LLAMA_CONFIG = {
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "vocab_size": 256, "max_position_embeddings": 512, "tie_word_embeddings": True,
 }  # fmt: skip
+LLAMA_7B_CONFIG = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "vocab_size": 32000, "max_position_embeddings": 4096,
+}  # fmt: skip
 
 
 def tiny_llama_tensors(config: dict = TINY_LLAMA_CONFIG) -> dict[str, np.ndarray]:

@@ -15,12 +15,10 @@ from core.config import get_settings
 from core.db.models import Job
 from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
-from tests.utils.model_folders import write_sharded_model
+from tests.utils.model_folders import LLAMA_7B_CONFIG, write_sharded_model
 from worker.tasks import train
 
 GIB = 1024**3
-LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}  # fmt: skip
 
 
 def use_base_models(monkeypatch: pytest.MonkeyPatch, sources: dict[str, str]) -> None:
@@ -71,7 +69,7 @@ def test_jobs_whose_model_folder_broke_fail_with_the_reason_and_the_worker_goes_
 def llama_7b_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "llama-7b"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(LLAMA_7B))
+    (folder / "config.json").write_text(json.dumps(LLAMA_7B_CONFIG))
     return folder
 
 
