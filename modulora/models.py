@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modulora.model_folder import check_model
 from modulora.quant import FORMATS, QuantConfig, QuantizedLinear
 from modulora.settings import get_settings
 
@@ -189,6 +190,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
+    check_model(path)  # a missing shard or a folder that is not a model, named before any load
     if is_quantized_dir(path):
         model = _load_quantized(path)
     else:

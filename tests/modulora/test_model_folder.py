@@ -104,3 +104,12 @@ def test_weights_bytes_counts_every_tensor_at_the_dense_size(tmp_path: Path) -> 
     elements = sum(t.size for t in tiny_llama_tensors().values())
     assert weights_bytes(folder, dense_bytes=2) == 2 * elements  # stored float16, loaded as bf16
     assert weights_bytes(folder, dense_bytes=4) == 4 * elements
+
+
+def test_loading_a_folder_with_a_missing_shard_names_it_before_reading_weights(tmp_path: Path) -> None:
+    from modulora.models import load_model
+
+    folder = write_sharded_model(tmp_path / "llama", shards=3)
+    (folder / "model-00001-of-00003.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="missing 1 of its 3 weight shards"):
+        load_model(folder)
