@@ -51,7 +51,7 @@ def _default_load_base(ref: str, device: torch.device, dtype: torch.dtype) -> tu
     return load_model(ref, device=device, dtype=dtype)
 
 
-def _default_weights_bytes(ref: str, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
+def size_from_files(ref: str, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
     """(config, weight bytes) of the folder `ref` loads from, read from its files alone."""
     from modulora import model_folder
     from modulora.models import resolve_model
@@ -129,9 +129,7 @@ class InferenceEngine:
         auto_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, auto_dtype if dtype == "auto" else dtype)
         self.load_base = load_base or _default_load_base
-        self.size_base = (
-            size_base if size_base is not None or load_base is not None else _default_weights_bytes
-        )
+        self.size_base = size_base if size_base is not None or load_base is not None else size_from_files
         self.bases: collections.OrderedDict[str, ResidentBase] = collections.OrderedDict()
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._wake = threading.Condition()

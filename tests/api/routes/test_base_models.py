@@ -8,17 +8,21 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import huggingface_hub.constants
 import pytest
+import torch
 
 from api.inference.service import get_inference_engine
 from core.bases import base_model_source, job_base
 from core.config import get_settings
 from core.db.models import Job, Model, User
 from core.db.session import session_scope
+from modulora.serve.engine import InferenceEngine, size_from_files
 from modulora.serve.events import DoneEvent, FinishEvent, TextEvent
+from modulora.serve.types import EngineConfig
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 from tests.api.test_inference import ScriptedEngine
 from tests.utils.model_folders import LLAMA_7B_CONFIG, write_hf_cache_entry, write_sharded_model
@@ -155,3 +159,23 @@ def test_a_fine_tuned_model_of_such_a_base_works_on_every_model_route(
     ]
     assert service.client.delete(f"/v1/models/{model_id}", headers=headers).status_code == 200
     assert not adapter.exists()
+
+
+def test_chat_with_a_base_over_the_inference_budget_is_a_400_before_it_loads(
+    service: Service, models: dict[str, Path]
+) -> None:
+    def must_not_load(ref: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+        raise AssertionError(f"{ref} must not load")
+
+    config = EngineConfig(device="cpu", memory_budget_bytes=64 * 1024**2, max_seq_len=64)
+    engine = InferenceEngine(config, load_base=must_not_load, size_base=size_from_files)
+    service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
+    try:
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Hello"}]}
+        response = service.client.post("/v1/chat/completions", headers=service.new_key("ada"), json=body)
+    finally:
+        engine.shutdown()
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "model_too_large")
+    assert "does not fit the inference memory budget of 0.06 GiB" in error["message"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modulora.serve.budget import ModelTooLarge, kv_bytes_per_token, plan_serving, workspace_bytes
-from modulora.serve.engine import InferenceEngine, _default_weights_bytes
+from modulora.serve.engine import InferenceEngine, size_from_files
 from modulora.serve.types import EngineConfig, EngineError, ModelSpec, SamplingParams
 from tests.utils.model_folders import write_sharded_model
 
@@ -64,11 +64,11 @@ def test_engine_refuses_a_base_over_the_budget_before_loading_it(folder: Path) -
         loads.append(ref)
         raise AssertionError("the base must not load")
 
-    _, weights = _default_weights_bytes(str(folder), torch.float32)
+    _, weights = size_from_files(str(folder), torch.float32)
     engine = InferenceEngine(
         EngineConfig(device="cpu", memory_budget_bytes=weights, max_seq_len=64),
         load_base=load_base,
-        size_base=_default_weights_bytes,
+        size_base=size_from_files,
     )
     try:
         with pytest.raises(EngineError) as refused:

@@ -99,3 +99,22 @@ def test_a_job_is_checked_against_the_memory_free_on_the_device(
         train.check_memory(job, llama_7b_folder, torch.device("cuda:0"))
     assert failure.value.error["code"] == "insufficient_memory"
     assert says in failure.value.error["message"]
+
+
+def test_a_job_over_the_free_memory_fails_before_any_gpu_work_and_the_worker_goes_on(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_sharded_model(tmp_path / "llama-7b")
+    use_base_models(monkeypatch, {"llama-7b": str(folder)})
+    first, second = create_job(service, "llama-7b"), create_job(service, "llama-7b")
+    # A worker on a GPU whose memory is mostly held by another process (the API's engine, say).
+    (folder / "config.json").write_text(json.dumps(LLAMA_7B_CONFIG))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GIB, 24 * GIB))
+    for job_id in (first, second):
+        train.run_job(job_id, "w1")
+    for job_id in (first, second):
+        job = finished(job_id)
+        assert job.status == "failed" and job.error["code"] == "insufficient_memory"
+        assert "2.0 GiB free on cuda" in job.error["message"]
+    assert not any(get_settings().bases_dir.glob("*")), "nothing was quantized"
