@@ -98,3 +98,41 @@ def test_engine_sizes_the_kv_cache_rows_to_its_budget(make_engine) -> None:
     # More choices than rows: a clear error, not a wait forever.
     with pytest.raises(EngineError, match="exceeds the 3 sequences this base decodes at once"):
         engine.complete(ModelSpec("tiny", "tiny"), SamplingParams(max_tokens=2, n=4), "Hi")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_engine_stays_inside_its_budget_and_queues_past_its_rows() -> None:
+    """SmolLM2's own 4-bit blocks on CUDA, a budget that buys 3 rows of 1,024 tokens: 8 concurrent
+    long requests all finish (the rest wait for rows) and the allocator never reserves more."""
+    import threading
+
+    ref, dtype = "smollm2-135m-instruct:gguf", torch.bfloat16
+    config, weights = size_from_files(ref, dtype)
+    one_row = plan_serving(
+        config, weights_bytes=weights, dtype_bytes=2, max_batch_size=1, max_seq_len=1024,
+        budget_bytes=None, adapter_bytes=256 << 20,
+    )  # fmt: skip
+    row = one_row.kv_cache_bytes
+    budget = weights + workspace_bytes(config, 1024, 8, 2) + (256 << 20) + 7 * row // 2
+    engine = InferenceEngine(
+        EngineConfig(device="cuda", max_batch_size=8, max_seq_len=1024, memory_budget_bytes=budget)
+    )
+    torch.cuda.reset_peak_memory_stats()
+    prompt = "Tell me a long story about the sea. " * 60  # ~600 tokens: prefill near the planned size
+    results: list[str] = []
+
+    def ask() -> None:
+        texts, _ = engine.complete(ModelSpec(ref, ref), SamplingParams(max_tokens=64, temperature=0), prompt)
+        results.append(texts[0])
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert engine.memory()["rows"][ref] == 3
+    finally:
+        engine.shutdown()
+    assert len(results) == 8 and all(results)
+    assert torch.cuda.max_memory_reserved() <= budget
