@@ -43,7 +43,17 @@ def job_base(model: str, hyperparameters: dict[str, Any]) -> str:
     config = job_quant_config(hyperparameters)
     if config is None:
         return f"{source}{NATIVE_GGUF_SUFFIX}"
-    return str(quantized_base_dir(source, config, label=model))
+    return str(quantized_base_dir(_identity(model, source), config, label=model))
+
+
+def _identity(name: str, source: str) -> str:
+    """What keys a model's quantized bases: its source as configured, so hosts that mount the
+    models or keep the Hugging Face cache elsewhere name the same base; a Hugging Face id with
+    the snapshot it resolved to, so a new revision gets a new base."""
+    configured = get_settings().base_models[name]
+    if configured == source or Path(configured).expanduser().exists():
+        return configured
+    return f"{configured}@{Path(source).name}"
 
 
 def base_model_source(name: str) -> str:

@@ -179,3 +179,18 @@ def test_chat_with_a_base_over_the_inference_budget_is_a_400_before_it_loads(
     error = response.json()["error"]
     assert (error["param"], error["code"]) == ("model", "model_too_large")
     assert "does not fit the inference memory budget of 0.06 GiB" in error["message"]
+
+
+def test_a_quantized_base_is_keyed_by_the_configured_source_and_the_snapshot(
+    service: Service, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hp = {"quantization": "rtn", "bits": 4, "group_size": 128}
+    before = job_base("hub-llama", hp)
+    # Another host keeps its Hugging Face cache elsewhere: the same snapshot names the same base.
+    write_hf_cache_entry(tmp_path / "other-hub", "acme/tiny-llama")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "other-hub"))
+    assert job_base("hub-llama", hp) == before
+    # A new revision of the model is a new base.
+    write_hf_cache_entry(tmp_path / "new-hub", "acme/tiny-llama", commit="f" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "new-hub"))
+    assert job_base("hub-llama", hp) != before
