@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from modulora.model_folder import ModelFolderError
 from modulora.serve.adapters import LoraWeights, read_adapter
 from modulora.serve.budget import ModelTooLarge, ServingPlan, plan_serving
 from modulora.serve.decoder import Decoder
@@ -343,8 +344,12 @@ class InferenceEngine:
         if ref in self.bases:
             self.bases.move_to_end(ref)
             return self.bases[ref]
-        if self.size_base is not None:  # refuse a base that cannot fit before any of it loads
-            self._plan(ref, *self.size_base(ref, self.dtype))
+        if self.size_base is not None:  # refuse a broken base, or one that cannot fit, before it loads
+            try:
+                config, weights_bytes = self.size_base(ref, self.dtype)
+            except ModelFolderError as error:
+                raise EngineError(str(error), code="invalid_model", param="model") from None
+            self._plan(ref, config, weights_bytes)
         with _LOAD_LOCK:
             model, tokenizer = self.load_base(ref, self.device, self.dtype)
         plan = self._plan(ref, model.config.to_dict(), _tensor_bytes(model))

@@ -161,24 +161,40 @@ def test_a_fine_tuned_model_of_such_a_base_works_on_every_model_route(
     assert not adapter.exists()
 
 
-def test_chat_with_a_base_over_the_inference_budget_is_a_400_before_it_loads(
-    service: Service, models: dict[str, Path]
-) -> None:
-    def must_not_load(ref: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-        raise AssertionError(f"{ref} must not load")
+def must_not_load(ref: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    raise AssertionError(f"{ref} must not load")
 
-    config = EngineConfig(device="cpu", memory_budget_bytes=64 * 1024**2, max_seq_len=64)
-    engine = InferenceEngine(config, load_base=must_not_load, size_base=size_from_files)
+
+def chat_error(service: Service, engine: InferenceEngine) -> tuple[int, dict[str, Any]]:
     service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
     try:
         body = {"model": NAME, "messages": [{"role": "user", "content": "Hello"}]}
         response = service.client.post("/v1/chat/completions", headers=service.new_key("ada"), json=body)
     finally:
         engine.shutdown()
-    assert response.status_code == 400
-    error = response.json()["error"]
+    return response.status_code, response.json()["error"]
+
+
+def test_chat_with_a_base_over_the_inference_budget_is_a_400_before_it_loads(
+    service: Service, models: dict[str, Path]
+) -> None:
+    config = EngineConfig(device="cpu", memory_budget_bytes=64 * 1024**2, max_seq_len=64)
+    status, error = chat_error(service, InferenceEngine(config, must_not_load, size_from_files))
+    assert status == 400
     assert (error["param"], error["code"]) == ("model", "model_too_large")
     assert "does not fit the inference memory budget of 0.06 GiB" in error["message"]
+
+
+def test_chat_with_a_base_missing_a_shard_is_a_400_naming_it_before_it_loads(
+    service: Service, models: dict[str, Path]
+) -> None:
+    (models[NAME] / "model-00001-of-00002.safetensors").unlink()
+    status, error = chat_error(
+        service, InferenceEngine(EngineConfig(device="cpu"), must_not_load, size_from_files)
+    )
+    assert status == 400
+    assert (error["param"], error["code"]) == ("model", "invalid_model")
+    assert "model-00001-of-00002.safetensors" in error["message"]
 
 
 def test_a_quantized_base_is_keyed_by_the_configured_source_and_the_snapshot(
