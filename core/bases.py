@@ -1,12 +1,17 @@
 """The base a fine-tuning job trains on, named one way for the worker (which builds it) and the API
 (which serves a job's checkpoints, possibly before the job has finished).
 
-The library is imported inside the functions: it brings torch, which the API loads only to serve.
+A job names its base model by the name the API shows (a key of MODULORA_BASE_MODELS); the library
+gets the source that name maps to. The library is imported inside the functions: it brings torch,
+which the API loads only to serve.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from core.config import get_settings
 
 if TYPE_CHECKING:
     from modulora.quant import QuantConfig
@@ -30,9 +35,58 @@ def job_quant_config(hyperparameters: dict[str, Any]) -> QuantConfig | None:
 
 
 def job_base(model: str, hyperparameters: dict[str, Any]) -> str:
-    """The reference `modulora.models.load_model` takes for the job's base: `<model>:gguf`, or the
-    quantized folder under `bases/` (present once a worker has built it)."""
+    """The reference `modulora.models.load_model` takes for the job's base: `<source>:gguf`, or the
+    quantized folder under `bases/` (present once a worker has built it), named after `model`."""
     from modulora.models import NATIVE_GGUF_SUFFIX, quantized_base_dir
 
+    source = base_model_source(model)
     config = job_quant_config(hyperparameters)
-    return f"{model}{NATIVE_GGUF_SUFFIX}" if config is None else str(quantized_base_dir(model, config))
+    if config is None:
+        return f"{source}{NATIVE_GGUF_SUFFIX}"
+    return str(quantized_base_dir(_identity(model, source), config, label=model))
+
+
+def _identity(name: str, source: str) -> str:
+    """What keys a model's quantized bases: its source as configured, so hosts that mount the
+    models or keep the Hugging Face cache elsewhere name the same base; a Hugging Face id with
+    the snapshot it resolved to, so a new revision gets a new base."""
+    configured = get_settings().base_models[name]
+    if configured == source or Path(configured).expanduser().exists():
+        return configured
+    return f"{configured}@{Path(source).name}"
+
+
+def base_model_source(name: str) -> str:
+    """The library reference of a base model named in MODULORA_BASE_MODELS: a built-in name as it
+    is, else the folder or .gguf file its source names (a Hugging Face id resolved from the local
+    cache). Raises `ModelFolderError` (a ValueError) for an unknown name or a missing source."""
+    from modulora.model_folder import ModelFolderError, find_model
+
+    sources = get_settings().base_models
+    if name not in sources:
+        raise ModelFolderError(f"model: {name!r} is not one of {sorted(sources)}")
+    source = sources[name]
+    return source if is_builtin(source) else str(find_model(source))
+
+
+def is_builtin(source: str) -> bool:
+    """A source without a path separator that is not a file here names one of the library's
+    built-in models (`modulora.models.BUILTIN_MODELS`, which checks the name when loading)."""
+    return "/" not in source and not Path(source).expanduser().exists()
+
+
+def check_base_model(name: str) -> None:
+    """Refuse a base model whose source is not a usable model (`modulora.model_folder.check_model`);
+    built-in models are checked by their package."""
+    from modulora.model_folder import check_model
+
+    source = base_model_source(name)
+    if not is_builtin(source):
+        check_model(Path(source))
+
+
+def base_model_folder(name: str) -> Path:
+    """The folder holding the base model's config.json and tokenizer: a built-in model's converted
+    copy under `models/` (present once converted), else the source folder itself."""
+    source = base_model_source(name)
+    return get_settings().models_dir / source if is_builtin(source) else Path(source)

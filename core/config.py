@@ -10,6 +10,8 @@ import torch. Every field is listed in docs/service.md.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, field_validator
 
@@ -33,8 +35,11 @@ class ServiceSettings(Settings):
     port: int = 8000
     max_upload_bytes: int = 100 * 1024 * 1024
     """Uploads larger than this are refused with 400 (nothing is stored)."""
-    base_models: list[str] = ["smollm2-135m-instruct"]
-    """Base models listed by GET /v1/models and accepted by job creation."""
+    base_models: dict[str, str] = {"smollm2-135m-instruct": "smollm2-135m-instruct"}
+    """Base models listed by GET /v1/models and accepted by job creation: their names (the ids the
+    API shows) and sources (a built-in name, a model folder, a .gguf file, or a Hugging Face id
+    `org/name` already in the local Hugging Face cache). A JSON object, or a JSON list of sources
+    named by themselves (built-ins) or by their folder's name."""
     sse_heartbeat_s: float = 15.0
     """Seconds between SSE heartbeat comments on an idle metrics stream."""
 
@@ -60,9 +65,33 @@ class ServiceSettings(Settings):
     """Sequences decoded together per base."""
     inference_max_seq_len: int = 2048
     """Prompt + completion tokens per sequence."""
-    inference_memory_budget_bytes: int | None = None
-    """Bases + KV caches + adapter banks; least-recently-used idle adapters, then bases, are evicted
-    to stay under it. None: no limit."""
+    inference_memory_budget_bytes: int | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "MODULORA_INFERENCE_MEMORY_BUDGET_BYTES", "MODULORA_INFERENCE_MEMORY_BYTES"
+        ),
+    )
+    """The engine's share of its device: bases + KV caches + adapter banks + working memory. Each
+    base's KV cache gets the rows (up to inference_max_batch_size) that fit beside its weights; a
+    model that does not fit with one row is refused. Least-recently-used idle adapters, then bases,
+    are evicted to stay under it. None: no limit (inference_max_batch_size rows)."""
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _named_sources(cls, value: Any) -> Any:
+        if isinstance(value, list):  # the older list form: a source's name is its last path part
+            return {Path(str(source).removesuffix("/")).name or str(source): str(source) for source in value}
+        return value
+
+    @field_validator("base_models")
+    @classmethod
+    def _names_are_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or name != name.strip() or name.startswith("ft:"):
+                raise ValueError(
+                    f"base model name {name!r} must be non-empty, unpadded and not start with 'ft:'"
+                )
+        return value
 
     @field_validator("max_upload_bytes", "port")
     @classmethod

@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modulora.model_folder import check_model
 from modulora.quant import FORMATS, QuantConfig, QuantizedLinear
 from modulora.settings import get_settings
 
@@ -155,12 +157,16 @@ def is_quantized_dir(path: str | os.PathLike[str]) -> bool:
     return Path(path).is_dir() and _read_quantize_config(Path(path)) is not None
 
 
-def quantized_base_dir(model_ref: str | os.PathLike[str], config: QuantConfig) -> Path:
+def quantized_base_dir(
+    model_ref: str | os.PathLike[str], config: QuantConfig, label: str | None = None
+) -> Path:
     """The folder under `bases_dir` for `model_ref` quantized with `config`: one per model and
     `QuantConfig.cache_key()`, so every run asking for the same base shares it. Named
-    `<model>-<method>-<bits>b-g<group size>-<hash>` for people; the hash of both is the identity."""
+    `<label or model folder>-<method>-<bits>b-g<group size>-<hash>` for people; the hash of both is
+    the identity."""
     key = hashlib.sha256(f"{model_ref}\n{config.cache_key()}".encode()).hexdigest()[:12]
-    name = f"{Path(model_ref).name}-{config.method}-{config.bits}b-g{config.group_size}-{key}"
+    readable = re.sub(r"[^\w.-]+", "-", label) if label else Path(model_ref).name
+    name = f"{readable}-{config.method}-{config.bits}b-g{config.group_size}-{key}"
     return get_settings().bases_dir / name
 
 
@@ -184,6 +190,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
+    check_model(path)  # a missing shard or a folder that is not a model, named before any load
     if is_quantized_dir(path):
         model = _load_quantized(path)
     else:

@@ -13,10 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import crud
-from api.errors import not_found
-from core.bases import job_base
+from api.errors import bad_request, not_found
+from core.bases import base_model_source, job_base
 from core.config import get_settings
 from core.db.models import Checkpoint, Job, Model
+from modulora.model_folder import ModelFolderError
 from modulora.serve.protocol import EngineClient
 from modulora.serve.types import EngineConfig, ModelSpec
 from modulora.settings import from_home
@@ -52,7 +53,7 @@ def model_spec_for(*, session: Session, user_id: str, model_id: str) -> ModelSpe
     (another user's reads as missing)."""
     settings = get_settings()
     if model_id in settings.base_models:
-        return ModelSpec(model_id, model_id)
+        return ModelSpec(model_id, _source(model_id))
     model = crud.visible_model(session=session, user_id=user_id, model_id=model_id)
     if model is not None:
         return ModelSpec(model.id, from_home(model.base), settings.home / model.path)
@@ -75,4 +76,15 @@ def checkpoint_base(session: Session, job: Job) -> str:
     model = session.scalar(select(Model).where(Model.job_id == job.id))
     if model is not None:
         return from_home(model.base)
-    return job_base(job.model, job.hyperparameters)
+    try:
+        return job_base(job.model, job.hyperparameters)
+    except ModelFolderError as e:
+        raise bad_request(str(e), param="model", code="invalid_model") from None
+
+
+def _source(name: str) -> str:
+    """The library reference of a base model name; 400 naming `model` when its source is gone."""
+    try:
+        return base_model_source(name)
+    except ModelFolderError as e:
+        raise bad_request(str(e), param="model", code="invalid_model") from None

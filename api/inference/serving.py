@@ -36,7 +36,10 @@ from modulora.serve.events import DoneEvent, ErrorEvent, FinishEvent, Generation
 from modulora.serve.protocol import EngineClient
 from modulora.serve.types import EngineError, ModelSpec, Prompt, SamplingParams
 
-_STATUS = {"context_length_exceeded": 400, "model_not_found": 404, "server_busy": 503}
+_STATUS = {
+    "context_length_exceeded": 400, "invalid_model": 400, "model_too_large": 400, "model_not_found": 404,
+    "server_busy": 503,
+}  # fmt: skip
 ChoiceEvent = TextEvent | FinishEvent
 
 

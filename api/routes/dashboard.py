@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import tempfile
 import threading
 import zipfile
@@ -31,9 +32,11 @@ from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
 from api.tokenizer import LightTokenizer, has_tokenizer
+from core.bases import base_model_folder, base_model_source
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.models import Checkpoint, File, Job, JobEvent
 from modulora import data, memory
+from modulora.model_folder import ModelFolderError
 
 router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"])
 
@@ -78,8 +81,11 @@ def _gpu(name: str | None) -> dict[str, Any]:
 def _model_folder(model: str) -> Path:
     settings = get_settings()
     if model not in settings.base_models:
-        raise bad_request(f"model: {model!r} is not one of {settings.base_models}", param="model")
-    return settings.models_dir / model
+        raise bad_request(f"model: {model!r} is not one of {sorted(settings.base_models)}", param="model")
+    try:
+        return base_model_folder(model)
+    except ModelFolderError as e:
+        raise bad_request(str(e), param="model", code="invalid_model") from None
 
 
 # ------------------------------------------------------------------ base models on a fresh server
@@ -95,7 +101,7 @@ def _prepare(model: str) -> None:
     """Convert the base model into its cached folder (what the first job would do anyway)."""
     from modulora.models import resolve_model  # imports torch: only ever on a fresh server
 
-    resolve_model(model)
+    resolve_model(base_model_source(model))
 
 
 _preparing: dict[str, Future[None]] = {}
@@ -174,7 +180,7 @@ def options(user: CurrentUser) -> dict[str, Any]:
     """Choices for the new-job form: base models, quantization methods and their bits, GPUs, and
     the base learning rate that `learning_rate_multiplier` scales."""
     return {
-        "base_models": get_settings().base_models,
+        "base_models": list(get_settings().base_models),
         "quantization_methods": [
             {"name": m, "label": METHOD_LABELS.get(m, m), "bits": METHOD_BITS.get(m, [4])}
             for m in QUANT_METHODS
@@ -303,7 +309,7 @@ def file_report(
     """The upload's validation report recomputed for `max_seq_len`: format, rows, token-length
     statistics and histogram (`{lo, hi, count}` buckets), rows over the limit, first errors."""
     file = _owned_file(session, user, file_id)
-    model = model or get_settings().base_models[0]
+    model = model or next(iter(get_settings().base_models))
     tokenizer = _tokenizer(model)
     report = data.validate_file(storage.file_path(file.id), tokenizer=tokenizer, max_seq_len=max_seq_len)
     return {
@@ -359,7 +365,7 @@ def file_preview(
     """The first `rows` rows rendered with the model's chat template exactly as training sees
     them, split into segments whose `trained` flag marks the tokens that carry loss."""
     file = _owned_file(session, user, file_id)
-    model = model or get_settings().base_models[0]
+    model = model or next(iter(get_settings().base_models))
     tokenizer = _tokenizer(model)
     if tokenizer is None:
         raise APIError(
@@ -509,16 +515,16 @@ def _zip_folder(folder: Path, name: str) -> FileResponse:
     )
 
 
-@router.get("/models/{model_id}/download", response_class=FileResponse)
+@router.get("/models/{model_id:path}/download", response_class=FileResponse)
 def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """The fine-tuned model's PEFT adapter folder (adapter_config.json, weights, manifest) as a zip."""
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
     if model is None:
         raise not_found("model", model_id, param="model_id")
-    return _zip_folder(Path(model.path), model.id.replace(":", "_"))
+    return _zip_folder(Path(model.path), re.sub(r"[^\w.-]+", "_", model.id))
 
 
-@router.get("/checkpoints/{checkpoint_id}/download", response_class=FileResponse)
+@router.get("/checkpoints/{checkpoint_id:path}/download", response_class=FileResponse)
 def download_checkpoint(checkpoint_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """One training checkpoint folder as a zip."""
     checkpoint = session.scalar(

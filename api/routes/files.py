@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,8 +15,10 @@ from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import DeletedObject, FileObject, FileReport, ListPage
 from api.upload import receive_upload
+from core.bases import base_model_folder
 from core.config import get_settings
 from core.db.models import File, Job
+from modulora.model_folder import ModelFolderError
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
@@ -41,13 +44,21 @@ def to_public(file: File) -> FileObject:
     )
 
 
+def _default_model_folder() -> Path | None:
+    """The first base model's folder when this host can see it (its tokenizer counts tokens)."""
+    try:
+        return base_model_folder(next(iter(get_settings().base_models)))
+    except (StopIteration, ModelFolderError):
+        return None
+
+
 def check_dataset(path: Any) -> dict[str, Any]:
     """`modulora.data.validate_file` with the default base model's tokenizer when it is cached."""
     from api.tokenizer import load_light_tokenizer
     from modulora import data  # torch-free, but only the upload route needs it
 
-    settings = get_settings()
-    tokenizer = load_light_tokenizer(settings.models_dir / settings.base_models[0])
+    folder = _default_model_folder()
+    tokenizer = load_light_tokenizer(folder) if folder is not None else None
     report = data.validate_file(path, tokenizer=tokenizer)
     if not report.ok:
         first = report.errors[0] if report.errors else {"line": None, "field": None, "message": "no rows"}

@@ -15,10 +15,12 @@ from api.deps import CurrentUser, SessionDep
 from api.errors import APIError, bad_request, not_found
 from api.schemas import CheckpointObject, DeletedObject, EventObject, JobCreate, JobObject, ListPage
 from core import tasks
+from core.bases import base_model_folder, base_model_source, check_base_model
 from core.config import get_settings
 from core.db.events import publish_status, record_event
 from core.db.models import FINAL_STATUSES, Checkpoint, File, Job, JobEvent, Model, utcnow
 from modulora import memory
+from modulora.model_folder import ModelFolderError
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 LimitQuery = Annotated[int, Query(ge=1, le=100)]
@@ -59,10 +61,37 @@ def _file(session: SessionDep, user: CurrentUser, file_id: str, param: str) -> F
     return file
 
 
-def check_memory(model: str, hp: dict[str, Any]) -> int | None:
-    """Estimated peak bytes (None when the base's config is not cached); 400 if over the budget."""
+def check_model(model: str) -> None:
+    """400 naming `model` when its folder, as far as this host sees it, is not a usable model
+    (not a model folder, a missing or unreadable shard). A source this host cannot see (a folder
+    mounted only on the workers, a Hugging Face id not in this host's cache) is the worker's to
+    check: the job then fails with the same message."""
     settings = get_settings()
-    config = settings.models_dir / model.removesuffix(":gguf") / "config.json"
+    if model not in settings.base_models:
+        raise bad_request(
+            f"model: {model!r} is not one of {sorted(settings.base_models)}",
+            param="model",
+            code="model_not_available",
+        )
+    try:
+        source = base_model_source(model)
+    except ModelFolderError:
+        return
+    try:
+        check_base_model(model)
+    except ModelFolderError as e:
+        raise bad_request(
+            f"{e} (base model {model!r} maps to {source})", param="model", code="invalid_model"
+        ) from None
+
+
+def check_memory(model: str, hp: dict[str, Any]) -> int | None:
+    """Estimated peak bytes (None when the base's config is not readable here yet); 400 if over the budget."""
+    settings = get_settings()
+    try:
+        config = base_model_folder(model) / "config.json"
+    except ModelFolderError:
+        return None
     if not config.is_file():
         return None
     shape = memory.ModelShape.from_folder(config.parent)
@@ -92,13 +121,7 @@ def create_job(
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key)
         if existing is not None:
             return to_public(existing)
-    settings = get_settings()
-    if body.model not in settings.base_models:
-        raise bad_request(
-            f"model: {body.model!r} is not one of {settings.base_models}",
-            param="model",
-            code="model_not_available",
-        )
+    check_model(body.model)
     training = _file(session, user, body.training_file, "training_file")
     if body.validation_file is not None:
         _file(session, user, body.validation_file, "validation_file")

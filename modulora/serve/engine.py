@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from modulora.model_folder import ModelFolderError
 from modulora.serve.adapters import LoraWeights, read_adapter
+from modulora.serve.budget import ModelTooLarge, ServingPlan, plan_serving
 from modulora.serve.decoder import Decoder
 from modulora.serve.events import (
     DoneEvent,
@@ -37,6 +39,7 @@ from modulora.serve.types import EngineConfig, EngineError, ModelSpec, Prompt, S
 
 log = logging.getLogger(__name__)
 LoadBase = Callable[[str, torch.device, torch.dtype], tuple[Any, Any]]
+SizeBase = Callable[[str, torch.dtype], tuple[dict[str, Any], int]]
 # Loading a model goes through process-wide state (transformers' and accelerate's empty-weights
 # init), so two loads at once, from two engines of one process, could leave a model on the meta
 # device: "Cannot copy out of meta tensor" on every later request (issues 22 and 23).
@@ -47,6 +50,16 @@ def _default_load_base(ref: str, device: torch.device, dtype: torch.dtype) -> tu
     from modulora.models import load_model
 
     return load_model(ref, device=device, dtype=dtype)
+
+
+def size_from_files(ref: str, dtype: torch.dtype) -> tuple[dict[str, Any], int]:
+    """(config, weight bytes) of the folder `ref` loads from, read from its files alone."""
+    from modulora import model_folder
+    from modulora.models import resolve_model
+
+    folder = resolve_model(ref)
+    model_folder.check_model(folder)
+    return model_folder.read_config(folder), model_folder.weights_bytes(folder, dtype.itemsize)
 
 
 @dataclasses.dataclass
@@ -80,6 +93,7 @@ class GenerationRequest:
 @dataclasses.dataclass
 class ResidentBase:
     decoder: Decoder
+    plan: ServingPlan
     tokenizer: Any
     eos_ids: set[int]
     adapters: collections.OrderedDict[str, int] = dataclasses.field(default_factory=collections.OrderedDict)
@@ -99,7 +113,15 @@ class ResidentBase:
 class InferenceEngine:
     """Serves `ModelSpec`s; bases stay resident, adapters live in per-base banks, LRU under a budget."""
 
-    def __init__(self, config: EngineConfig | None = None, load_base: LoadBase | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        load_base: LoadBase | None = None,
+        size_base: SizeBase | None = None,
+    ) -> None:
+        """load_base(ref, device, dtype) -> (model, tokenizer); size_base(ref, dtype) -> (config,
+        weight bytes) from the model's files, to refuse a base that cannot fit before loading it.
+        Bases of a custom loader without `size_base` are measured once loaded."""
         self.config = config or EngineConfig()
         cuda = torch.cuda.is_available()
         device = self.config.device
@@ -108,6 +130,7 @@ class InferenceEngine:
         auto_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, auto_dtype if dtype == "auto" else dtype)
         self.load_base = load_base or _default_load_base
+        self.size_base = size_base if size_base is not None or load_base is not None else size_from_files
         self.bases: collections.OrderedDict[str, ResidentBase] = collections.OrderedDict()
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._wake = threading.Condition()
@@ -169,14 +192,21 @@ class InferenceEngine:
         raise AssertionError("stream ended without DoneEvent")
 
     def memory(self) -> dict[str, Any]:
-        """Bytes held per base (weights once), per base's KV cache and adapter bank, and in total."""
-        report: dict[str, Any] = {"bases": {}, "kv_cache": {}, "adapter_banks": {}, "adapters": {}}
+        """Bytes held per base (weights once), per base's KV cache, adapter bank and reserved working
+        memory, and in total; each base's KV cache rows."""
+        report: dict[str, Any] = {
+            "bases": {}, "kv_cache": {}, "adapter_banks": {}, "workspace": {}, "adapters": {}, "rows": {}
+        }  # fmt: skip
         for ref, base in list(self.bases.items()):
             report["bases"][ref] = base.decoder.base_bytes
             report["kv_cache"][ref] = base.decoder.kv_cache_bytes
             report["adapter_banks"][ref] = base.adapter_bank_bytes
+            report["workspace"][ref] = base.plan.workspace_bytes  # reserved for a step's temporaries
             report["adapters"][ref] = list(base.adapters)
-        report["total"] = sum(sum(report[k].values()) for k in ("bases", "kv_cache", "adapter_banks"))
+            report["rows"][ref] = base.decoder.rows
+        report["total"] = sum(
+            sum(report[k].values()) for k in ("bases", "kv_cache", "adapter_banks", "workspace")
+        )
         return report
 
     def shutdown(self) -> None:
@@ -231,7 +261,9 @@ class InferenceEngine:
         if len(free) < request.params.n:
             if request.params.n > base.decoder.rows:
                 raise EngineError(
-                    f"n: {request.params.n} exceeds max_batch_size {base.decoder.rows}", param="n"
+                    f"n: {request.params.n} exceeds the {base.decoder.rows} sequences this base decodes "
+                    "at once (max_batch_size, or what the memory budget leaves)",
+                    param="n",
                 )
             return False
         adapter_id = request.spec.id if request.spec.adapter_dir is not None else None
@@ -312,13 +344,47 @@ class InferenceEngine:
         if ref in self.bases:
             self.bases.move_to_end(ref)
             return self.bases[ref]
+        if self.size_base is not None:  # refuse a broken base, or one that cannot fit, before it loads
+            try:
+                config, weights_bytes = self.size_base(ref, self.dtype)
+            except ModelFolderError as error:
+                raise EngineError(str(error), code="invalid_model", param="model") from None
+            self._plan(ref, config, weights_bytes)
         with _LOAD_LOCK:
             model, tokenizer = self.load_base(ref, self.device, self.dtype)
-        decoder = Decoder(model.to(self.device), self.config.max_batch_size, self.config.max_seq_len)
-        base = ResidentBase(decoder, tokenizer, eos_token_ids(model, tokenizer))
-        self._make_room(decoder.base_bytes + decoder.kv_cache_bytes, keep=base)
+        plan = self._plan(ref, model.config.to_dict(), _tensor_bytes(model))
+        decoder = Decoder(model.to(self.device), plan.rows, self.config.max_seq_len)
+        base = ResidentBase(decoder, plan, tokenizer, eos_token_ids(model, tokenizer))
+        self._make_room(decoder.base_bytes + decoder.kv_cache_bytes + plan.workspace_bytes, keep=base)
         self.bases[ref] = base
         return base
+
+    def _plan(self, ref: str, config: dict[str, Any], weights_bytes: int) -> ServingPlan:
+        """KV cache rows for `ref` within the budget left by bases that are decoding (idle ones are
+        evicted to make room); EngineError `model_too_large` when not even one row fits."""
+        budget = self.config.memory_budget_bytes
+        if budget is not None:
+            busy = [b for key, b in self.bases.items() if key != ref and b.running]
+            budget -= sum(
+                b.decoder.base_bytes
+                + b.decoder.kv_cache_bytes
+                + b.adapter_bank_bytes
+                + b.plan.workspace_bytes
+                for b in busy
+            )
+        try:
+            return plan_serving(
+                config,
+                weights_bytes=weights_bytes,
+                dtype_bytes=self.dtype.itemsize,
+                max_batch_size=self.config.max_batch_size,
+                max_seq_len=self.config.max_seq_len,
+                budget_bytes=budget,
+                adapter_bytes=self.config.adapter_memory_bytes,
+                model=ref,
+            )
+        except ModelTooLarge as error:
+            raise EngineError(str(error), code="model_too_large", param="model") from None
 
     def _adapter_slot(self, base: ResidentBase, spec: ModelSpec) -> int:
         """The bank slot of `spec`'s adapter on `base`, loading it (and evicting LRU ones) if needed."""
@@ -394,3 +460,9 @@ class InferenceEngine:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a loaded model's parameters and buffers, shared tensors (tied embeddings) once."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -30,9 +30,13 @@ class EngineConfig:
     """device/dtype: "auto" picks CUDA + bfloat16 when a GPU is visible, else CPU + float32.
     max_batch_size: sequences decoded together per base (rows of its KV cache).
     max_seq_len: prompt + completion tokens per sequence (length of each KV cache row).
-    memory_budget_bytes: bases + KV caches + adapter banks; least-recently-used idle adapters, then
-        idle bases, are evicted to stay under it. None = no limit. On a GPU shared with training,
-        set it to what training leaves free.
+    memory_budget_bytes: bases + KV caches + adapter banks + working memory. A base's KV cache
+        gets the rows (up to max_batch_size) that fit beside its weights, working memory and
+        `adapter_memory_bytes` (`modulora.serve.budget`); a base that does not fit with one row is
+        refused. Least-recently-used idle adapters, then idle bases, are evicted to stay under it.
+        None = no limit. On a GPU shared with training, set it to what training leaves free.
+    adapter_memory_bytes: kept free for each base's adapter bank when its cache is sized (a
+        rank-16 adapter on every linear of LLaMA-7B takes 80 MiB in bf16).
     """
 
     device: str = "auto"
@@ -40,6 +44,7 @@ class EngineConfig:
     max_batch_size: int = 8
     max_seq_len: int = 2048
     memory_budget_bytes: int | None = None
+    adapter_memory_bytes: int = 256 * 1024**2
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -52,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"max_seq_len: {self.max_seq_len} must be positive")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes: {self.memory_budget_bytes} must be positive or None")
+        if self.adapter_memory_bytes < 0:
+            raise ValueError(f"adapter_memory_bytes: {self.adapter_memory_bytes} must not be negative")
 
 
 @dataclasses.dataclass

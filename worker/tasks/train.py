@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core import lifecycle
-from core.bases import job_base, job_quant_config
+from core.bases import base_model_source, check_base_model, job_base, job_quant_config
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.events import record_event
 from core.db.models import Checkpoint, File, Job, Model, utcnow
@@ -124,15 +124,23 @@ def _load_job(job_id: str) -> tuple[Job, File, File | None]:
 
 
 def _prepare_base(job: Job, device: Any) -> str:
-    """Refuse a job that cannot fit the device, then find or quantize its base."""
+    """Refuse a job whose model is not a usable model or cannot fit the device (before anything
+    touches the GPU), then find or quantize its base."""
+    from modulora.model_folder import ModelFolderError
     from modulora.models import resolve_model
 
-    check_memory(job, resolve_model(job.model), device)
-    return ensure_base(job)
+    try:
+        check_base_model(job.model)
+        source = base_model_source(job.model)
+    except ModelFolderError as e:
+        raise JobFailure("invalid_model", str(e), "model") from None
+    check_memory(job, resolve_model(source), device)
+    return ensure_base(job, source)
 
 
-def ensure_base(job: Job) -> str:
-    """The job's base as `load_model` takes it, quantized into the shared cache first if missing."""
+def ensure_base(job: Job, source: str) -> str:
+    """The job's base as `load_model` takes it, quantized from `source` (the model's folder or
+    built-in name) into the shared cache first if missing."""
     from modulora.models import is_quantized_dir
     from modulora.quantize import quantize_model
 
@@ -146,7 +154,7 @@ def ensure_base(job: Job) -> str:
     )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    quantize_model(job.model, config, tmp)
+    quantize_model(source, config, tmp)
     try:
         tmp.rename(folder)
     except OSError:  # another worker cached the same base first
@@ -155,19 +163,26 @@ def ensure_base(job: Job) -> str:
 
 
 def check_memory(job: Job, model_dir: Path, device: Any) -> None:
-    """Refuse a job whose estimate exceeds the device budget; the error says what would fit."""
+    """Refuse a job whose estimate exceeds what it may use: the memory free on the device now
+    (another process, such as the API's inference engine, may hold the rest), capped by the
+    configured budget. The error says what would fit."""
     import torch
 
     if device.type != "cuda":
         return
-    budget = get_settings().gpu_memory_budget_bytes or torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    configured = get_settings().gpu_memory_budget_bytes
+    budget = min(free, configured) if configured else free
     shape = memory.ModelShape.from_folder(model_dir)
     estimate, hint = memory.check_job_memory(shape, job.hyperparameters, budget)
     if hint is None:
         return
+    limit = f"{free / memory.GIB:.1f} GiB free on {device}" + (
+        f", budget {configured / memory.GIB:.1f} GiB" if configured else ""
+    )
     raise JobFailure(
         "insufficient_memory",
-        f"needs ~{estimate.total / memory.GIB:.1f} GiB of {budget / memory.GIB:.1f} GiB; {hint}",
+        f"needs ~{estimate.total / memory.GIB:.1f} GiB; {limit}; {hint}",
         "hyperparameters",
     )
 

@@ -52,10 +52,8 @@ def test_two_adapters_share_one_copy_of_the_base(make_engine, adapters) -> None:
     assert memory["adapters"]["tiny"] == ["ft-a", "ft-b"]
     # Bank: the empty slot 0 plus one slot per adapter, all at the largest rank loaded (8).
     assert memory["adapter_banks"]["tiny"] == 3 * base.slot_bytes(8)
-    assert (
-        memory["total"]
-        == memory["bases"]["tiny"] + memory["kv_cache"]["tiny"] + memory["adapter_banks"]["tiny"]
-    )
+    held = memory["bases"]["tiny"] + memory["kv_cache"]["tiny"] + memory["adapter_banks"]["tiny"]
+    assert memory["total"] == held + memory["workspace"]["tiny"]
     assert memory["adapter_banks"]["tiny"] < memory["bases"]["tiny"] / 10
     weights_after = {
         name: t.data_ptr() for name, t in base.decoder.model.state_dict().items() if "lora" not in name
@@ -87,12 +85,15 @@ def test_least_recently_used_adapter_is_evicted_under_the_budget(make_engine, ad
     probe = make_engine()
     probe.complete(spec("ft-b", adapters), GREEDY, MESSAGES)
     base = probe.bases["tiny"]
-    # Room for the base, its cache and a bank of three rank-8 slots (empty slot + two adapters).
-    budget = base.decoder.base_bytes + base.decoder.kv_cache_bytes + 3 * base.slot_bytes(8)
-    engine = make_engine(memory_budget_bytes=budget)
+    # Room for the base, its cache, its working memory and a bank of three rank-8 slots (empty slot
+    # + two adapters), which is also what the cache's sizing keeps free for adapters.
+    bank = 3 * base.slot_bytes(8)
+    budget = base.decoder.base_bytes + base.decoder.kv_cache_bytes + base.plan.workspace_bytes + bank
+    engine = make_engine(memory_budget_bytes=budget, adapter_memory_bytes=bank)
     for name in ["ft-b", "ft-a", "ft-c"]:
         engine.complete(spec(name, adapters), GREEDY, MESSAGES)
     assert engine.memory()["adapters"]["tiny"] == ["ft-a", "ft-c"]
+    assert engine.memory()["rows"]["tiny"] == probe.memory()["rows"]["tiny"] == 4
     assert engine.memory()["total"] <= budget
 
     texts, _ = engine.complete(spec("ft-b", adapters), GREEDY, MESSAGES)  # reloaded, evicts ft-a

@@ -363,7 +363,7 @@ export function renderJob(main, jobId) {
       h("p", { class: "model-id" }, h("code", { id: "fine-tuned-model" }, name), " ", copyButton(name, "Copy the model id", { id: "copy-model-id" })),
       h("div", { class: "job-actions" },
         h("button", { type: "button", id: "download-adapter", "aria-label": `Download adapter (.zip) of ${name}`,
-          onclick: () => downloadOrSay(`/v1/dashboard/models/${encodeURIComponent(name)}/download`, `${name.replaceAll(":", "_")}.zip`) },
+          onclick: () => downloadOrSay(`/v1/dashboard/models/${encodeURIComponent(name)}/download`, `${name.replace(/[^\w.-]+/g, "_")}.zip`) },
         "Download adapter (.zip)"),
         h("a", { class: "button secondary", href: "#/playground", onclick: () => sessionStorage.setItem("modulora.chatModel", name) }, "Chat in the playground"),
         h("button", { type: "button", class: "danger", id: "delete-model", onclick: () => removeModel(name) }, "Delete model")),
