@@ -173,7 +173,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from modulora.data import build_examples, dataset_sha256, read_rows
     from modulora.export import export_adapter
     from modulora.lora import LoraConfig, add_lora_
-    from modulora.models import load_model
+    from modulora.models import load_model, transformers_folder
     from modulora.train import TrainConfig, finetune, latest_checkpoint
 
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
@@ -235,6 +235,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         model,
         args.out / "adapter",
         base_model=str(args.model),
+        base_model_name_or_path=str(transformers_folder(args.model)),
         quant_config=_quant_config(args.model),
         lora_config=lora,
         train_config=config,

@@ -105,6 +105,12 @@ def resolve_model(ref: str | os.PathLike[str]) -> Path:
     )
 
 
+def transformers_folder(ref: str | os.PathLike[str]) -> Path:
+    """The folder `AutoModelForCausalLM` loads for `ref` (what an adapter's PEFT config names): a
+    GGUF-native base's dequantized copy (the same weights as its blocks), else `resolve_model(ref)`."""
+    return resolve_model(str(ref).removesuffix(NATIVE_GGUF_SUFFIX))
+
+
 def _cache_name(gguf: Path) -> str:
     stat = gguf.stat()
     key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"

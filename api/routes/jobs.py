@@ -257,7 +257,7 @@ def list_checkpoints(
             created_at=int(c.created_at.timestamp()),
             fine_tuning_job_id=job.id,
             step_number=c.step,
-            fine_tuned_model_checkpoint=f"{job.fine_tuned_model_name()}:ckpt-step-{c.step}",
+            fine_tuned_model_checkpoint=crud.checkpoint_name(job, c.step),
             metrics=c.metrics,
         )
         for c in rows

@@ -39,14 +39,24 @@ def list_models(user: CurrentUser, session: SessionDep) -> ListPage[ModelObject]
 
 @router.get("/{model_id:path}", response_model=ModelObject)
 def retrieve_model(model_id: str, user: CurrentUser, session: SessionDep) -> ModelObject:
-    """A base model or one of your adapters."""
+    """A base model, one of your adapters, or one of your jobs' checkpoints (id or public name)."""
     for base in base_models():
         if base.id == model_id:
             return base
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
-    if model is None:
+    if model is not None:
+        return adapter_to_public(model)
+    found = crud.visible_checkpoint(session=session, user_id=user.id, model_id=model_id)
+    if found is None:
         raise not_found("model", model_id, param="model")
-    return adapter_to_public(model)
+    checkpoint, job = found
+    return ModelObject(
+        id=crud.checkpoint_name(job, checkpoint.step),
+        created=int(checkpoint.created_at.timestamp()),
+        owned_by=job.user_id,
+        parent=job.fine_tuned_model_name(),
+        root=job.model,
+    )
 
 
 @router.delete("/{model_id:path}", response_model=DeletedObject)

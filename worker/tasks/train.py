@@ -390,6 +390,7 @@ def _export(
 ) -> Path:
     """The adapter as PEFT files + manifest under `adapters/<job id>/`."""
     from modulora.export import export_adapter
+    from modulora.models import transformers_folder
 
     hp = job.hyperparameters
     adapter_dir = get_settings().adapters_dir / job.id
@@ -400,6 +401,7 @@ def _export(
         model,
         adapter_dir,
         base_model=relative_to_home(base),
+        base_model_name_or_path=str(transformers_folder(base)),
         quant_config=quant,
         lora_config=lora_config,
         dataset_sha256=training.sha256,
