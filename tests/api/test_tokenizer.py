@@ -10,6 +10,7 @@ from utils.tiny_lm import tiny_tokenizer
 
 from api.tokenizer import load_light_tokenizer
 from modulora import data
+
 ROWS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"},
                   {"role": "assistant", "content": "Paris."}]},

@@ -27,6 +27,7 @@ CHAT = {
         {"role": "assistant", "content": "hello"},
     ]
 }
+USER_HI = {"role": "user", "content": "hi"}
 ROWS_BY_FORMAT = {
     "messages": CHAT,
     "sharegpt": {
@@ -92,9 +93,11 @@ def test_weight_zero_turns_are_context_without_loss(tokenizer) -> None:
 
 TOOL_CHAT = {
     "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Capital "}, {"type": "text", "text": "of France?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Capital "},
+                                     {"type": "text", "text": "of France?"}]},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "France"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "lookup", "arguments": '{"q": "France"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "Paris"},
         {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]},
     ]
@@ -173,12 +176,9 @@ def test_packing_concatenates_into_full_sequences(tokenizer) -> None:
         ({"instruction": "do", "output": ""}, "output"),
         ({"instruction": 5, "output": "x"}, "instruction"),
         ({"prompt": "p", "completion": None}, "completion"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 2}]},
-         "messages[1].weight"),
-        ({"messages": [{"role": "user", "content": "hi", "weight": 0}, {"role": "assistant", "content": "x"}]},
-         "messages[0].weight"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]},
-         "messages"),
+        ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 2}]}, "messages[1].weight"),
+        ({"messages": [USER_HI | {"weight": 0}, {"role": "assistant", "content": "x"}]}, "messages[0].weight"),
+        ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 0}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
                        {"role": "assistant", "content": "x"}]}, "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": "hi"},
