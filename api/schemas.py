@@ -156,6 +156,22 @@ class Method(BaseModel):
     supervised: dict[str, Any] | None = None
 
 
+class WandbIntegration(BaseModel):
+    """OpenAI's Weights & Biases settings. The worker logs offline unless its WANDB_MODE says otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1)
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(BaseModel):
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
 class JobCreate(BaseModel):
     model: str
     training_file: str
@@ -165,7 +181,7 @@ class JobCreate(BaseModel):
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = None
 
     @field_validator("metadata")
     @classmethod

@@ -136,6 +136,8 @@ class StepMetrics:
     progress: float
     eta_s: float
     val_loss: float | None = None
+    label_tokens: int = 0
+    """Tokens that carried loss in this step (the loss is their mean)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,7 +356,7 @@ def _fit(
     config, step, started = run.config, run.resumed_at, time.perf_counter()
     for step, epoch, micro_batches in _step_batches(train_examples, config, run.resumed_at, run.total_steps):
         step_start = time.perf_counter()
-        loss, tokens, learning_rate = _step(run, micro_batches)
+        loss, tokens, learning_rate, label_tokens = _step(run, micro_batches)
         run.state["losses"].append(loss)
         run.state["trained_tokens"] += tokens
         val_loss = _validate(run, val_examples, step)
@@ -377,6 +379,7 @@ def _fit(
                     progress=step / run.total_steps,
                     eta_s=elapsed / (step - run.resumed_at) * (run.total_steps - step),
                     val_loss=val_loss,
+                    label_tokens=label_tokens,
                 )
             )
         if config.save_every and step % config.save_every == 0 and step < run.total_steps:
@@ -386,8 +389,8 @@ def _fit(
     return "completed", step
 
 
-def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[float, int, float]:
-    """One optimizer step: (loss per label token, tokens seen, the learning rate it used)."""
+def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[float, int, float, int]:
+    """One optimizer step: (loss per label token, tokens seen, the learning rate it used, label tokens)."""
     batches = [collate(b, run.pad_id) for b in micro_batches]
     # Normalize by the step's label-token count so accumulation equals one large batch.
     n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
@@ -403,7 +406,7 @@ def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[f
     learning_rate = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=run.graphs is None)  # graphs add into the .grad they captured
-    return step_loss.item() / n_labels, tokens, learning_rate
+    return step_loss.item() / n_labels, tokens, learning_rate, n_labels
 
 
 def _micro_batch(run: _Run, batch: dict[str, torch.Tensor], n_labels: int) -> torch.Tensor:

@@ -49,6 +49,8 @@ def to_public(job: Job) -> JobObject:
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
         estimated_memory_bytes=job.estimated_memory_bytes,
         validation_loss=job.validation_loss,
+        integrations=job.integrations,
+        result_files=job.result_files or [],
     )
 
 
@@ -117,6 +119,7 @@ def create_job(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
         hyperparameters=hp,
+        integrations=[i.model_dump(exclude_none=True) for i in body.integrations or []] or None,
         estimated_memory_bytes=estimate,
         status="validating_files",
     )
