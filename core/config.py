@@ -13,9 +13,10 @@ import functools
 
 from pydantic import AliasChoices, Field, field_validator
 
+from modulora import training_defaults
 from modulora.settings import HomeFolder, Settings
 
-BASE_LEARNING_RATE = 2e-4
+BASE_LEARNING_RATE = training_defaults.LEARNING_RATE
 """A job's learning rate is this times its `learning_rate_multiplier` (OpenAI's hyperparameter)."""
 
 

@@ -31,8 +31,15 @@ from modulora.data import IGNORE_INDEX, collate, pad_token_id
 from modulora.eval.tasks import validation_loss
 from modulora.loss import AUTOCAST_DTYPES, autocast, completion_loss, token_loss_sum
 from modulora.step_graph import CaptureError, StepGraphs
+from modulora.training_defaults import (
+    LEARNING_RATE,
+    MAX_SEQ_LEN,
+    SCHEDULE,
+    SCHEDULES,
+    WARMUP_RATIO,
+    WEIGHT_DECAY,
+)
 
-SCHEDULES = ("linear", "cosine", "constant")
 TRAIN_CONFIG_VERSION = 1
 # Graphed steps pad sequences to a multiple of this many tokens: few shapes (few captures, one memory
 # pool) at the cost of at most 63 padding tokens per row.
@@ -42,6 +49,7 @@ GRAPH_SEQ_MULTIPLE = 64
 @dataclasses.dataclass
 class TrainConfig:
     """Training hyperparameters. One optimizer step = `gradient_accumulation` micro-batches.
+    Defaults shared with the CLI and the API come from `modulora.training_defaults`.
 
     max_steps: stop after this many optimizer steps (overrides epochs when set).
     warmup_ratio: fraction of the total steps used for warmup when warmup_steps is 0.
@@ -56,21 +64,21 @@ class TrainConfig:
         model cannot be captured.
     """
 
-    learning_rate: float = 2e-4
+    learning_rate: float = LEARNING_RATE
     epochs: int = 1
     max_steps: int | None = None
     micro_batch_size: int = 4
     gradient_accumulation: int = 1
     warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    schedule: str = "linear"
-    weight_decay: float = 0.0
+    warmup_ratio: float = WARMUP_RATIO
+    schedule: str = SCHEDULE
+    weight_decay: float = WEIGHT_DECAY
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
-    max_seq_len: int = 512
+    max_seq_len: int = MAX_SEQ_LEN
     packing: bool = False
     train_on_prompt: bool = False
     eval_every: int = 0

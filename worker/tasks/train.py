@@ -25,7 +25,7 @@ from core.db.events import record_event
 from core.db.models import Checkpoint, File, Job, JobEvent, Model, utcnow
 from core.db.session import session_scope
 from core.tasks import TRAIN_TASK
-from modulora import memory
+from modulora import memory, training_defaults
 from modulora.settings import relative_to_home
 from worker.celery_app import app
 
@@ -184,15 +184,18 @@ class Examples:
 def _load_examples(job: Job, training: File, validation: File | None, tokenizer: Any) -> Examples:
     """The job's files validated and tokenized with the base's tokenizer."""
     files_dir, max_len = get_settings().files_dir, job.hyperparameters["max_seq_len"]
-    train = _examples(files_dir / training.id, tokenizer, max_len, "training_file")
+    packing = job.hyperparameters.get("packing", training_defaults.PACKING)
+    train = _examples(files_dir / training.id, tokenizer, max_len, "training_file", packing)
     val = None
     if validation is not None:
-        val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file")
+        val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file", packing)
     _event(job.id, f"Files validated: {len(train)} training and {len(val or [])} validation examples")
     return Examples(train, val)
 
 
-def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[dict[str, list[int]]]:
+def _examples(
+    path: Path, tokenizer: Any, max_seq_len: int, param: str, packing: bool
+) -> list[dict[str, list[int]]]:
     from modulora import data
 
     report = data.validate_file(path, tokenizer=tokenizer, max_seq_len=max_seq_len)
@@ -203,7 +206,7 @@ def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[
             f"line {first['line']}, field {first['field']}: {first['message']}",
             param,
         )
-    return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len)
+    return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len, packing=packing)
 
 
 def _add_lora(model: Any, hp: dict[str, Any]) -> Any:
@@ -335,6 +338,11 @@ def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> 
         seed=job.seed,
         gradient_checkpointing=hp["gradient_checkpointing"],
         max_seq_len=hp["max_seq_len"],
+        # Jobs stored before these were hyperparameters take the shared defaults.
+        schedule=hp.get("schedule", training_defaults.SCHEDULE),
+        warmup_ratio=hp.get("warmup_ratio", training_defaults.WARMUP_RATIO),
+        weight_decay=hp.get("weight_decay", training_defaults.WEIGHT_DECAY),
+        packing=hp.get("packing", training_defaults.PACKING),
         save_every=hp["checkpoint_every"],
         keep_checkpoints=0,
         output_dir=str(output_dir),
