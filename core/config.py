@@ -78,6 +78,8 @@ class ServiceSettings(Settings):
     """Per-job work folders: `jobs/<id>/checkpoints/`."""
     adapters_dir = HomeFolder("adapters")
     """Exported adapters (PEFT files + manifest), one folder per job."""
+    exports_dir = HomeFolder("exports")
+    """Adapters exported for other stacks (`exports/<job id>/<format>`), made on first request."""
 
     @property
     def resolved_database_url(self) -> str:

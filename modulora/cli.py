@@ -1,7 +1,9 @@
-"""The `modulora` command: quantize, finetune, generate, eval and demo (library subcommands).
+"""The `modulora` command: quantize, finetune, export, generate, eval and demo (library subcommands).
 
     modulora quantize --model smollm2-135m-instruct --method optq --bits 4 --group-size 64 --out base4
     modulora finetune --model base4 --data train.jsonl --max-steps 200 --out run
+    modulora finetune --config run.yaml          # the same options from a file
+    modulora export --model base4 --adapter run --merge --out merged
     modulora generate --model base4 --adapter run --prompt "Hello"
     modulora eval --model base4 --adapter run --task perplexity --data wiki.test.raw
 
@@ -316,6 +318,41 @@ def _quant_config(ref: str) -> dict[str, Any] | None:
     return config.get("modulora", {}).get("quant_config", config)
 
 
+# ---------------------------------------------------------------------------------------------- export
+
+
+def register_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write an adapter for other stacks: merged dense weights, or llama.cpp's LoRA GGUF"
+    )
+    _add_model_args(p, adapter=False)
+    p.add_argument(
+        "--adapter", type=Path, required=True, help="adapter folder (from `modulora finetune --out`)"
+    )
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument(
+        "--merge", action="store_const", dest="export_format", const="merged",
+        help="dense bf16 Hugging Face folder: base dequantized, adapter merged (transformers, vLLM, ...)",
+    )  # fmt: skip
+    kind.add_argument(
+        "--gguf-lora", action="store_const", dest="export_format", const="gguf-lora",
+        help="llama.cpp LoRA GGUF for a GGUF base (llama-cli -m base.gguf --lora adapter.gguf)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="folder (--merge) or .gguf file (--gguf-lora)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from modulora.export import export_for_other_stacks
+
+    try:
+        out = export_for_other_stacks(args.model, adapter_folder(args.adapter), args.export_format, args.out)
+    except ValueError as e:
+        raise SystemExit(f"export: {e}") from None
+    print(f"{args.export_format}: {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- generate
 
 
@@ -540,6 +577,7 @@ def run_demo(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_quantize,
     register_finetune,
+    register_export,
     register_generate,
     register_eval,
     register_demo,

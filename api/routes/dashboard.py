@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import tempfile
 import threading
-import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +22,6 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
-from starlette.background import BackgroundTask
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
@@ -490,32 +487,13 @@ def checkpoints(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- downloads
 
 
-def _zip_folder(folder: Path, name: str) -> FileResponse:
-    home = get_settings().home.resolve()
-    folder = (folder if folder.is_absolute() else home / folder).resolve()
-    if not folder.is_dir() or not folder.is_relative_to(home):
-        raise APIError(410, f"The files of {name!r} are no longer on this server", code="artifact_missing")
-    tmp = tempfile.NamedTemporaryFile(suffix=".zip", delete=False)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, Path(name) / path.relative_to(folder))
-    tmp.close()
-    return FileResponse(
-        tmp.name,
-        media_type="application/zip",
-        filename=f"{name}.zip",
-        background=BackgroundTask(storage.remove, Path(tmp.name)),
-    )
-
-
 @router.get("/models/{model_id}/download", response_class=FileResponse)
 def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """The fine-tuned model's PEFT adapter folder (adapter_config.json, weights, manifest) as a zip."""
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
     if model is None:
         raise not_found("model", model_id, param="model_id")
-    return _zip_folder(Path(model.path), model.id.replace(":", "_"))
+    return storage.zip_folder(Path(model.path), model.id.replace(":", "_"))
 
 
 @router.get("/checkpoints/{checkpoint_id}/download", response_class=FileResponse)
@@ -528,4 +506,4 @@ def download_checkpoint(checkpoint_id: str, user: CurrentUser, session: SessionD
     )
     if checkpoint is None:
         raise not_found("checkpoint", checkpoint_id, param="checkpoint_id")
-    return _zip_folder(Path(checkpoint.path), checkpoint.id)
+    return storage.zip_folder(Path(checkpoint.path), checkpoint.id)

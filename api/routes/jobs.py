@@ -213,7 +213,7 @@ def delete_job(job_id: str, user: CurrentUser, session: SessionDep) -> DeletedOb
         )
     settings = get_settings()
     folders = [settings.home / m.path for m in session.scalars(select(Model).where(Model.job_id == job.id))]
-    folders.append(settings.jobs_dir / job.id)
+    folders += [settings.jobs_dir / job.id, settings.exports_dir / job.id]
     session.delete(job)  # events, checkpoints and models go with it (ON DELETE CASCADE)
     session.commit()
     for folder in folders:
