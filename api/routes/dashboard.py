@@ -30,7 +30,7 @@ from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
 from api.tokenizer import LightTokenizer, has_tokenizer
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.models import Checkpoint, File, Job, JobEvent
-from modulora import data, memory
+from modulora import data, memory, training_defaults
 
 router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"])
 
@@ -169,7 +169,8 @@ def _owned_job(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
 @router.get("/options")
 def options(user: CurrentUser) -> dict[str, Any]:
     """Choices for the new-job form: base models, quantization methods and their bits, GPUs, and
-    the base learning rate that `learning_rate_multiplier` scales."""
+    the base learning rate that `learning_rate_multiplier` scales, and the training defaults the CLI
+    and the API share (`modulora.training_defaults`)."""
     return {
         "base_models": get_settings().base_models,
         "quantization_methods": [
@@ -178,6 +179,7 @@ def options(user: CurrentUser) -> dict[str, Any]:
         ],
         "gpus": GPUS,
         "base_learning_rate": BASE_LEARNING_RATE,
+        "training_defaults": training_defaults.as_dict(),
     }
 
 
