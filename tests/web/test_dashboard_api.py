@@ -316,9 +316,8 @@ def test_a_failed_preparation_is_reported_once_and_then_retried(
 
 
 def test_options_expose_the_base_learning_rate_the_worker_trains_with(client: TestClient) -> None:
-    from core.config import BASE_LEARNING_RATE
-
     from api.schemas import Hyperparameters
+    from core.config import BASE_LEARNING_RATE
 
     options = client.get("/v1/dashboard/options", headers=_key("ann")).json()
     assert options["base_learning_rate"] == BASE_LEARNING_RATE
