@@ -60,9 +60,8 @@ def test_create_job_echoes_integrations_and_the_schedule(
     hp = job["hyperparameters"]
     schedule = (hp["schedule"], hp["warmup_ratio"], hp["weight_decay"], hp["packing"])
     assert schedule == ("linear", 0.03, 0.0, True)
-    assert service.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=alice).json()["integrations"] == (
-        job["integrations"]
-    )
+    retrieved = service.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=alice).json()
+    assert retrieved["integrations"] == job["integrations"]
 
 
 def test_create_job_with_same_idempotency_key_returns_first_job(
