@@ -209,20 +209,28 @@ def merge_lora_(
     """Replace every `LoraLinear` by an `nn.Linear` holding base + B·A·scaling, and every remaining
     `QuantizedLinear` by its dense weight; then cast the whole model to `dtype`. In place.
 
-    The sum is formed in float32 and rounded once, so the merged weight is the adapter's function
-    up to one rounding to `dtype`.
+    Each sum is formed in float32 and rounded once, so the merged weight is the adapter's function up
+    to one rounding to `dtype`; one layer at a time is in float32, so a merge needs the dense model
+    in `dtype` plus one float32 layer.
     """
-    for name, layer in list(lora_layers(model).items()):
-        base = layer.base_layer
-        weight = base.materialize(torch.float32) if isinstance(base, QuantizedLinear) else base.weight.float()
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, dtype=dtype)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLinear):
+            base = module.base_layer
+            dense = (
+                base.materialize(torch.float32) if isinstance(base, QuantizedLinear) else base.weight.float()
+            )
+            weight = dense + module.delta_weight(adapter_name).to(dense.device)
+        elif isinstance(module, QuantizedLinear) and not name.endswith(".base_layer"):
+            base, weight = module, module.materialize(torch.float32)
+        else:
+            continue
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype)
         with torch.no_grad():
-            merged.weight.copy_(weight + layer.delta_weight(adapter_name).to(weight.device))
+            merged.weight.copy_(weight)
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, merged.to(weight.device))
-    dequantize_model(model, torch.float32)
     model.to(dtype)
     model.requires_grad_(False)
     return model

@@ -75,7 +75,6 @@ class RunLog:
                 config=config,
                 dir=str(self.log_dir),
                 mode=os.environ.get("WANDB_MODE", "offline"),
-                reinit="create_new",
             )
 
     @property

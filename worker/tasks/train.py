@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -28,6 +28,9 @@ from core.tasks import TRAIN_TASK
 from modulora import memory, training_defaults
 from modulora.settings import relative_to_home
 from worker.celery_app import app
+
+if TYPE_CHECKING:
+    from modulora.tracking import RunLog
 
 
 class JobFailure(Exception):
@@ -244,7 +247,7 @@ def _train(
     return result
 
 
-def _run_log(job: Job, output_dir: Path) -> Any:
+def _run_log(job: Job, output_dir: Path) -> RunLog:
     """TensorBoard events under `jobs/<id>/tensorboard`, and the job's W&B integration when the
     package is installed (else a warning event says it was skipped)."""
     from modulora.tracking import RunLog, wandb_available
@@ -267,7 +270,7 @@ class MetricsRecorder:
     """The finetune callback: one metrics event per step, progress on the job, new checkpoints, and
     the step's numbers in the run log (TensorBoard, W&B)."""
 
-    def __init__(self, job: Job, output_dir: Path, run_log: Any) -> None:
+    def __init__(self, job: Job, output_dir: Path, run_log: RunLog) -> None:
         self.job, self.output_dir, self.run_log = job, output_dir, run_log
 
     def __call__(self, m: Any) -> None:
