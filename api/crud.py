@@ -109,3 +109,26 @@ def visible_model(*, session: Session, user_id: str, model_id: str) -> Model | N
 
 def user_models(*, session: Session, user_id: str) -> list[Model]:
     return list(session.scalars(select(Model).where(Model.user_id == user_id).order_by(Model.pk)))
+
+
+CHECKPOINT_NAME_MARK = ":ckpt-step-"
+
+
+def checkpoint_name(job: Job, step: int) -> str:
+    """A checkpoint's public model name (OpenAI's `fine_tuned_model_checkpoint`)."""
+    return f"{job.fine_tuned_model_name()}{CHECKPOINT_NAME_MARK}{step}"
+
+
+def visible_checkpoint(*, session: Session, user_id: str, model_id: str) -> tuple[Checkpoint, Job] | None:
+    """One of the user's checkpoints by its id (`ftckpt-…`) or its public name
+    (`ft:<base>:<suffix>:<job id>:ckpt-step-<N>`); another user's reads as missing."""
+    stmt = select(Checkpoint, Job).join(Job, Job.id == Checkpoint.job_id).where(Job.user_id == user_id)
+    name, mark, step = model_id.rpartition(CHECKPOINT_NAME_MARK)
+    if mark and step.isdigit():
+        job_id = name.rpartition(":")[2]
+        stmt = stmt.where(Job.id == job_id, Checkpoint.step == int(step))
+        found = session.execute(stmt).one_or_none()
+        # The name must be the job's own (base and suffix too), not just end in its id.
+        return (found[0], found[1]) if found and checkpoint_name(found[1], int(step)) == model_id else None
+    found = session.execute(stmt.where(Checkpoint.id == model_id)).one_or_none()
+    return (found[0], found[1]) if found else None

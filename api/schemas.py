@@ -11,6 +11,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from modulora import training_defaults
+
 T = TypeVar("T")
 
 QUANT_METHODS = ("rtn", "optq", "nf4", "gguf", "quip#")
@@ -69,9 +71,9 @@ class Hyperparameters(BaseModel):
     quantization: str = "optq"
     bits: int = 4
     group_size: int = 128
-    lora_r: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_r: int = training_defaults.LORA_R
+    lora_alpha: float = training_defaults.LORA_ALPHA
+    lora_dropout: float = training_defaults.LORA_DROPOUT
     lora_targets: str | list[str] = "all-linear"
     max_seq_len: int | Literal["auto"] = "auto"
     micro_batch_size: int | Literal["auto"] = "auto"
@@ -79,6 +81,14 @@ class Hyperparameters(BaseModel):
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: n_epochs decides)."""
     checkpoint_every: int | Literal["auto"] = "auto"
+
+    # --- The learning-rate schedule, weight decay and packing: the same names and defaults as
+    # `modulora finetune` (modulora.training_defaults), so a dataset trains alike by either route.
+    schedule: Literal["cosine", "linear", "constant"] = training_defaults.SCHEDULE
+    warmup_ratio: float = Field(training_defaults.WARMUP_RATIO, ge=0, lt=1)
+    weight_decay: float = Field(training_defaults.WEIGHT_DECAY, ge=0)
+    packing: bool = training_defaults.PACKING
+    # ---
 
     @field_validator("quantization")
     @classmethod
@@ -133,13 +143,13 @@ class Hyperparameters(BaseModel):
             raise ValueError(f"micro_batch_size: {micro} must divide batch_size {batch}")
         resolved = self.model_dump()
         resolved.update(
-            n_epochs=self.n_epochs if self.n_epochs != "auto" else 3,
+            n_epochs=self.n_epochs if self.n_epochs != "auto" else training_defaults.N_EPOCHS,
             batch_size=batch,
             micro_batch_size=micro,
             learning_rate_multiplier=(
                 float(self.learning_rate_multiplier) if self.learning_rate_multiplier != "auto" else 1.0
             ),
-            max_seq_len=self.max_seq_len if self.max_seq_len != "auto" else 512,
+            max_seq_len=self.max_seq_len if self.max_seq_len != "auto" else training_defaults.MAX_SEQ_LEN,
         )
         steps_per_epoch = -(-train_rows // batch)
         total = resolved["n_epochs"] * steps_per_epoch
@@ -156,6 +166,22 @@ class Method(BaseModel):
     supervised: dict[str, Any] | None = None
 
 
+class WandbIntegration(BaseModel):
+    """OpenAI's Weights & Biases settings. The worker logs offline unless its WANDB_MODE says otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1)
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(BaseModel):
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
 class JobCreate(BaseModel):
     model: str
     training_file: str
@@ -165,7 +191,7 @@ class JobCreate(BaseModel):
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = None
 
     @field_validator("metadata")
     @classmethod

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
+
+from api.errors import APIError
 from core.config import get_settings
 
 
@@ -32,3 +38,25 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def zip_folder(folder: Path, name: str, compress: bool = True) -> FileResponse:
+    """A folder under the storage root as a zip download named `<name>.zip` (a temporary file,
+    removed once sent); 410 when its files are gone. `compress=False` stores weights as they are
+    (they barely compress, and deflating gigabytes takes minutes)."""
+    home = get_settings().home.resolve()
+    folder = (folder if folder.is_absolute() else home / folder).resolve()
+    if not folder.is_dir() or not folder.is_relative_to(home):
+        raise APIError(410, f"The files of {name!r} are no longer on this server", code="artifact_missing")
+    tmp = tempfile.NamedTemporaryFile(suffix=".zip", delete=False)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, Path(name) / path.relative_to(folder))
+    tmp.close()
+    return FileResponse(
+        tmp.name,
+        media_type="application/zip",
+        filename=f"{name}.zip",
+        background=BackgroundTask(remove, Path(tmp.name)),
+    )

@@ -1,8 +1,10 @@
 """A torch-free stand-in for a Hugging Face tokenizer, enough for `modulora.data.validate_file`.
 
 Uploads are checked with the default base model's tokenizer for token-length statistics, but
-transformers imports torch; this reads the same `tokenizer.json` and chat template through the
-`tokenizers` and `jinja2` packages instead.
+transformers' tokenizer classes import torch; this reads the same `tokenizer.json` through the
+`tokenizers` package and renders the chat template with transformers' own renderer
+(`transformers.utils.chat_template_utils`, torch-free), with the same special-token variables a
+tokenizer's `apply_chat_template` passes, so an upload's report and training see the same text.
 """
 
 from __future__ import annotations
@@ -11,38 +13,42 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.sandbox
 from tokenizers import Tokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+# The special tokens transformers hands a chat template (its `special_tokens_map` keys).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class LightTokenizer:
     def __init__(self, folder: Path) -> None:
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         config = json.loads((folder / "tokenizer_config.json").read_text())
-        self.eos_token: str = _token_text(config.get("eos_token")) or ""
-        self.bos_token: str = _token_text(config.get("bos_token")) or ""
+        self.special_tokens = {
+            name: text for name in TEMPLATE_TOKENS if (text := _token_text(config.get(name))) is not None
+        }
+        self.eos_token: str = self.special_tokens.get("eos_token", "")
+        self.bos_token: str = self.special_tokens.get("bos_token", "")
         self.chat_template: str | None = config.get("chat_template")
         template_file = folder / "chat_template.jinja"
         if self.chat_template is None and template_file.is_file():
             self.chat_template = template_file.read_text()
-        self._env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def apply_chat_template(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
         **_: Any,
     ) -> str:
-        template = self._env.from_string(chat_template or self.chat_template or "")
-        return template.render(
-            messages=messages,
+        rendered, _indices = render_jinja_template(
+            [messages],
+            chat_template=chat_template or self.chat_template or "",
             add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
+            **self.special_tokens,
         )
+        return rendered[0]
 
     def __call__(
         self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False

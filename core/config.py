@@ -15,9 +15,10 @@ from typing import Any
 
 from pydantic import AliasChoices, Field, field_validator
 
+from modulora import training_defaults
 from modulora.settings import HomeFolder, Settings
 
-BASE_LEARNING_RATE = 2e-4
+BASE_LEARNING_RATE = training_defaults.LEARNING_RATE
 """A job's learning rate is this times its `learning_rate_multiplier` (OpenAI's hyperparameter)."""
 
 
@@ -106,6 +107,8 @@ class ServiceSettings(Settings):
     """Per-job work folders: `jobs/<id>/checkpoints/`."""
     adapters_dir = HomeFolder("adapters")
     """Exported adapters (PEFT files + manifest), one folder per job."""
+    exports_dir = HomeFolder("exports")
+    """Adapters exported for other stacks (`exports/<job id>/<format>`), made on first request."""
 
     @property
     def resolved_database_url(self) -> str:

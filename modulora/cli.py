@@ -1,7 +1,9 @@
-"""The `modulora` command: quantize, finetune, generate, eval and demo (library subcommands).
+"""The `modulora` command: quantize, finetune, export, generate, eval and demo (library subcommands).
 
     modulora quantize --model smollm2-135m-instruct --method optq --bits 4 --group-size 64 --out base4
     modulora finetune --model base4 --data train.jsonl --max-steps 200 --out run
+    modulora finetune --config run.yaml          # the same options from a file
+    modulora export --model base4 --adapter run --merge --out merged
     modulora generate --model base4 --adapter run --prompt "Hello"
     modulora eval --model base4 --adapter run --task perplexity --data wiki.test.raw
 
@@ -129,28 +131,61 @@ def run_quantize(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- finetune
 
 
+class _ConfigFile(argparse.Action):
+    """`--config run.yaml`: the file's keys are the command's options (`learning_rate` or
+    `learning-rate`) and become their values; options given after `--config` override it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        import yaml
+
+        try:
+            config = yaml.safe_load(Path(values).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            parser.error(f"--config: cannot read {values}: {e}")
+        if not isinstance(config, dict):
+            parser.error(f"--config: {values} must hold a mapping of option names to values")
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", self.dest)}
+        for key, value in config.items():
+            dest = str(key).replace("-", "_")
+            action = actions.get(dest) or next((a for a in actions.values() if key in a.option_strings), None)
+            if action is None:
+                parser.error(f"--config: unknown option {key!r} in {values}")
+            if action.type is not None and value is not None:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            setattr(namespace, action.dest, value)
+
+
 def register_finetune(subparsers: argparse._SubParsersAction) -> None:
+    from modulora import training_defaults as defaults
+
     p = subparsers.add_parser("finetune", help="train a LoRA adapter on a (quantized) model")
-    _add_model_args(p, adapter=False)
-    p.add_argument("--data", type=Path, required=True, help=".jsonl/.json/.csv training rows")
+    p.add_argument(
+        "--config", action=_ConfigFile, metavar="RUN_YAML",
+        help="YAML of options (model, data, lora_r, schedule, ...); put it first: later options override it",
+    )  # fmt: skip
+    p.add_argument("--model", help="built-in name, Hugging Face folder, GGUF or quantized folder (required)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--data", type=Path, help=".jsonl/.json/.csv training rows (required)")
     p.add_argument("--validation", type=Path, help="validation rows (same formats)")
     p.add_argument(
         "--format", default="auto", help="auto, messages, sharegpt, alpaca, prompt_completion, text"
     )
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-r", type=int, default=defaults.LORA_R)
+    p.add_argument("--lora-alpha", type=float, default=defaults.LORA_ALPHA)
+    p.add_argument("--lora-dropout", type=float, default=defaults.LORA_DROPOUT)
     p.add_argument(
         "--target-modules", nargs="+", default=["all-linear"], help="all-linear or names (q_proj ...)"
     )
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--learning-rate", "--lr", type=float, default=2e-4)
+    p.add_argument("--epochs", type=int, default=defaults.N_EPOCHS)
+    p.add_argument("--learning-rate", "--lr", type=float, default=defaults.LEARNING_RATE)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--gradient-accumulation", type=int, default=1)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--schedule", default="cosine", choices=("linear", "cosine", "constant"))
+    p.add_argument("--max-seq-len", type=int, default=defaults.MAX_SEQ_LEN)
+    p.add_argument("--warmup-ratio", type=float, default=defaults.WARMUP_RATIO)
+    p.add_argument("--schedule", default=defaults.SCHEDULE, choices=defaults.SCHEDULES)
+    p.add_argument("--weight-decay", type=float, default=defaults.WEIGHT_DECAY)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype")
     p.add_argument("--packing", action="store_true")
     p.add_argument("--train-on-prompt", action="store_true")
@@ -163,7 +198,7 @@ def register_finetune(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--out", type=Path, required=True, help="checkpoints/ and adapter/ are written here")
+    p.add_argument("--out", type=Path, help="checkpoints/ and adapter/ are written here (required)")
     p.set_defaults(func=run_finetune)
 
 
@@ -173,9 +208,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     from modulora.data import build_examples, dataset_sha256, read_rows
     from modulora.export import export_adapter
     from modulora.lora import LoraConfig, add_lora_
-    from modulora.models import load_model
+    from modulora.models import load_model, transformers_folder
+    from modulora.tracking import STEP_METRICS_FILE, RunLog, step_metrics_csv
     from modulora.train import TrainConfig, finetune, latest_checkpoint
 
+    if missing := [name for name in ("model", "data", "out") if getattr(args, name) is None]:
+        raise SystemExit(
+            f"finetune: {', '.join('--' + m for m in missing)} required (as options or in --config)"
+        )
     targets = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
     config = TrainConfig(
@@ -186,6 +226,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         gradient_accumulation=args.gradient_accumulation,
         warmup_ratio=args.warmup_ratio,
         schedule=args.schedule,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
         cuda_graphs=args.cuda_graphs,
@@ -213,9 +254,21 @@ def run_finetune(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     add_lora_(model, lora)
     resume = latest_checkpoint(args.out) if args.resume else None
-    with _progress(None, "finetune") as bar:
+    step_rows: list[dict[str, Any]] = []
+    with (
+        _progress(None, "finetune") as bar,
+        RunLog(args.out / "tensorboard", config=vars_for_log(args)) as log,
+    ):
 
         def report(m: Any) -> None:
+            row = {
+                "step": m.step,
+                "train_loss": m.loss,
+                "valid_loss": m.val_loss,
+                "learning_rate": m.learning_rate,
+            }
+            log.log(m.step, row)
+            step_rows.append(row)
             bar.total = m.total_steps
             bar.update(m.step - bar.n)
             bar.set_postfix(
@@ -231,10 +284,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         "train_loss": result.losses[-1] if result.losses else None,
         "val_loss": result.val_losses[max(result.val_losses)] if result.val_losses else None,
     }
+    (args.out / STEP_METRICS_FILE).write_text(step_metrics_csv(step_rows))
     out = export_adapter(
         model,
         args.out / "adapter",
         base_model=str(args.model),
+        base_model_name_or_path=str(transformers_folder(args.model)),
         quant_config=_quant_config(args.model),
         lora_config=lora,
         train_config=config,
@@ -243,9 +298,15 @@ def run_finetune(args: argparse.Namespace) -> int:
         metrics=metrics,
     )
     print(
-        f"{result.status} after {result.step} steps; train loss {metrics['train_loss']:.4f}; adapter: {out}"
+        f"{result.status} after {result.step} steps; train loss {metrics['train_loss']:.4f}; adapter: {out}; "
+        f"metrics: {args.out / STEP_METRICS_FILE}, TensorBoard: {args.out / 'tensorboard'}"
     )
     return 0
+
+
+def vars_for_log(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options as plain values, for the run log's config."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
 
 
 def _quant_config(ref: str) -> dict[str, Any] | None:
@@ -255,6 +316,41 @@ def _quant_config(ref: str) -> dict[str, Any] | None:
         return None
     config = json.loads(path.read_text())
     return config.get("modulora", {}).get("quant_config", config)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def register_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write an adapter for other stacks: merged dense weights, or llama.cpp's LoRA GGUF"
+    )
+    _add_model_args(p, adapter=False)
+    p.add_argument(
+        "--adapter", type=Path, required=True, help="adapter folder (from `modulora finetune --out`)"
+    )
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument(
+        "--merge", action="store_const", dest="export_format", const="merged",
+        help="dense bf16 Hugging Face folder: base dequantized, adapter merged (transformers, vLLM, ...)",
+    )  # fmt: skip
+    kind.add_argument(
+        "--gguf-lora", action="store_const", dest="export_format", const="gguf-lora",
+        help="llama.cpp LoRA GGUF for a GGUF base (llama-cli -m base.gguf --lora adapter.gguf)",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="folder (--merge) or .gguf file (--gguf-lora)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from modulora.export import export_for_other_stacks
+
+    try:
+        out = export_for_other_stacks(args.model, adapter_folder(args.adapter), args.export_format, args.out)
+    except ValueError as e:
+        raise SystemExit(f"export: {e}") from None
+    print(f"{args.export_format}: {out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -481,6 +577,7 @@ def run_demo(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_quantize,
     register_finetune,
+    register_export,
     register_generate,
     register_eval,
     register_demo,

@@ -2,7 +2,10 @@
 
 Formats (auto-detected from the first row's keys):
 - `messages`: chat, `{"messages": [{"role": "user", "content": ...}, ...]}`, rendered with the
-  tokenizer's chat template; loss on assistant turns only.
+  tokenizer's chat template; loss on assistant turns only. As OpenAI's fine-tuning accepts it:
+  roles system/user/assistant/tool, `content` a string or a list of `{"type": "text", "text"}`
+  parts, assistant `tool_calls` (content may then be null), and `weight` 0 or 1 on an assistant
+  turn (0: the turn is context only and carries no loss).
 - `sharegpt`: `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`, mapped to chat.
 - `alpaca`: `instruction`, optional `input`, `output`, rendered with the Alpaca prompt.
 - `prompt_completion`: `prompt` + `completion`, concatenated as they are (the user owns the separator).
@@ -26,7 +29,7 @@ from typing import Any
 
 IGNORE_INDEX = -100
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -213,7 +216,9 @@ def _string(data: dict[str, Any], key: str, line: int | None, required: bool = T
     return value
 
 
-def _chat_messages(data: dict[str, Any], fmt: str, line: int | None) -> list[dict[str, str]]:
+def _chat_messages(data: dict[str, Any], fmt: str, line: int | None) -> list[dict[str, Any]]:
+    """The row's turns as chat-template messages; an assistant turn with `weight` 0 keeps it (the
+    renderer drops the key's loss span, see `_render_chat`)."""
     key, role_key, text_key = (
         ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
     )
@@ -228,13 +233,63 @@ def _chat_messages(data: dict[str, Any], fmt: str, line: int | None) -> list[dic
         allowed = CHAT_ROLES if fmt == "messages" else tuple(SHAREGPT_ROLES)
         if role not in allowed:
             raise DataError(line, f"{key}[{i}].{role_key}", f"{role!r} is not one of {', '.join(allowed)}")
-        content = turn.get(text_key)
-        if not isinstance(content, str):
-            raise DataError(line, f"{key}[{i}].{text_key}", "expected a string")
-        messages.append({"role": role if fmt == "messages" else SHAREGPT_ROLES[role], "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(line, key, "no assistant turn to learn from")
+        role = role if fmt == "messages" else SHAREGPT_ROLES[role]
+        message: dict[str, Any] = {"role": role}
+        if fmt == "messages":
+            message.update(_openai_turn_fields(turn, role, f"{key}[{i}]", line))
+        if "content" not in message:
+            message["content"] = _text_content(turn.get(text_key), f"{key}[{i}].{text_key}", line)
+        messages.append(message)
+    trained = [m for m in messages if m["role"] == "assistant" and m.get("weight", 1) == 1]
+    if not trained:
+        raise DataError(line, key, "no assistant turn to learn from (none, or every one has weight 0)")
     return messages
+
+
+def _text_content(content: Any, field: str, line: int | None) -> str:
+    """A turn's text: a string, or OpenAI's list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise DataError(line, f"{field}[{j}]", 'expected a text part {"type": "text", "text": "..."}')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(line, field, "expected a string or a list of text parts")
+
+
+def _openai_turn_fields(turn: dict[str, Any], role: str, field: str, line: int | None) -> dict[str, Any]:
+    """`weight`, `tool_calls` (content may be null beside them), `tool_call_id` and `name`, checked."""
+    fields: dict[str, Any] = {}
+    if "weight" in turn:
+        if role != "assistant":
+            raise DataError(line, f"{field}.weight", "only assistant turns carry a weight")
+        if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+            raise DataError(line, f"{field}.weight", f"expected 0 or 1, got {turn['weight']!r}")
+        fields["weight"] = turn["weight"]
+    if turn.get("tool_calls") is not None:
+        calls = turn["tool_calls"]
+        if role != "assistant":
+            raise DataError(line, f"{field}.tool_calls", "only assistant turns make tool calls")
+        if not isinstance(calls, list) or not calls:
+            raise DataError(line, f"{field}.tool_calls", "expected a non-empty list")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise DataError(line, f"{field}.tool_calls[{j}].function", "expected {name, arguments}")
+        fields["tool_calls"] = calls
+        if turn.get("content") is None:
+            fields["content"] = ""
+    for extra in ("tool_call_id", "name"):
+        if isinstance(turn.get(extra), str):
+            fields[extra] = turn[extra]
+    return fields
 
 
 def render(
@@ -268,7 +323,7 @@ def chat_template(tokenizer: Any) -> str:
     return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
 
 
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(
         messages,
         chat_template=chat_template(tokenizer),
@@ -277,13 +332,33 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, str]], add_generati
     )
 
 
-def _render_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def _inline_tool_calls(message: dict[str, Any]) -> dict[str, Any]:
+    """For a template that ignores `tool_calls`: the calls appended to the content as Hermes-style
+    `<tool_call>{"name", "arguments"}</tool_call>` lines, so the turn still teaches them."""
+    if "tool_calls" not in message:
+        return message
+    calls = [
+        "<tool_call>"
+        + json.dumps({"name": c["function"]["name"], "arguments": c["function"].get("arguments")})
+        + "</tool_call>"
+        for c in message["tool_calls"]
+    ]
+    content = "\n".join(([message["content"]] if message["content"] else []) + calls)
+    return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
+
+
+def _render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     # Each assistant turn's span is the difference between the conversation rendered up to it with a
     # generation prompt and rendered through it: its content and the template's end-of-turn marker.
+    # A turn with weight 0 is context only: it gets no span. The weight never reaches the template.
+    weights = [m.get("weight", 1) for m in messages]
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    if "tool_calls" not in chat_template(tokenizer):
+        messages = [_inline_tool_calls(m) for m in messages]
     full = _apply_template(tokenizer, messages, add_generation_prompt=False)
     spans, cursor = [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or weights[i] == 0:
             continue
         prefix = _apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -464,7 +539,7 @@ class _NoTokenizer:
     chat_template = DEFAULT_CHAT_TEMPLATE
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, add_generation_prompt: bool, **_: Any
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, **_: Any
     ) -> str:
         turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return turns + ("<|im_start|>assistant\n" if add_generation_prompt else "")

@@ -107,6 +107,12 @@ def resolve_model(ref: str | os.PathLike[str]) -> Path:
     )
 
 
+def transformers_folder(ref: str | os.PathLike[str]) -> Path:
+    """The folder `AutoModelForCausalLM` loads for `ref` (what an adapter's PEFT config names): a
+    GGUF-native base's dequantized copy (the same weights as its blocks), else `resolve_model(ref)`."""
+    return resolve_model(str(ref).removesuffix(NATIVE_GGUF_SUFFIX))
+
+
 def _cache_name(gguf: Path) -> str:
     stat = gguf.stat()
     key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -383,6 +389,9 @@ def save_quantized(
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     hf_config.save_pretrained(tmp)
+    gptq_config = _hf_gptq_config(layers)
+    _add_to_config_json(tmp / "config.json", gptq_config or _only_here_config(formats))
+    (tmp / "README.md").write_text(_model_card(formats, gptq_config is not None, base))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     is_gptq = formats == {"gptq"}
@@ -414,3 +423,54 @@ def save_quantized(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _hf_gptq_config(layers: dict[str, QuantizedLinear]) -> dict[str, Any] | None:
+    """The `quantization_config` transformers, GPTQModel and vLLM read for a GPTQ checkpoint, when
+    every quantized layer is GPTQ v1 with one bit width, group size, symmetry and act-order; else None."""
+    configs = {json.dumps(m.format_config(), sort_keys=True) for m in layers.values() if m.format == "gptq"}
+    if len(configs) != 1 or any(m.format != "gptq" for m in layers.values()):
+        return None
+    layer = json.loads(configs.pop())
+    if layer["zero_offset"] != 1:
+        return None  # only format v1 ("gptq") is what every loader reads
+    return {
+        "quant_method": "gptq",
+        "bits": layer["bits"],
+        "group_size": layer["group_size"],
+        "desc_act": layer["desc_act"],
+        "sym": layer["sym"],
+        "checkpoint_format": "gptq",
+    }
+
+
+def _only_here_config(formats: set[str]) -> dict[str, Any]:
+    """A `quantization_config` no other loader accepts: transformers names the unknown method and
+    vLLM refuses it, instead of either building plain layers around the packed tensors."""
+    return {
+        "quant_method": "modulora",
+        "formats": sorted(formats),
+        "loads_with": "modulora (modulora.models.load_model); `modulora export --merge` writes a dense copy",
+    }
+
+
+def _add_to_config_json(path: Path, quantization_config: dict[str, Any]) -> None:
+    config = json.loads(path.read_text())
+    config["quantization_config"] = quantization_config
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _model_card(formats: set[str], is_gptq: bool, base: str | None) -> str:
+    source = f" of `{base}`" if base else ""
+    if is_gptq:
+        how = (
+            "It is a standard GPTQ checkpoint (format v1, `quantization_config` in `config.json`): "
+            "transformers (with `gptqmodel` installed), GPTQModel and vLLM load it as it is."
+        )
+    else:
+        how = (
+            f"Its layers ({', '.join(sorted(formats))}) are ModuLoRA formats: it loads only with "
+            "`modulora.models.load_model`. `modulora export --merge` writes a dense bf16 copy that "
+            "any serving stack loads."
+        )
+    return f"# Quantized base{source}\n\nWritten by ModuLoRA's `save_quantized`. {how}\n"

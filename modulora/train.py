@@ -31,8 +31,15 @@ from modulora.data import IGNORE_INDEX, collate, pad_token_id
 from modulora.eval.tasks import validation_loss
 from modulora.loss import AUTOCAST_DTYPES, autocast, completion_loss, token_loss_sum
 from modulora.step_graph import CaptureError, StepGraphs
+from modulora.training_defaults import (
+    LEARNING_RATE,
+    MAX_SEQ_LEN,
+    SCHEDULE,
+    SCHEDULES,
+    WARMUP_RATIO,
+    WEIGHT_DECAY,
+)
 
-SCHEDULES = ("linear", "cosine", "constant")
 TRAIN_CONFIG_VERSION = 1
 # Graphed steps pad sequences to a multiple of this many tokens: few shapes (few captures, one memory
 # pool) at the cost of at most 63 padding tokens per row.
@@ -42,6 +49,7 @@ GRAPH_SEQ_MULTIPLE = 64
 @dataclasses.dataclass
 class TrainConfig:
     """Training hyperparameters. One optimizer step = `gradient_accumulation` micro-batches.
+    Defaults shared with the CLI and the API come from `modulora.training_defaults`.
 
     max_steps: stop after this many optimizer steps (overrides epochs when set).
     warmup_ratio: fraction of the total steps used for warmup when warmup_steps is 0.
@@ -56,21 +64,21 @@ class TrainConfig:
         model cannot be captured.
     """
 
-    learning_rate: float = 2e-4
+    learning_rate: float = LEARNING_RATE
     epochs: int = 1
     max_steps: int | None = None
     micro_batch_size: int = 4
     gradient_accumulation: int = 1
     warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    schedule: str = "linear"
-    weight_decay: float = 0.0
+    warmup_ratio: float = WARMUP_RATIO
+    schedule: str = SCHEDULE
+    weight_decay: float = WEIGHT_DECAY
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
-    max_seq_len: int = 512
+    max_seq_len: int = MAX_SEQ_LEN
     packing: bool = False
     train_on_prompt: bool = False
     eval_every: int = 0
@@ -136,6 +144,8 @@ class StepMetrics:
     progress: float
     eta_s: float
     val_loss: float | None = None
+    label_tokens: int = 0
+    """Tokens that carried loss in this step (the loss is their mean)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,7 +364,7 @@ def _fit(
     config, step, started = run.config, run.resumed_at, time.perf_counter()
     for step, epoch, micro_batches in _step_batches(train_examples, config, run.resumed_at, run.total_steps):
         step_start = time.perf_counter()
-        loss, tokens, learning_rate = _step(run, micro_batches)
+        loss, tokens, learning_rate, label_tokens = _step(run, micro_batches)
         run.state["losses"].append(loss)
         run.state["trained_tokens"] += tokens
         val_loss = _validate(run, val_examples, step)
@@ -377,6 +387,7 @@ def _fit(
                     progress=step / run.total_steps,
                     eta_s=elapsed / (step - run.resumed_at) * (run.total_steps - step),
                     val_loss=val_loss,
+                    label_tokens=label_tokens,
                 )
             )
         if config.save_every and step % config.save_every == 0 and step < run.total_steps:
@@ -386,8 +397,8 @@ def _fit(
     return "completed", step
 
 
-def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[float, int, float]:
-    """One optimizer step: (loss per label token, tokens seen, the learning rate it used)."""
+def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[float, int, float, int]:
+    """One optimizer step: (loss per label token, tokens seen, the learning rate it used, label tokens)."""
     batches = [collate(b, run.pad_id) for b in micro_batches]
     # Normalize by the step's label-token count so accumulation equals one large batch.
     n_labels = max(1, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
@@ -403,7 +414,7 @@ def _step(run: _Run, micro_batches: list[list[dict[str, list[int]]]]) -> tuple[f
     learning_rate = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=run.graphs is None)  # graphs add into the .grad they captured
-    return step_loss.item() / n_labels, tokens, learning_rate
+    return step_loss.item() / n_labels, tokens, learning_rate, n_labels
 
 
 def _micro_batch(run: _Run, batch: dict[str, torch.Tensor], n_labels: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from api import crud
 from api.errors import bad_request, not_found
 from core.bases import base_model_source, job_base
 from core.config import get_settings
-from core.db.models import Checkpoint, Job, Model
+from core.db.models import Job, Model
 from modulora.model_folder import ModelFolderError
 from modulora.serve.protocol import EngineClient
 from modulora.serve.types import EngineConfig, ModelSpec
@@ -49,19 +49,15 @@ def get_inference_engine() -> EngineClient:
 
 
 def model_spec_for(*, session: Session, user_id: str, model_id: str) -> ModelSpec:
-    """A base model name, one of the user's fine-tuned models or one of their jobs' checkpoints
-    (another user's reads as missing)."""
+    """A base model name, one of the user's fine-tuned models or one of their jobs' checkpoints (by
+    id or public `…:ckpt-step-N` name); another user's reads as missing."""
     settings = get_settings()
     if model_id in settings.base_models:
         return ModelSpec(model_id, _source(model_id))
     model = crud.visible_model(session=session, user_id=user_id, model_id=model_id)
     if model is not None:
         return ModelSpec(model.id, from_home(model.base), settings.home / model.path)
-    found = session.execute(
-        select(Checkpoint, Job)
-        .join(Job, Job.id == Checkpoint.job_id)
-        .where(Checkpoint.id == model_id, Job.user_id == user_id)
-    ).one_or_none()
+    found = crud.visible_checkpoint(session=session, user_id=user_id, model_id=model_id)
     if found is None:
         raise not_found("model", model_id, param="model")
     checkpoint, job = found

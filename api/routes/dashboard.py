@@ -14,9 +14,7 @@ import dataclasses
 import functools
 import math
 import re
-import tempfile
 import threading
-import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +23,6 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
-from starlette.background import BackgroundTask
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
@@ -35,7 +32,7 @@ from api.tokenizer import LightTokenizer, has_tokenizer
 from core.bases import base_model_folder, base_model_source
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.models import Checkpoint, File, Job, JobEvent
-from modulora import data, memory
+from modulora import data, memory, training_defaults
 from modulora.model_folder import ModelFolderError
 
 router = APIRouter(prefix="/v1/dashboard", tags=["dashboard"])
@@ -178,7 +175,8 @@ def _owned_job(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
 @router.get("/options")
 def options(user: CurrentUser) -> dict[str, Any]:
     """Choices for the new-job form: base models, quantization methods and their bits, GPUs, and
-    the base learning rate that `learning_rate_multiplier` scales."""
+    the base learning rate that `learning_rate_multiplier` scales, and the training defaults the CLI
+    and the API share (`modulora.training_defaults`)."""
     return {
         "base_models": list(get_settings().base_models),
         "quantization_methods": [
@@ -187,6 +185,7 @@ def options(user: CurrentUser) -> dict[str, Any]:
         ],
         "gpus": GPUS,
         "base_learning_rate": BASE_LEARNING_RATE,
+        "training_defaults": training_defaults.as_dict(),
     }
 
 
@@ -496,32 +495,13 @@ def checkpoints(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- downloads
 
 
-def _zip_folder(folder: Path, name: str) -> FileResponse:
-    home = get_settings().home.resolve()
-    folder = (folder if folder.is_absolute() else home / folder).resolve()
-    if not folder.is_dir() or not folder.is_relative_to(home):
-        raise APIError(410, f"The files of {name!r} are no longer on this server", code="artifact_missing")
-    tmp = tempfile.NamedTemporaryFile(suffix=".zip", delete=False)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, Path(name) / path.relative_to(folder))
-    tmp.close()
-    return FileResponse(
-        tmp.name,
-        media_type="application/zip",
-        filename=f"{name}.zip",
-        background=BackgroundTask(storage.remove, Path(tmp.name)),
-    )
-
-
 @router.get("/models/{model_id:path}/download", response_class=FileResponse)
 def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """The fine-tuned model's PEFT adapter folder (adapter_config.json, weights, manifest) as a zip."""
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
     if model is None:
         raise not_found("model", model_id, param="model_id")
-    return _zip_folder(Path(model.path), re.sub(r"[^\w.-]+", "_", model.id))
+    return storage.zip_folder(Path(model.path), re.sub(r"[^\w.-]+", "_", model.id))
 
 
 @router.get("/checkpoints/{checkpoint_id:path}/download", response_class=FileResponse)
@@ -534,4 +514,4 @@ def download_checkpoint(checkpoint_id: str, user: CurrentUser, session: SessionD
     )
     if checkpoint is None:
         raise not_found("checkpoint", checkpoint_id, param="checkpoint_id")
-    return _zip_folder(Path(checkpoint.path), checkpoint.id)
+    return storage.zip_folder(Path(checkpoint.path), checkpoint.id)

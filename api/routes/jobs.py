@@ -51,6 +51,8 @@ def to_public(job: Job) -> JobObject:
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
         estimated_memory_bytes=job.estimated_memory_bytes,
         validation_loss=job.validation_loss,
+        integrations=job.integrations,
+        result_files=job.result_files or [],
     )
 
 
@@ -140,6 +142,7 @@ def create_job(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
         hyperparameters=hp,
+        integrations=[i.model_dump(exclude_none=True) for i in body.integrations or []] or None,
         estimated_memory_bytes=estimate,
         status="validating_files",
     )
@@ -233,7 +236,7 @@ def delete_job(job_id: str, user: CurrentUser, session: SessionDep) -> DeletedOb
         )
     settings = get_settings()
     folders = [settings.home / m.path for m in session.scalars(select(Model).where(Model.job_id == job.id))]
-    folders.append(settings.jobs_dir / job.id)
+    folders += [settings.jobs_dir / job.id, settings.exports_dir / job.id]
     session.delete(job)  # events, checkpoints and models go with it (ON DELETE CASCADE)
     session.commit()
     for folder in folders:
@@ -280,7 +283,7 @@ def list_checkpoints(
             created_at=int(c.created_at.timestamp()),
             fine_tuning_job_id=job.id,
             step_number=c.step,
-            fine_tuned_model_checkpoint=f"{job.fine_tuned_model_name()}:ckpt-step-{c.step}",
+            fine_tuned_model_checkpoint=crud.checkpoint_name(job, c.step),
             metrics=c.metrics,
         )
         for c in rows

@@ -99,6 +99,10 @@ class Job(Base):
     estimated_finish: Mapped[datetime | None]
     estimated_memory_bytes: Mapped[int | None] = mapped_column(Integer)
     validation_loss: Mapped[float | None] = mapped_column(Float)
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON)
+    """OpenAI's `integrations` as given (Weights & Biases); TensorBoard needs none, it is always on."""
+    result_files: Mapped[list[Any] | None] = mapped_column(JSON)
+    """Ids of the `File` rows the job produced (its step-metrics CSV), set when it succeeds."""
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     """How many times a worker has started this job (redeliveries and recoveries included)."""

@@ -313,3 +313,16 @@ def test_checkpoint_id_serves_the_checkpoint_like_the_exported_model(
     other = served.client.post("/v1/chat/completions", headers=served.new_key("bob"),
                                json={"model": checkpoint_id, "messages": MESSAGES})  # fmt: skip
     assert other.status_code == 404
+
+    # The public name the checkpoints list gives works wherever the id does.
+    listed = served.client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=headers).json()
+    public = listed["data"][0]["fine_tuned_model_checkpoint"]
+    assert public == f"ft:tiny::{job_id}:ckpt-step-2"
+    assert answer(public) == answer(checkpoint_id)
+    model = served.client.get(f"/v1/models/{public}", headers=headers).json()
+    assert model["id"] == public and model["parent"] == f"ft:tiny::{job_id}" and model["root"] == "tiny"
+    for wrong in (f"ft:other::{job_id}:ckpt-step-2", f"ft:tiny::{job_id}:ckpt-step-3"):
+        response = served.client.post("/v1/chat/completions", headers=headers,
+                                      json={"model": wrong, "messages": MESSAGES})  # fmt: skip
+        assert response.status_code == 404, wrong
+        assert served.client.get(f"/v1/models/{wrong}", headers=headers).status_code == 404

@@ -7,6 +7,9 @@ service runs in a real uvicorn server, so requests arrive concurrently over HTTP
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import io
 import json
 import socket
 import threading
@@ -27,7 +30,7 @@ from modulora.generate import generate
 from modulora.models import load_model
 from modulora.serve.engine import InferenceEngine
 from modulora.serve.types import SamplingParams
-from tests.api.conftest import CHAT_ROW, Service, jsonl
+from tests.api.conftest import Service, jsonl
 from tests.api.test_inference import register_adapter
 from tests.conftest import REPO
 from worker.tasks.train import run_job
@@ -69,20 +72,89 @@ def sdk(service: Service, server: str, user: str = "ada") -> openai.OpenAI:
     return openai.OpenAI(base_url=server, api_key=service.new_key(user)["Authorization"][7:])
 
 
+# The first assistant turn is context only (weight 0): its tokens must carry no loss.
+WEIGHTED_ROW = {"messages": [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Rambling context that must not be learned from, at all.", "weight": 0},
+    {"role": "user", "content": [{"type": "text", "text": "Again?"}]},
+    {"role": "assistant", "content": "Hello!"},
+]}  # fmt: skip
+
+
+def label_tokens_per_row(row: dict, max_seq_len: int) -> int:
+    """Loss tokens of one row as training counts them (labels after the first position)."""
+    from modulora.data import IGNORE_INDEX, build_examples
+    from modulora.models import load_tokenizer
+
+    (example,) = build_examples([row], "auto", load_tokenizer(BASE), max_seq_len)
+    assert len(example["input_ids"]) < max_seq_len, "the row must not be truncated for this count"
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
+
+
 def test_openai_sdk_streams_a_chat_completion_from_a_fresh_job(service: Service, server: str) -> None:
+    """A fresh job through the SDK, and what OpenAI's contract promises about it: integrations
+    echoed and logged (TensorBoard always), the step-metrics result file, checkpoint names that
+    serve chat, and weight-0 turns that carry no loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     client = sdk(service, server)
-    upload = client.files.create(file=("train.jsonl", jsonl([CHAT_ROW], copies=10)), purpose="fine-tune")
+    upload = client.files.create(file=("train.jsonl", jsonl([WEIGHTED_ROW], copies=10)), purpose="fine-tune")
     # One optimizer step on the GGUF's own 4-bit weights: the job is the set-up, not the subject.
     hyperparameters = {"n_epochs": 1, "batch_size": 2, "quantization": "gguf", "lora_r": 4,
-                       "lora_targets": ["q_proj", "v_proj"], "max_steps": 1, "max_seq_len": 32}  # fmt: skip
+                       "lora_targets": ["q_proj", "v_proj"], "max_steps": 1, "max_seq_len": 96}  # fmt: skip
+    integrations = [{"type": "wandb", "wandb": {"project": "modulora-tests", "tags": ["e2e"]}}]
     job = client.fine_tuning.jobs.create(
         model=BASE,
         training_file=upload.id,
+        integrations=integrations,  # type: ignore[arg-type]
         extra_body={"hyperparameters": hyperparameters},
     )
+    assert job.integrations is not None and job.integrations[0].wandb.project == "modulora-tests"
     run_job(job.id, worker="test-worker")  # what the Celery worker does with the enqueued id
     job = client.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "succeeded", job.error
+
+    # Weight 0: the step's loss tokens are the weight-1 turns' only (two rows in the step).
+    (step,) = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+    expected = 2 * label_tokens_per_row(WEIGHTED_ROW, 96)
+    unweighted = {
+        "messages": [{k: v for k, v in m.items() if k != "weight"} for m in WEIGHTED_ROW["messages"]]
+    }
+    assert expected < 2 * label_tokens_per_row(unweighted, 96)  # the count tells the two apart
+    assert step["label_tokens"] == expected
+
+    # result_files: OpenAI's step-metrics CSV, downloadable through the files API.
+    (result_id,) = job.result_files
+    assert client.files.retrieve(result_id).purpose == "fine-tune-results"
+    table = list(csv.DictReader(io.StringIO(client.files.content(result_id).text)))
+    assert list(table[0])[:5] == [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+    ]
+    assert [int(r["step"]) for r in table] == [1]
+    assert float(table[0]["train_loss"]) == pytest.approx(step["train_loss"])
+
+    # integrations: TensorBoard event files always; W&B logs offline when installed, else says so.
+    events = EventAccumulator(str(service.home / "jobs" / job.id / "tensorboard"))
+    events.Reload()
+    (scalar,) = events.Scalars("train_loss")
+    assert (scalar.step, scalar.value) == (1, pytest.approx(step["train_loss"]))
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    wandb_installed = importlib.util.find_spec("wandb") is not None
+    assert any(("Weights & Biases" in m) and (("skipped" in m) != wandb_installed) for m in messages)
+
+    # A checkpoint's public name serves chat like the fine-tuned model.
+    (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job.id)
+    by_name = client.chat.completions.create(
+        model=checkpoint.fine_tuned_model_checkpoint, messages=MESSAGES, max_tokens=4, temperature=0
+    )
+    final = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=MESSAGES, max_tokens=4, temperature=0
+    )
+    assert by_name.choices[0].message.content == final.choices[0].message.content
 
     stream = client.chat.completions.create(
         model=job.fine_tuned_model, messages=MESSAGES, max_tokens=4, temperature=0,

@@ -139,3 +139,39 @@ def test_cli_flow_quantize_finetune_generate_eval_on_smollm2(tmp_path: Path, cap
     assert modulora("eval", "--model", base, "--adapter", run, "--task", "accuracy", "--data", rows) == 0
     accuracy = float(re.search(r"^accuracy: (\S+)$", capsys.readouterr().out, re.M).group(1))
     assert 0 <= accuracy <= 1
+
+
+def test_finetune_runs_from_a_config_file_with_later_options_overriding_it(tmp_path: Path, capsys) -> None:
+    from utils.tiny_lm import tiny_llama, tiny_tokenizer
+
+    from modulora.tracking import STEP_METRICS_COLUMNS
+
+    model_dir, run = tmp_path / "tiny", tmp_path / "run"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    row = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}
+    data.write_text(json.dumps(row) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndata: {data}\nout: {run}\nmax_steps: 2\nmicro-batch-size: 1\n"
+        "lora_r: 2\nschedule: linear\nweight_decay: 0.1\ntarget_modules: [q_proj, v_proj]\n"
+    )
+    assert modulora("finetune", "--config", config, "--lora-r", 4) == 0
+    manifest = json.loads((run / "adapter" / "manifest.json").read_text())
+    assert manifest["training"]["schedule"] == "linear" and manifest["training"]["weight_decay"] == 0.1
+    assert manifest["training"]["warmup_ratio"] == 0.03  # not in the file: the shared default
+    assert manifest["lora"]["r"] == 4 and manifest["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    lines = (run / "step_metrics.csv").read_text().splitlines()
+    assert lines[0] == ",".join(STEP_METRICS_COLUMNS) and [line.split(",")[0] for line in lines[1:]] == [
+        "1",
+        "2",
+    ]
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    config.write_text(f"model: {model_dir}\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        modulora("finetune", "--config", config)
+    assert "unknown option 'learning_rat'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--data, --out required"):
+        modulora("finetune", "--model", model_dir)

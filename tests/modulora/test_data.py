@@ -27,6 +27,7 @@ CHAT = {
         {"role": "assistant", "content": "hello"},
     ]
 }
+USER_HI = {"role": "user", "content": "hi"}
 ROWS_BY_FORMAT = {
     "messages": CHAT,
     "sharegpt": {
@@ -80,6 +81,50 @@ def test_chat_loss_only_on_assistant_turns(tokenizer) -> None:
     assert len(example["input_ids"]) == len(example["labels"])
 
 
+def test_weight_zero_turns_are_context_without_loss(tokenizer) -> None:
+    """OpenAI's per-message `weight`: 0 keeps the turn in the prompt and out of the loss."""
+    weighted = {"messages": [dict(m) for m in CHAT["messages"]]}
+    weighted["messages"][2]["weight"] = 0
+    (example,) = build_examples([weighted], "auto", tokenizer, max_seq_len=512)
+    (plain,) = build_examples([CHAT], "auto", tokenizer, max_seq_len=512)
+    assert example["input_ids"] == plain["input_ids"]  # same text: the weight never reaches the template
+    assert trained_text(tokenizer, example) == "hello<|im_end|>\n"
+
+
+TOOL_CHAT = {
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Capital "},
+                                     {"type": "text", "text": "of France?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "lookup", "arguments": '{"q": "France"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Paris"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Paris."}]},
+    ]
+}  # fmt: skip
+
+
+def test_tool_turns_and_text_parts_train_as_openai_accepts_them(tokenizer) -> None:
+    (example,) = build_examples([TOOL_CHAT], "auto", tokenizer, max_seq_len=512)
+    text = tokenizer.decode(example["input_ids"])
+    assert "<|im_start|>user\nCapital of France?<|im_end|>" in text
+    assert "<|im_start|>tool\nParis<|im_end|>" in text
+    # A template that ignores tool_calls gets them inline, so the assistant turn still teaches the call.
+    call = '<tool_call>{"name": "lookup", "arguments": "{\\"q\\": \\"France\\"}"}</tool_call>'
+    assert trained_text(tokenizer, example) == f"{call}<|im_end|>\nParis.<|im_end|>\n"
+
+
+def test_templates_that_render_tool_calls_get_them_as_they_are() -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }}({{ c.function.arguments }}){% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (example,) = build_examples([TOOL_CHAT], "auto", tokenizer, max_seq_len=512)
+    assert trained_text(tokenizer, example).startswith('CALL lookup({"q": "France"})<|im_end|>')
+
+
 def test_sharegpt_renders_like_the_same_chat(tokenizer) -> None:
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello world"}]}
     assert build_examples([ROWS_BY_FORMAT["sharegpt"]], "auto", tokenizer, 512) == build_examples(
@@ -131,6 +176,15 @@ def test_packing_concatenates_into_full_sequences(tokenizer) -> None:
         ({"instruction": "do", "output": ""}, "output"),
         ({"instruction": 5, "output": "x"}, "instruction"),
         ({"prompt": "p", "completion": None}, "completion"),
+        ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 2}]}, "messages[1].weight"),
+        ({"messages": [USER_HI | {"weight": 0}, {"role": "assistant", "content": "x"}]},
+         "messages[0].weight"),
+        ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 0}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                       {"role": "assistant", "content": "x"}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]}]},
+         "messages[1].tool_calls[0].function"),
     ],
 )
 def test_malformed_row_error_names_line_and_field(tokenizer, tmp_path: Path, row: dict, field: str) -> None:

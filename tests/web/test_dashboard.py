@@ -340,6 +340,9 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
         page.click("#download-adapter")
     archive = zipfile.ZipFile(io.BytesIO(download.value.path().read_bytes())).namelist()
     assert any(n.endswith("adapter_config.json") for n in archive), archive
+    with page.expect_download() as download:  # the job trained on a :gguf base
+        page.click("#export-gguf-lora")
+    assert download.value.path().read_bytes()[:4] == b"GGUF"
     dashboard.audit()
     dashboard.screenshot("job")
 

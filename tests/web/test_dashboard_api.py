@@ -316,10 +316,18 @@ def test_a_failed_preparation_is_reported_once_and_then_retried(
 
 
 def test_options_expose_the_base_learning_rate_the_worker_trains_with(client: TestClient) -> None:
+    from api.schemas import Hyperparameters
     from core.config import BASE_LEARNING_RATE
 
     options = client.get("/v1/dashboard/options", headers=_key("ann")).json()
     assert options["base_learning_rate"] == BASE_LEARNING_RATE
+    # The form starts from the API's own defaults (which the CLI shares).
+    api_defaults = Hyperparameters().resolve(train_rows=100)
+    shared = options["training_defaults"]
+    assert {k: api_defaults[k] for k in shared if k != "learning_rate"} == {
+        k: v for k, v in shared.items() if k != "learning_rate"
+    }
+    assert shared["learning_rate"] == BASE_LEARNING_RATE
 
 
 def test_time_estimate_scales_with_steps_and_the_card(client: TestClient) -> None:

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -22,12 +22,15 @@ from core import lifecycle
 from core.bases import base_model_source, check_base_model, job_base, job_quant_config
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.events import record_event
-from core.db.models import Checkpoint, File, Job, Model, utcnow
+from core.db.models import Checkpoint, File, Job, JobEvent, Model, utcnow
 from core.db.session import session_scope
 from core.tasks import TRAIN_TASK
-from modulora import memory
+from modulora import memory, training_defaults
 from modulora.settings import relative_to_home
 from worker.celery_app import app
+
+if TYPE_CHECKING:
+    from modulora.tracking import RunLog
 
 
 class JobFailure(Exception):
@@ -98,6 +101,7 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
         message="The job has successfully completed",
         fine_tuned_model=job.fine_tuned_model_name(),
         validation_loss=val_loss,
+        result_files=[_store_step_metrics(job, val_loss)],
     )
 
 
@@ -198,15 +202,18 @@ class Examples:
 def _load_examples(job: Job, training: File, validation: File | None, tokenizer: Any) -> Examples:
     """The job's files validated and tokenized with the base's tokenizer."""
     files_dir, max_len = get_settings().files_dir, job.hyperparameters["max_seq_len"]
-    train = _examples(files_dir / training.id, tokenizer, max_len, "training_file")
+    packing = job.hyperparameters.get("packing", training_defaults.PACKING)
+    train = _examples(files_dir / training.id, tokenizer, max_len, "training_file", packing)
     val = None
     if validation is not None:
-        val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file")
+        val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file", packing)
     _event(job.id, f"Files validated: {len(train)} training and {len(val or [])} validation examples")
     return Examples(train, val)
 
 
-def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[dict[str, list[int]]]:
+def _examples(
+    path: Path, tokenizer: Any, max_seq_len: int, param: str, packing: bool
+) -> list[dict[str, list[int]]]:
     from modulora import data
 
     report = data.validate_file(path, tokenizer=tokenizer, max_seq_len=max_seq_len)
@@ -217,7 +224,7 @@ def _examples(path: Path, tokenizer: Any, max_seq_len: int, param: str) -> list[
             f"line {first['line']}, field {first['field']}: {first['message']}",
             param,
         )
-    return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len)
+    return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len, packing=packing)
 
 
 def _add_lora(model: Any, hp: dict[str, Any]) -> Any:
@@ -236,21 +243,50 @@ def _train(
     """Finetune with a metrics event per step and checkpoints under `jobs/<job id>/`; every
     checkpoint on disk is registered when training ends (cancelled or not)."""
     output_dir = get_settings().jobs_dir / job.id
-    recorder = MetricsRecorder(job, output_dir)
-    result = _finetune_with_oom_retry(
-        job, model, tokenizer, examples.train, examples.validation, output_dir, device, recorder, should_stop
-    )
+    with _run_log(job, output_dir) as run_log:
+        recorder = MetricsRecorder(job, output_dir, run_log)
+        result = _finetune_with_oom_retry(
+            job,
+            model,
+            tokenizer,
+            examples.train,
+            examples.validation,
+            output_dir,
+            device,
+            recorder,
+            should_stop,
+        )
     recorder.register_checkpoints(
         {"step": result.step, "train_loss": result.losses[-1] if result.losses else None}
     )
     return result
 
 
-class MetricsRecorder:
-    """The finetune callback: one metrics event per step, progress on the job, new checkpoints."""
+def _run_log(job: Job, output_dir: Path) -> RunLog:
+    """TensorBoard events under `jobs/<id>/tensorboard`, and the job's W&B integration when the
+    package is installed (else a warning event says it was skipped)."""
+    from modulora.tracking import RunLog, wandb_available
 
-    def __init__(self, job: Job, output_dir: Path) -> None:
-        self.job, self.output_dir = job, output_dir
+    wandb = next((i["wandb"] for i in job.integrations or [] if i["type"] == "wandb"), None)
+    if wandb is not None and not wandb_available():
+        _event(
+            job.id, "Weights & Biases integration skipped: wandb is not installed on the worker", level="warn"
+        )
+    run_log = RunLog(output_dir / "tensorboard", wandb=wandb, config=job.hyperparameters)
+    if run_log.wandb_dir is not None:
+        _event(job.id, f"Logging to Weights & Biases (run files in {relative_to_home(run_log.wandb_dir)})")
+    return run_log
+
+
+RUN_LOG_METRICS = ("train_loss", "valid_loss", "learning_rate", "tokens_per_s", "label_tokens", "epoch")
+
+
+class MetricsRecorder:
+    """The finetune callback: one metrics event per step, progress on the job, new checkpoints, and
+    the step's numbers in the run log (TensorBoard, W&B)."""
+
+    def __init__(self, job: Job, output_dir: Path, run_log: RunLog) -> None:
+        self.job, self.output_dir, self.run_log = job, output_dir, run_log
 
     def __call__(self, m: Any) -> None:
         data = {
@@ -266,9 +302,11 @@ class MetricsRecorder:
             "progress": m.progress,
             "eta_s": m.eta_s,
             "epoch": m.epoch,
+            "label_tokens": m.label_tokens,
         }
         if m.val_loss is not None:
             data["valid_loss"] = m.val_loss
+        self.run_log.log(m.step, {k: data.get(k) for k in RUN_LOG_METRICS})
         with session_scope() as session:
             record_event(
                 session,
@@ -318,6 +356,11 @@ def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> 
         seed=job.seed,
         gradient_checkpointing=hp["gradient_checkpointing"],
         max_seq_len=hp["max_seq_len"],
+        # Jobs stored before these were hyperparameters take the shared defaults.
+        schedule=hp.get("schedule", training_defaults.SCHEDULE),
+        warmup_ratio=hp.get("warmup_ratio", training_defaults.WARMUP_RATIO),
+        weight_decay=hp.get("weight_decay", training_defaults.WEIGHT_DECAY),
+        packing=hp.get("packing", training_defaults.PACKING),
         save_every=hp["checkpoint_every"],
         keep_checkpoints=0,
         output_dir=str(output_dir),
@@ -405,6 +448,7 @@ def _export(
 ) -> Path:
     """The adapter as PEFT files + manifest under `adapters/<job id>/`."""
     from modulora.export import export_adapter
+    from modulora.models import transformers_folder
 
     hp = job.hyperparameters
     adapter_dir = get_settings().adapters_dir / job.id
@@ -415,6 +459,7 @@ def _export(
         model,
         adapter_dir,
         base_model=relative_to_home(base),
+        base_model_name_or_path=str(transformers_folder(base)),
         quant_config=quant,
         lora_config=lora_config,
         dataset_sha256=training.sha256,
@@ -427,6 +472,41 @@ def _export(
         },
     )
     return adapter_dir
+
+
+def _store_step_metrics(job: Job, full_valid_loss: float | None) -> str:
+    """OpenAI's step-metrics CSV of the job's metrics events, stored as a `fine-tune-results` file
+    of the job's owner (downloadable through /v1/files); its id."""
+    import hashlib
+
+    from modulora.tracking import STEP_METRICS_FILE, step_metrics_csv
+
+    with session_scope() as session:
+        events = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "metrics")
+        )
+        rows = [dict(e.data or {}) for e in events]
+    if rows and full_valid_loss is not None:
+        max(rows, key=lambda r: r["step"])["full_valid_loss"] = full_valid_loss
+    content = step_metrics_csv(rows).encode()
+    with session_scope() as session:
+        file = File(
+            user_id=job.user_id,
+            filename=STEP_METRICS_FILE,
+            purpose="fine-tune-results",
+            bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            rows=len(rows),
+            report={},
+        )
+        session.add(file)
+        session.flush()
+        path = get_settings().files_dir / file.id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{file.id}")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+        return file.id
 
 
 def _register_model(job: Job, base: str, adapter_dir: Path) -> None:

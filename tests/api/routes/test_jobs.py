@@ -50,6 +50,20 @@ def test_create_job_resolves_auto_and_enqueues(
     assert service.enqueued == [job["id"]]
 
 
+def test_create_job_echoes_integrations_and_the_schedule(
+    service: Service, alice: dict[str, str], training_file: str
+) -> None:
+    wandb = {"project": "demo", "tags": ["a"]}
+    job = create(service, alice, training_file, integrations=[{"type": "wandb", "wandb": wandb}],
+                 hyperparameters={"schedule": "linear", "packing": True})  # fmt: skip
+    assert job["integrations"] == [{"type": "wandb", "wandb": wandb}] and job["result_files"] == []
+    hp = job["hyperparameters"]
+    schedule = (hp["schedule"], hp["warmup_ratio"], hp["weight_decay"], hp["packing"])
+    assert schedule == ("linear", 0.03, 0.0, True)
+    retrieved = service.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=alice).json()
+    assert retrieved["integrations"] == job["integrations"]
+
+
 def test_create_job_with_same_idempotency_key_returns_first_job(
     service: Service, alice: dict[str, str], training_file: str
 ) -> None:
@@ -67,6 +81,10 @@ def test_create_job_with_same_idempotency_key_returns_first_job(
         ({"hyperparameters": {"bits": 5}}, "hyperparameters.bits"),
         ({"hyperparameters": {"batch_size": 4, "micro_batch_size": 3}}, "hyperparameters"),
         ({"suffix": "x" * 65}, "suffix"),
+        ({"hyperparameters": {"schedule": "step"}}, "hyperparameters.schedule"),
+        ({"hyperparameters": {"warmup_ratio": 1}}, "hyperparameters.warmup_ratio"),
+        ({"integrations": [{"type": "mlflow", "mlflow": {}}]}, "integrations.0.type"),
+        ({"integrations": [{"type": "wandb", "wandb": {"name": "x"}}]}, "integrations.0.wandb.project"),
     ],
 )
 def test_create_job_with_bad_parameter_is_400_naming_it(

@@ -365,6 +365,15 @@ export function renderJob(main, jobId) {
         h("button", { type: "button", id: "download-adapter", "aria-label": `Download adapter (.zip) of ${name}`,
           onclick: () => downloadOrSay(`/v1/dashboard/models/${encodeURIComponent(name)}/download`, `${name.replace(/[^\w.-]+/g, "_")}.zip`) },
         "Download adapter (.zip)"),
+        // For other stacks: dense bf16 weights with the adapter merged, and llama.cpp's LoRA for a GGUF base.
+        h("button", { type: "button", id: "export-merged", class: "secondary", "aria-label": `Download ${name} merged into its base (bf16, .zip)`,
+          onclick: () => downloadOrSay(`/v1/models/${encodeURIComponent(name)}/export?format=merged`, `${name.replaceAll(":", "_")}-merged.zip`) },
+        "Download merged (bf16)"),
+        job.hyperparameters?.quantization === "gguf"
+          ? h("button", { type: "button", id: "export-gguf-lora", class: "secondary", "aria-label": `Download ${name} as a llama.cpp LoRA (.gguf)`,
+            onclick: () => downloadOrSay(`/v1/models/${encodeURIComponent(name)}/export?format=gguf-lora`, `${name.replaceAll(":", "_")}.gguf`) },
+          "Download llama.cpp LoRA (.gguf)")
+          : null,
         h("a", { class: "button secondary", href: "#/playground", onclick: () => sessionStorage.setItem("modulora.chatModel", name) }, "Chat in the playground"),
         h("button", { type: "button", class: "danger", id: "delete-model", onclick: () => removeModel(name) }, "Delete model")),
       h("p", { class: "muted" }, "Call it from anywhere; the key is read from ", h("code", {}, "MODULORA_API_KEY"), "."),

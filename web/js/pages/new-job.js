@@ -10,13 +10,18 @@ const CUSTOM_TARGETS = "custom:";
 
 // The form's training settings before any preset; a preset starts from these, so what it does
 // not name is reset rather than kept from an earlier preset. Quantization comes before bits:
-// the bits offered depend on it.
+// the bits offered depend on it. The settings the CLI and the API share (epochs, LoRA, sequence
+// length, schedule, warmup, weight decay, packing) are replaced by the server's own defaults
+// (`training_defaults` in /dashboard/options) when the form loads, so all three agree.
 const DEFAULTS = {
   quantization: "optq", bits: 4, group_size: 128,
-  lora_r: 8, lora_alpha: 16, lora_dropout: 0.05, lora_targets: "all-linear",
-  n_epochs: 1, batch_size: 8, micro_batch_size: 4, learning_rate_multiplier: 1, max_seq_len: 1024, max_steps: 0,
+  lora_r: 16, lora_alpha: 16, lora_dropout: 0.05, lora_targets: "all-linear",
+  n_epochs: 3, batch_size: 8, micro_batch_size: 4, learning_rate_multiplier: 1, max_seq_len: 512, max_steps: 0,
+  schedule: "cosine", warmup_ratio: 0.03, weight_decay: 0, packing: false,
   gradient_checkpointing: true,
 };  // prettier-ignore
+const SHARED_DEFAULTS = ["n_epochs", "lora_r", "lora_alpha", "lora_dropout", "max_seq_len", "schedule", "warmup_ratio",
+  "weight_decay", "packing"];  // prettier-ignore
 
 // "fits24" also shrinks, step by step, until the estimate fits 24 GB.
 const PRESETS = {
@@ -105,6 +110,11 @@ export function renderNewJob(main) {
           `× the base learning rate ${base}`),
         field("Max sequence length", "max_seq_len", number({ min: 32, max: 32768, step: 32 })),
         field("Max steps", "max_steps", number({ min: 0, max: 1000000 }), "0: the epochs decide"),
+        field("Schedule", "schedule", select([["cosine", "cosine"], ["linear", "linear"], ["constant", "constant"]]),
+          "the learning rate after warmup"),
+        field("Warmup ratio", "warmup_ratio", number({ min: 0, max: 0.99, step: 0.01 }), "fraction of the steps"),
+        field("Weight decay", "weight_decay", number({ min: 0, max: 1, step: 0.01 })),
+        field("Packing", "packing", h("input", { type: "checkbox" }), "concatenate rows into full sequences"),
         field("Gradient checkpointing", "gradient_checkpointing", h("input", { type: "checkbox" }))),
       h("fieldset", {}, h("legend", {}, "Fit and time"),
         field("GPU", "gpu", select(options.gpus.map((g) => [g.name, g.label]))),
@@ -114,6 +124,7 @@ export function renderNewJob(main) {
     form.removeAttribute("aria-busy");
     form.elements.training_file.required = true;
     form.elements.quantization.addEventListener("change", updateBits);
+    for (const name of SHARED_DEFAULTS) if (name in (options.training_defaults ?? {})) DEFAULTS[name] = options.training_defaults[name];
     setValues({ ...DEFAULTS, gpu: options.gpus.some((g) => g.name === "24GB") ? "24GB" : options.gpus[0].name });
     form.elements.training_file.value = defaultTrainingFile(options.files, sessionStorage.getItem("modulora.trainingFile"));
     if (clone) prefill(clone);
@@ -190,6 +201,10 @@ export function renderNewJob(main) {
       learning_rate_multiplier: Number(el.learning_rate_multiplier.value),
       max_seq_len: Number(el.max_seq_len.value),
       max_steps: Number(el.max_steps.value),
+      schedule: el.schedule.value,
+      warmup_ratio: Number(el.warmup_ratio.value),
+      weight_decay: Number(el.weight_decay.value),
+      packing: el.packing.checked,
       gradient_checkpointing: el.gradient_checkpointing.checked,
       gpu: el.gpu.value,
     };
@@ -338,6 +353,10 @@ export function jobBody(v) {
       lora_targets: targets,
       max_seq_len: v.max_seq_len,
       max_steps: v.max_steps || undefined,
+      schedule: v.schedule,
+      warmup_ratio: v.warmup_ratio,
+      weight_decay: v.weight_decay,
+      packing: v.packing,
       gradient_checkpointing: v.gradient_checkpointing,
     },
     metadata: { gpu: v.gpu },
