@@ -9,7 +9,8 @@ from tests.api.conftest import Service
 
 
 def test_import_app_does_not_import_torch() -> None:
-    code = "import sys, api.main; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    # Chat templates render through transformers' chat_template_utils, which loads without torch.
+    code = "import sys, api.main; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
