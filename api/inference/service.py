@@ -75,4 +75,4 @@ def checkpoint_base(session: Session, job: Job) -> str:
     model = session.scalar(select(Model).where(Model.job_id == job.id))
     if model is not None:
         return from_home(model.base)
-    return job_base(job.model, job.hyperparameters)
+    return job_base(job.model, job.hyperparameters, job.training_file)
