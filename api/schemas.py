@@ -81,6 +81,9 @@ class Hyperparameters(BaseModel):
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: n_epochs decides)."""
     checkpoint_every: int | Literal["auto"] = "auto"
+    calibration: str = "default"
+    """OPTQ's calibration text: "default" (the C4 sample shipped with the library), "training_file"
+    (the job's own training rows) or the id of another of the user's files."""
 
     # --- The learning-rate schedule, weight decay and packing: the same names and defaults as
     # `modulora finetune` (modulora.training_defaults), so a dataset trains alike by either route.

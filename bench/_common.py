@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 
+# The benchmarks' data (never shipped): the shared datasets beside the checkout.
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+C4_VALIDATION = SHARED_DATASETS / "c4" / "c4_validation_2k.jsonl"
+WIKITEXT2_TEST = SHARED_DATASETS / "wikitext2" / "wiki.test.raw"
+
 
 def do_bench_ms(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 200) -> float:
     """Median milliseconds per call (CUDA events, Triton's `do_bench`)."""

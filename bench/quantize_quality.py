@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench._common import C4_VALIDATION, WIKITEXT2_TEST
 from modulora.eval.perplexity import load_wikitext2, perplexity
 from modulora.models import load_model
 from modulora.quant import QUANTIZERS, QuantConfig
@@ -144,7 +145,7 @@ def main() -> None:
         write_markdown(results, args.markdown, command)
         return
     model, tokenizer = load_model(MODEL)
-    text = load_wikitext2()
+    text = load_wikitext2(WIKITEXT2_TEST)
     calibrations: dict[int, torch.Tensor] = {}
     for label, config in todo:
         if config is not None and config.method not in QUANTIZERS:
@@ -161,7 +162,7 @@ def main() -> None:
         else:
             if config.method == "optq" and config.n_samples not in calibrations:
                 calibrations[config.n_samples] = load_calibration(
-                    tokenizer, None, config.n_samples, SEQ_LEN, seed=0
+                    tokenizer, C4_VALIDATION, config.n_samples, SEQ_LEN, seed=0
                 )
             candidate = quantize_(
                 copy.deepcopy(model),

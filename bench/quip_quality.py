@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import environment, print_table, write_json  # noqa: E402
+from bench._common import C4_VALIDATION, WIKITEXT2_TEST, environment, print_table, write_json  # noqa: E402
 from modulora.eval.perplexity import load_wikitext2, perplexity  # noqa: E402
 from modulora.models import load_model  # noqa: E402
 from modulora.quant import QuantConfig, QuantizedLinear  # noqa: E402
@@ -73,8 +73,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     base, tokenizer = load_model(MODEL, device="cpu", dtype=torch.float32)
-    text = load_wikitext2()
-    ids = load_calibration(tokenizer, None, args.n_samples, 512, seed=0)
+    text = load_wikitext2(WIKITEXT2_TEST)
+    ids = load_calibration(tokenizer, C4_VALIDATION, args.n_samples, 512, seed=0)
     results = []
     for name in names:
         config = ROWS[name]

@@ -96,9 +96,15 @@ def register_quantize(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-act-order", dest="act_order", action="store_false", help="OPTQ: natural column order"
     )
-    p.add_argument("--calibration", help="calibration text file (.jsonl/.json/.txt); default: the C4 sample")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument(
+        "--calibration",
+        help="calibration file: .txt, or .jsonl/.json/.csv rows with `text` or in a training format "
+        "(chat, alpaca, prompt/completion); default: the C4 sample shipped in the package",
+    )
+    p.add_argument("--n-samples", type=int, help="calibration windows (default: 128 on a GPU, 16 on a CPU)")
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per calibration window (default: 512 on a GPU, 256 on a CPU)"
+    )
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=run_quantize)
 
@@ -429,9 +435,8 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         type=Path,
-        required=True,
         help=(
-            "perplexity: a text file (.raw/.txt) or rows with `text`; "
+            "required; perplexity: a text file (.raw/.txt) or rows with `text`; "
             "accuracy: rows with prompt, choices, label; exact-match/rouge: prompt/completion, alpaca "
             "or chat rows (the last assistant turn is the reference)"
         ),
@@ -443,10 +448,21 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
 
+# What each task reads, for the error when --data is missing (no evaluation data ships with the library).
+EVAL_DATA = {
+    "perplexity": "a text file (.raw/.txt), e.g. WikiText-2's wiki.test.raw, or rows with a `text` field",
+    "accuracy": ".jsonl/.json/.csv rows with prompt, choices and label",
+    "exact-match": "prompt/completion, alpaca or chat rows (the last assistant turn is the reference)",
+    "rouge": "prompt/completion, alpaca or chat rows (the last assistant turn is the reference)",
+}
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from modulora.data import DataError, read_rows
     from modulora.eval import rows
 
+    if args.data is None:
+        raise SystemExit(f"--data: --task {args.task} needs {EVAL_DATA[args.task]}; pass --data PATH")
     model, tokenizer = _load(args)
     try:
         if args.task == "perplexity":

@@ -192,13 +192,17 @@ def load_tokenizer(ref: str | os.PathLike[str]) -> Any:
 def load_model(
     ref: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, Any]:
-    """(model in eval mode on `device`, tokenizer). Dense weights get `dtype`; packed weights keep theirs."""
+    """(model in eval mode on `device`, tokenizer). Dense weights get `dtype`; packed weights keep theirs.
+
+    A quantized folder is read tensor by tensor straight onto `device` (`_load_quantized`), so host
+    memory never holds the model.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
     check_model(path)  # a missing shard or a folder that is not a model, named before any load
     if is_quantized_dir(path):
-        model = _load_quantized(path)
+        model = _load_quantized(path, device, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     cast_dense_(model, dtype)
@@ -236,51 +240,52 @@ def _quantized_layer_specs(path: Path, keys: set[str]) -> dict[str, dict[str, An
     return {name: {"format": "gptq", "config": gptq} for name in names}
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(file))
-    if not state:
-        raise FileNotFoundError(f"model: no *.safetensors in {path}")
-    return state
-
-
-def _load_quantized(path: Path) -> nn.Module:
-    """Skeleton from config.json with empty weights, quantized layers swapped in, tensors assigned."""
+def _load_quantized(path: Path, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """Skeleton from config.json on the meta device, quantized layers swapped in (also on meta),
+    then every tensor read from the shards one at a time and put on `device`: packed tensors as
+    stored, the other floating tensors in `dtype`."""
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from modulora.weights import SafetensorsSource
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours to interpret, not transformers'
-    state = _read_safetensors(path)
-    specs = _quantized_layer_specs(path, set(state))
+    source = SafetensorsSource(path)
+    keys = source.keys()
+    specs = _quantized_layer_specs(path, keys)
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing_g_idx = []
     for name, spec in specs.items():
         dense = model.get_submodule(name)
-        layer = FORMATS[spec["format"]].empty(
-            dense.in_features, dense.out_features, f"{name}.bias" in state, spec["config"]
-        )
-        if "g_idx" in dict(layer.named_buffers(recurse=False)) and f"{name}.g_idx" not in state:
-            # Old GPTQ checkpoints omit g_idx: groups are then contiguous.
-            group = spec["config"]["group_size"]
-            state[f"{name}.g_idx"] = torch.arange(dense.in_features, dtype=torch.int32) // (
-                dense.in_features if group == -1 else group
+        with torch.device("meta"):
+            layer = FORMATS[spec["format"]].empty(
+                dense.in_features, dense.out_features, f"{name}.bias" in keys, spec["config"]
             )
+        if "g_idx" in dict(layer.named_buffers(recurse=False)) and f"{name}.g_idx" not in keys:
+            missing_g_idx.append((name, spec["config"]["group_size"]))
         _set_module(model, name, layer)
     packed = _packed_keys(model)
-    state = {k: v.float() if k not in packed and v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
-    if missing or result.unexpected_keys:
+    expected = {k for k in model.state_dict() if not _is_tied(model, k)}
+    missing = sorted(expected - keys - {f"{name}.g_idx" for name, _ in missing_g_idx})
+    unexpected = sorted(keys - expected)
+    if missing or unexpected:
         raise ValueError(
-            f"model: {path} does not match its config: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"model: {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    for key in sorted(keys):
+        tensor = source.get(key, device)
+        if key not in packed and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        set_module_tensor_to_device(model, key, device, value=tensor, dtype=tensor.dtype, clear_cache=False)
+    for name, group in missing_g_idx:  # old GPTQ checkpoints omit g_idx: groups are then contiguous
+        in_features = model.get_submodule(name).in_features
+        g_idx = torch.arange(in_features, dtype=torch.int32) // (in_features if group == -1 else group)
+        set_module_tensor_to_device(model, f"{name}.g_idx", device, value=g_idx, clear_cache=False)
+    model.tie_weights()
     return model
 
 
@@ -369,10 +374,8 @@ def save_quantized(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not layers:
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError("model: has no quantized layers to save")
-    formats = {m.format for m in layers.values()}
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -384,7 +387,25 @@ def save_quantized(
         seen.add(tensor.data_ptr())
         state[key] = tensor.detach().cpu().contiguous()
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return write_quantized_metadata(model, tokenizer, config, tmp, out_dir, base)
 
+
+def write_quantized_metadata(
+    model: nn.Module,
+    tokenizer: Any,
+    config: QuantConfig,
+    tmp: Path,
+    out_dir: str | os.PathLike[str],
+    base: str | None = None,
+) -> Path:
+    """Add config.json, quantize_config.json and the tokenizer to `tmp`, which holds the weights
+    (one file or shards), and rename it to `out_dir`. `model`'s modules name each quantized
+    layer's format (its tensors may be on the meta device, already written)."""
+    out_dir = Path(out_dir)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not layers:
+        raise ValueError("model: has no quantized layers to save")
+    formats = {m.format for m in layers.values()}
     hf_config = model.config
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config

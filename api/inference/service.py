@@ -73,7 +73,7 @@ def checkpoint_base(session: Session, job: Job) -> str:
     if model is not None:
         return from_home(model.base)
     try:
-        return job_base(job.model, job.hyperparameters)
+        return job_base(job.model, job.hyperparameters, job.training_file)
     except ModelFolderError as e:
         raise bad_request(str(e), param="model", code="invalid_model") from None
 

@@ -63,6 +63,18 @@ def _file(session: SessionDep, user: CurrentUser, file_id: str, param: str) -> F
     return file
 
 
+def _check_calibration(session: SessionDep, user: CurrentUser, calibration: str) -> None:
+    """ "default", "training_file", or one of the user's files (else 400: the job would fail later)."""
+    if calibration in ("default", "training_file"):
+        return
+    if crud.get_file(session=session, user_id=user.id, file_id=calibration) is None:
+        raise bad_request(
+            f"hyperparameters.calibration: {calibration!r} is not 'default', 'training_file' or "
+            "the id of one of your files",
+            param="hyperparameters.calibration",
+        )
+
+
 def check_model(model: str) -> None:
     """400 naming `model` when its folder, as far as this host sees it, is not a usable model
     (not a model folder, a missing or unreadable shard). A source this host cannot see (a folder
@@ -131,6 +143,7 @@ def create_job(
         hp = body.requested_hyperparameters().resolve(training.rows or 0)
     except (ValidationError, ValueError) as e:
         raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from None
+    _check_calibration(session, user, hp["calibration"])
     estimate = check_memory(body.model, hp)
     job = Job(
         user_id=user.id,

@@ -5,7 +5,8 @@ The text is tokenized once (no special tokens), cut into `len(ids) // window` wi
 predicted from tokens < t of the same window. Perplexity = exp(total NLL / predicted tokens).
 
 WikiText-2 as specified in issue 2: `wiki.test.raw` with CRLF read as LF, the first 87,684
-characters: 22,014 SmolLM2 tokens, 42 windows of 512 (`load_wikitext2()`).
+characters: 22,014 SmolLM2 tokens, 42 windows of 512 (`load_wikitext2(path)`). The text is not
+shipped with the package: callers pass its path (the tests and benchmarks read `../shared`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WIKITEXT2_TEST = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "wikitext2" / "wiki.test.raw"
 WIKITEXT2_CHARS = 87_684
 
 
-def load_wikitext2(
-    path: str | os.PathLike[str] | None = None, max_chars: int | None = WIKITEXT2_CHARS
-) -> str:
-    """WikiText-2 test text with CRLF read as LF, cut to its first `max_chars` characters."""
-    text = Path(path or WIKITEXT2_TEST).read_text(encoding="utf-8").replace("\r\n", "\n")
+def load_wikitext2(path: str | os.PathLike[str], max_chars: int | None = WIKITEXT2_CHARS) -> str:
+    """WikiText-2 test text at `path` with CRLF read as LF, cut to its first `max_chars` characters."""
+    text = Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
     return text if max_chars is None else text[:max_chars]
 
 

@@ -32,8 +32,10 @@ class QuantConfig:
     damp_percent: OPTQ adds this fraction of the mean Hessian diagonal to its diagonal.
     true_sequential: OPTQ quantizes q/k/v, then o, then gate/up, then down, re-running the layer
         in between so each group sees the already-quantized outputs of the previous one.
-    calibration: path of a .jsonl/.json/.txt file whose text calibrates OPTQ; None = the C4 sample.
-    n_samples, seq_len: number and length (tokens) of the calibration windows.
+    calibration: path of a file whose text calibrates OPTQ (`modulora.quantize.read_calibration_texts`:
+        .txt, .jsonl/.json/.csv rows with `text` or in a training format); None = the shipped C4 sample.
+    n_samples, seq_len: number and length (tokens) of the calibration windows; None = sized to the
+        device that quantizes (`modulora.quantize.CALIBRATION_SIZES`: 128 × 512 on a GPU).
     options: method-specific settings (documented by each quantizer).
     """
 
@@ -45,8 +47,8 @@ class QuantConfig:
     damp_percent: float = 0.01
     true_sequential: bool = True
     calibration: str | None = None
-    n_samples: int = 128
-    seq_len: int = 512
+    n_samples: int | None = None
+    seq_len: int | None = None
     seed: int = 0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     version: int = QUANT_CONFIG_VERSION
@@ -58,8 +60,8 @@ class QuantConfig:
             raise ValueError(f"group_size: {self.group_size} must be positive or -1 (per channel)")
         if not 0 <= self.damp_percent < 1:
             raise ValueError(f"damp_percent: {self.damp_percent} must be in [0, 1)")
-        if self.n_samples <= 0 or self.seq_len <= 0:
-            raise ValueError("n_samples and seq_len must be positive")
+        if any(v is not None and v <= 0 for v in (self.n_samples, self.seq_len)):
+            raise ValueError("n_samples and seq_len must be positive (or None: sized to the device)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -58,6 +58,13 @@ def test_generate_reports_bad_input_as_a_message(argv: list[str], message: str) 
         cli.main(["generate", *argv, "--device", "cpu"])
 
 
+@pytest.mark.parametrize("task", cli.EVAL_TASKS)
+def test_eval_without_data_says_what_to_pass(task: str) -> None:
+    """No evaluation data ships with the library: the message names what the task reads."""
+    with pytest.raises(SystemExit, match=re.escape(f"--data: --task {task} needs {cli.EVAL_DATA[task]}")):
+        cli.main(["eval", "--model", "smollm2-135m-instruct", "--task", task, "--device", "cpu"])
+
+
 def modulora(*args: str) -> int:
     """Run the command in-process, on the CPU."""
     return cli.main([*map(str, args), "--device", "cpu"])

@@ -57,7 +57,7 @@ def test_text_shorter_than_a_window_names_the_problem() -> None:
 
 
 @pytest.mark.slow
-def test_wikitext2_slice_is_22014_smollm2_tokens(smollm2) -> None:
-    text = load_wikitext2()
+def test_wikitext2_slice_is_22014_smollm2_tokens(smollm2, shared_datasets) -> None:
+    text = load_wikitext2(shared_datasets / "wikitext2" / "wiki.test.raw")
     assert len(text) == WIKITEXT2_CHARS and "\r" not in text
     assert len(load_tokenizer(smollm2)(text, add_special_tokens=False).input_ids) == 22_014

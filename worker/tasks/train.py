@@ -148,17 +148,33 @@ def ensure_base(job: Job, source: str) -> str:
     from modulora.models import is_quantized_dir
     from modulora.quantize import quantize_model
 
-    ref, config = job_base(job.model, job.hyperparameters), job_quant_config(job.hyperparameters)
+    ref = job_base(job.model, job.hyperparameters, job.training_file)
+    config = job_quant_config(job.hyperparameters, job.training_file)
     folder = Path(ref)
     if config is None or is_quantized_dir(folder):
         _event(job.id, f"Using the quantized base {folder.name}")
         return ref
+    if config.calibration is not None and not Path(config.calibration).is_file():
+        raise JobFailure(
+            "invalid_calibration_file",
+            f"calibration file {Path(config.calibration).name!r} was deleted",
+            "hyperparameters.calibration",
+        )
+    choice = job.hyperparameters.get("calibration", "default")
+    calibration = {"default": "the C4 sample", "training_file": "the job's training file"}.get(choice, choice)
     _event(
-        job.id, f"Quantizing {job.model} with {config.method} to {config.bits} bits (cached for later jobs)"
+        job.id,
+        f"Quantizing {job.model} with {config.method} to {config.bits} bits, calibrated on {calibration} "
+        "(cached for later jobs)",
     )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    quantize_model(source, config, tmp)
+
+    def progress(done: int, total: int) -> None:  # the dashboard shows "Quantizing: layer k of n"
+        data = {"phase": "quantizing", "done": done, "total": total, "unit": "layer"}
+        _event(job.id, f"Quantized layer {done} of {total}", data=data)
+
+    quantize_model(source, config, tmp, progress)
     try:
         tmp.rename(folder)
     except OSError:  # another worker cached the same base first

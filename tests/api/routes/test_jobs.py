@@ -109,6 +109,31 @@ def test_create_job_on_another_users_file_is_404(service: Service, training_file
     assert response.status_code == 404 and response.json()["error"]["param"] == "training_file"
 
 
+def test_calibration_names_a_stored_file_of_the_user(
+    service: Service, alice: dict[str, str], training_file: str
+) -> None:
+    own = create(service, alice, training_file, hyperparameters={"calibration": "training_file"})
+    assert own["hyperparameters"]["calibration"] == "training_file"
+    other = service.upload(alice, jsonl([CHAT_ROW], copies=5))["id"]
+    assert (
+        create(service, alice, training_file, hyperparameters={"calibration": other})["hyperparameters"][
+            "calibration"
+        ]
+        == other
+    )
+    bobs = service.upload(service.new_key("bob"), jsonl([CHAT_ROW], copies=5))["id"]
+    for unknown in ("file-does-not-exist", bobs):  # another user's file reads as a missing one
+        response = service.client.post(
+            "/v1/fine_tuning/jobs",
+            headers=alice,
+            json={"model": "smollm2-135m-instruct", "training_file": training_file,
+                  "hyperparameters": {"calibration": unknown}},
+        )  # fmt: skip
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "hyperparameters.calibration"
+        assert unknown in response.json()["error"]["message"]
+
+
 def test_list_jobs_pages_newest_first_and_filters_metadata(
     service: Service, alice: dict[str, str], training_file: str
 ) -> None:

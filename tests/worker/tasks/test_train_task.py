@@ -11,7 +11,7 @@ import torch
 from sqlalchemy import select
 
 from core import lifecycle
-from core.bases import job_base
+from core.bases import job_base, job_quant_config
 from core.config import get_settings
 from core.db.models import Job, JobEvent
 from core.db.session import session_scope
@@ -111,3 +111,28 @@ def test_base_cache_key_depends_on_model_and_quantization_only(service: Service)
     assert Path(rtn_base).parent == get_settings().bases_dir
     assert Path(rtn_base).name.startswith("smollm2-135m-instruct-rtn-4b-g128-")
     assert native_base == "smollm2-135m-instruct:gguf"
+
+
+def test_base_cache_key_follows_the_calibration_file_for_optq_only(service: Service) -> None:
+    def base(job: Job) -> str:
+        return job_base(job.model, job.hyperparameters, job.training_file)
+
+    default = make_job(service, quantization="optq")
+    own = make_job(service, quantization="optq", calibration="training_file")
+    other_own = make_job(service, quantization="optq", calibration="training_file")
+    assert own.hyperparameters["calibration"] == "training_file"
+    assert len({base(default), base(own), base(other_own)}) == 3  # each training file its own base
+    config = job_quant_config(own.hyperparameters, own.training_file)
+    assert config is not None and config.calibration == str(get_settings().files_dir / own.training_file)
+    assert job_quant_config(default.hyperparameters, default.training_file).calibration is None
+    # RTN does not calibrate: its base is shared whatever the job names.
+    rtn = make_job(service, quantization="rtn", calibration="training_file")
+    assert base(rtn) == job_base(rtn.model, {**rtn.hyperparameters, "calibration": "default"}, None)
+
+
+def test_a_deleted_calibration_file_fails_the_job_naming_the_field(service: Service) -> None:
+    job = make_job(service, quantization="optq", calibration="training_file")
+    (get_settings().files_dir / job.training_file).unlink()
+    with pytest.raises(train.JobFailure) as failure:
+        train.ensure_base(job)
+    assert failure.value.error["param"] == "hyperparameters.calibration"
