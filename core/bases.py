@@ -85,6 +85,17 @@ def check_base_model(name: str) -> None:
         check_model(Path(source))
 
 
+def base_model_problem(name: str) -> str | None:
+    """Why the base model cannot be used on this host (`check_base_model`'s message), or None."""
+    from modulora.model_folder import ModelFolderError
+
+    try:
+        check_base_model(name)
+    except ModelFolderError as e:
+        return str(e)
+    return None
+
+
 def base_model_folder(name: str) -> Path:
     """The folder holding the base model's config.json and tokenizer: a built-in model's converted
     copy under `models/` (present once converted), else the source folder itself."""
