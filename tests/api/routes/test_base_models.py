@@ -212,3 +212,13 @@ def test_a_quantized_base_is_keyed_by_the_configured_source_and_the_snapshot(
     write_hf_cache_entry(tmp_path / "new-hub", "acme/tiny-llama", commit="f" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "new-hub"))
     assert job_base("hub-llama", hp) != before
+
+
+def test_training_on_gguf_blocks_of_a_safetensors_model_is_a_400(
+    service: Service, models: dict[str, Path]
+) -> None:
+    response = create_job(service, NAME, quantization="gguf")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "invalid_model")
+    assert "is not a GGUF model" in error["message"]
