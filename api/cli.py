@@ -10,6 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
+from core.bases import base_model_problem
 from core.config import get_settings
 
 
@@ -27,6 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"ModuLoRA API on {url} (dashboard at {url}/, OpenAPI at {url}/docs)")
     print(f"Database: {settings.resolved_database_url}; broker: {settings.resolved_broker_url}")
     print("Create an API key with: modulora keys create --user NAME")
+    for name, source in settings.base_models.items():
+        problem = base_model_problem(name)
+        print(
+            f"Base model {name!r}: {source}" + (f" (not usable on this host: {problem})" if problem else "")
+        )
     try:
         uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
     finally:

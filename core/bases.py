@@ -97,14 +97,32 @@ def is_builtin(source: str) -> bool:
     return "/" not in source and not Path(source).expanduser().exists()
 
 
-def check_base_model(name: str) -> None:
-    """Refuse a base model whose source is not a usable model (`modulora.model_folder.check_model`);
+def check_base_model(name: str, quantization: str | None = None) -> None:
+    """Refuse a base model whose source is not a usable model (`modulora.model_folder.check_model`),
+    or, for `quantization="gguf"` (train on the model's own blocks), one that is not a GGUF;
     built-in models are checked by their package."""
-    from modulora.model_folder import check_model
+    from modulora.model_folder import ModelFolderError, check_model, gguf_file
 
     source = base_model_source(name)
-    if not is_builtin(source):
-        check_model(Path(source))
+    if is_builtin(source):
+        return
+    check_model(Path(source))
+    if quantization == "gguf" and gguf_file(Path(source)) is None:
+        raise ModelFolderError(
+            f"model: {name!r} is not a GGUF model, so it has no blocks of its own to train on; "
+            "choose another quantization (optq, rtn, nf4, quip#)"
+        )
+
+
+def base_model_problem(name: str) -> str | None:
+    """Why the base model cannot be used on this host (`check_base_model`'s message), or None."""
+    from modulora.model_folder import ModelFolderError
+
+    try:
+        check_base_model(name)
+    except ModelFolderError as e:
+        return str(e)
+    return None
 
 
 def base_model_folder(name: str) -> Path:

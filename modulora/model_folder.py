@@ -61,7 +61,7 @@ def check_model(path: Path) -> None:
     folder without config.json, weights or tokenizer, or with missing or unreadable shards."""
     if not path.exists():
         raise ModelFolderError(f"model: {path} does not exist")
-    gguf = _gguf_file(path)
+    gguf = gguf_file(path)
     if gguf is not None:
         with gguf.open("rb") as file:
             if file.read(4) != b"GGUF":
@@ -80,7 +80,7 @@ def check_model(path: Path) -> None:
         raise ModelFolderError(f"model: {path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
 
 
-def _gguf_file(path: Path) -> Path | None:
+def gguf_file(path: Path) -> Path | None:
     """The GGUF model `path` is (a .gguf file, or a folder without config.json holding one)."""
     if path.is_file():
         return path if path.suffix == ".gguf" else None

@@ -94,14 +94,15 @@ def _is_prepared(folder: Path) -> bool:
     return (folder / "config.json").is_file()
 
 
-def _prepare(model: str) -> None:
+def _prepare(model: str) -> Path:
     """Convert the base model into its cached folder (what the first job would do anyway)."""
     from modulora.models import resolve_model  # imports torch: only ever on a fresh server
 
-    resolve_model(base_model_source(model))
+    return resolve_model(base_model_source(model))
 
 
-_preparing: dict[str, Future[None]] = {}
+_preparing: dict[str, Future[Path]] = {}
+_converted: dict[str, Path] = {}  # a GGUF source's converted folder, found by its conversion
 _preparing_lock = threading.Lock()
 _preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-model")
 
@@ -110,7 +111,7 @@ def _prepared_folder(model: str) -> Path:
     """The base model's folder with its config and tokenizer, or 503 `model_preparing` while a
     background thread converts it. A failed conversion is reported once and never remembered:
     the next request starts it again."""
-    folder = _model_folder(model)
+    folder = _converted.get(model) or _model_folder(model)
     if _is_prepared(folder):
         return folder
     with _preparing_lock:
@@ -127,6 +128,9 @@ def _prepared_folder(model: str) -> Path:
                     param="model",
                     code="model_prepare_failed",
                 )
+            converted = running.result()
+            if converted != folder:  # a GGUF source: its model files are a conversion elsewhere
+                folder = _converted[model] = converted
             if _is_prepared(folder):
                 return folder
             running = None

@@ -75,24 +75,17 @@ def _check_calibration(session: SessionDep, user: CurrentUser, calibration: str)
         )
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, quantization: str) -> None:
     """400 naming `model` when its folder, as far as this host sees it, is not a usable model
-    (not a model folder, a missing or unreadable shard). A source this host cannot see (a folder
-    mounted only on the workers, a Hugging Face id not in this host's cache) is the worker's to
-    check: the job then fails with the same message."""
-    settings = get_settings()
-    if model not in settings.base_models:
-        raise bad_request(
-            f"model: {model!r} is not one of {sorted(settings.base_models)}",
-            param="model",
-            code="model_not_available",
-        )
+    (not a model folder, a missing or unreadable shard, not a GGUF for `quantization="gguf"`). A
+    source this host cannot see (a folder mounted only on the workers, a Hugging Face id not in
+    this host's cache) is the worker's to check: the job then fails with the same message."""
     try:
         source = base_model_source(model)
     except ModelFolderError:
         return
     try:
-        check_base_model(model)
+        check_base_model(model, quantization)
     except ModelFolderError as e:
         raise bad_request(
             f"{e} (base model {model!r} maps to {source})", param="model", code="invalid_model"
@@ -135,7 +128,13 @@ def create_job(
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key)
         if existing is not None:
             return to_public(existing)
-    check_model(body.model)
+    settings = get_settings()
+    if body.model not in settings.base_models:
+        raise bad_request(
+            f"model: {body.model!r} is not one of {sorted(settings.base_models)}",
+            param="model",
+            code="model_not_available",
+        )
     training = _file(session, user, body.training_file, "training_file")
     if body.validation_file is not None:
         _file(session, user, body.validation_file, "validation_file")
@@ -144,6 +143,7 @@ def create_job(
     except (ValidationError, ValueError) as e:
         raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from None
     _check_calibration(session, user, hp["calibration"])
+    check_model(body.model, hp["quantization"])
     estimate = check_memory(body.model, hp)
     job = Job(
         user_id=user.id,

@@ -59,10 +59,13 @@ def model_folder() -> Path:
 
 
 def _copy_model_files(model_folder: Path, target: Path) -> None:
-    target.mkdir(parents=True)
+    """Copy as a conversion writes: under a temporary name, renamed into place when complete."""
+    tmp = target.with_name(f"{target.name}.tmp")
+    tmp.mkdir(parents=True)
     for name in MODEL_FILES:
         if (model_folder / name).is_file():
-            shutil.copy(model_folder / name, target / name)
+            shutil.copy(model_folder / name, tmp / name)
+    tmp.rename(target)
 
 
 def _service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
@@ -262,10 +265,11 @@ def test_fresh_server_prepares_the_base_model_on_first_use_for_report_and_estima
     release = threading.Event()
     calls: list[str] = []
 
-    def prepare(model: str) -> None:
+    def prepare(model: str) -> Path:
         calls.append(model)
         release.wait(10)
         _copy_model_files(model_folder, get_settings().models_dir / model)
+        return get_settings().models_dir / model
 
     monkeypatch.setattr(dashboard, "_prepare", prepare)
     monkeypatch.setattr(dashboard, "_preparing", {})
@@ -294,11 +298,12 @@ def test_a_failed_preparation_is_reported_once_and_then_retried(
 ) -> None:
     attempts: list[int] = []
 
-    def prepare(model: str) -> None:
+    def prepare(model: str) -> Path:
         attempts.append(1)
         if len(attempts) == 1:
             raise OSError("disk full")
         _copy_model_files(model_folder, get_settings().models_dir / model)
+        return get_settings().models_dir / model
 
     monkeypatch.setattr(dashboard, "_prepare", prepare)
     monkeypatch.setattr(dashboard, "_preparing", {})

@@ -134,7 +134,7 @@ def _prepare_base(job: Job, device: Any) -> str:
     from modulora.models import resolve_model
 
     try:
-        check_base_model(job.model)
+        check_base_model(job.model, job.hyperparameters["quantization"])
         source = base_model_source(job.model)
     except ModelFolderError as e:
         raise JobFailure("invalid_model", str(e), "model") from None

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from api.inference.service import get_inference_engine
-from core.bases import base_model_source, job_base
+from core.bases import base_model_problem, base_model_source, job_base
 from core.config import get_settings
 from core.db.models import Job, Model, User
 from core.db.session import session_scope
@@ -97,7 +97,9 @@ def test_a_folder_that_is_not_a_model_is_a_400_naming_the_model(
 
 
 def test_a_missing_shard_is_a_400_naming_the_shard(service: Service, models: dict[str, Path]) -> None:
+    assert base_model_problem(NAME) is None
     (models[NAME] / "model-00002-of-00002.safetensors").unlink()
+    assert "model-00002-of-00002.safetensors" in (base_model_problem(NAME) or "")  # what `serve` prints
     response = create_job(service, NAME)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -210,3 +212,13 @@ def test_a_quantized_base_is_keyed_by_the_configured_source_and_the_snapshot(
     write_hf_cache_entry(tmp_path / "new-hub", "acme/tiny-llama", commit="f" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "new-hub"))
     assert job_base("hub-llama", hp) != before
+
+
+def test_training_on_gguf_blocks_of_a_safetensors_model_is_a_400(
+    service: Service, models: dict[str, Path]
+) -> None:
+    response = create_job(service, NAME, quantization="gguf")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("model", "invalid_model")
+    assert "is not a GGUF model" in error["message"]
