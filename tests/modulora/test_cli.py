@@ -209,6 +209,13 @@ def test_export_merge_writes_a_folder_transformers_loads_and_gguf_lora_needs_a_g
         expected, got = trained.eval()(ids).logits, merged(ids).logits.float()
     assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
 
+    # Without an adapter, --merge writes the base alone, dense.
+    assert modulora("export", "--model", model_dir, "--merge", "--out", tmp_path / "base") == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        plain, dense = tiny_llama()(ids).logits, base(ids).logits.float()
+    assert (dense - plain).abs().max() <= 0.03 * plain.abs().max()
+
     with pytest.raises(SystemExit, match="needs a GGUF base"):
         modulora(
             "export",
