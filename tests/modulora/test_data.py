@@ -180,6 +180,8 @@ def test_packing_concatenates_into_full_sequences(tokenizer) -> None:
         ({"messages": [USER_HI | {"weight": 0}, {"role": "assistant", "content": "x"}]},
          "messages[0].weight"),
         ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 0}]}, "messages"),
+        ({"messages": [USER_HI, {"role": "assistant", "content": "x"}], "tools": [{"type": "function"}]},
+         "tools[0].function"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
                        {"role": "assistant", "content": "x"}]}, "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": "hi"},
