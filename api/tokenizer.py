@@ -40,10 +40,12 @@ class LightTokenizer:
         *,
         chat_template: str | None = None,
         add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
         **_: Any,
     ) -> str:
         rendered, _indices = render_jinja_template(
             [messages],
+            tools=tools,
             chat_template=chat_template or self.chat_template or "",
             add_generation_prompt=add_generation_prompt,
             **self.special_tokens,

@@ -333,8 +333,9 @@ def register_export(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_model_args(p, adapter=False)
     p.add_argument(
-        "--adapter", type=Path, required=True, help="adapter folder (from `modulora finetune --out`)"
-    )
+        "--adapter", type=Path,
+        help="adapter folder (from `modulora finetune --out`); --merge without one dequantizes the base",
+    )  # fmt: skip
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument(
         "--merge", action="store_const", dest="export_format", const="merged",
@@ -352,7 +353,8 @@ def run_export(args: argparse.Namespace) -> int:
     from modulora.export import export_for_other_stacks
 
     try:
-        out = export_for_other_stacks(args.model, adapter_folder(args.adapter), args.export_format, args.out)
+        adapter = adapter_folder(args.adapter) if args.adapter else None
+        out = export_for_other_stacks(args.model, adapter, args.export_format, args.out)
     except ValueError as e:
         raise SystemExit(f"export: {e}") from None
     print(f"{args.export_format}: {out}")

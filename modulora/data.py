@@ -4,8 +4,9 @@ Formats (auto-detected from the first row's keys):
 - `messages`: chat, `{"messages": [{"role": "user", "content": ...}, ...]}`, rendered with the
   tokenizer's chat template; loss on assistant turns only. As OpenAI's fine-tuning accepts it:
   roles system/user/assistant/tool, `content` a string or a list of `{"type": "text", "text"}`
-  parts, assistant `tool_calls` (content may then be null), and `weight` 0 or 1 on an assistant
-  turn (0: the turn is context only and carries no loss).
+  parts, assistant `tool_calls` (content may then be null), `weight` 0 or 1 on an assistant turn
+  (0: the turn is context only and carries no loss), and the row's `tools` (function definitions,
+  passed to the template as transformers passes them).
 - `sharegpt`: `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`, mapped to chat.
 - `alpaca`: `instruction`, optional `input`, `output`, rendered with the Alpaca prompt.
 - `prompt_completion`: `prompt` + `completion`, concatenated as they are (the user owns the separator).
@@ -297,7 +298,8 @@ def render(
 ) -> tuple[str, list[tuple[int, int]]]:
     """A row as text plus the character spans that carry loss (completions / assistant turns)."""
     if fmt in ("messages", "sharegpt"):
-        return _render_chat(_chat_messages(data, fmt, line), tokenizer)
+        tools = _tool_definitions(data, line) if fmt == "messages" else None
+        return _render_chat(_chat_messages(data, fmt, line), tokenizer, tools)
     if fmt == "alpaca":
         instruction, output = _string(data, "instruction", line), _string(data, "output", line)
         extra = _string(data, "input", line, required=False)
@@ -323,13 +325,34 @@ def chat_template(tokenizer: Any) -> str:
     return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
 
 
-def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+def _apply_template(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     return tokenizer.apply_chat_template(
         messages,
         chat_template=chat_template(tokenizer),
+        tools=tools,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
+
+
+def _tool_definitions(data: dict[str, Any], line: int | None) -> list[dict[str, Any]] | None:
+    """A chat row's `tools` (OpenAI's function definitions), handed to the chat template as
+    transformers' `apply_chat_template(tools=...)` does."""
+    tools = data.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise DataError(line, "tools", "expected a list of tool definitions")
+    for j, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(line, f"tools[{j}].function", "expected {name, description, parameters}")
+    return tools
 
 
 def _inline_tool_calls(message: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +370,9 @@ def _inline_tool_calls(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
 
 
-def _render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+def _render_chat(
+    messages: list[dict[str, Any]], tokenizer: Any, tools: list[dict[str, Any]] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     # Each assistant turn's span is the difference between the conversation rendered up to it with a
     # generation prompt and rendered through it: its content and the template's end-of-turn marker.
     # A turn with weight 0 is context only: it gets no span. The weight never reaches the template.
@@ -355,13 +380,13 @@ def _render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> tuple[str, l
     messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     if "tool_calls" not in chat_template(tokenizer):
         messages = [_inline_tool_calls(m) for m in messages]
-    full = _apply_template(tokenizer, messages, add_generation_prompt=False)
+    full = _apply_template(tokenizer, messages, False, tools)
     spans, cursor = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or weights[i] == 0:
             continue
-        prefix = _apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = _apply_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prefix = _apply_template(tokenizer, messages[:i], True, tools) if i else ""
+        through = _apply_template(tokenizer, messages[: i + 1], False, tools)
         if full.startswith(prefix) and full.startswith(through) and len(through) > len(prefix):
             start, end = len(prefix), len(through)
         else:  # a template that rewrites earlier turns: fall back to locating the content itself

@@ -329,16 +329,20 @@ EXPORT_FORMATS = ("merged", "gguf-lora")
 
 
 def export_for_other_stacks(
-    base: str, adapter_dir: str | os.PathLike[str], export_format: str, out: str | os.PathLike[str]
+    base: str, adapter_dir: str | os.PathLike[str] | None, export_format: str, out: str | os.PathLike[str]
 ) -> Path:
     """What `modulora export` and the API's export route write for an adapter trained on `base`:
-    "merged", a dense bf16 Hugging Face folder (`export_merged`); "gguf-lora", llama.cpp's LoRA GGUF
-    (`export_gguf_lora`), for a GGUF base only (llama.cpp applies it to that base file)."""
+    "merged", a dense bf16 Hugging Face folder (`export_merged`; without an adapter, the base
+    dequantized: the dense form of a quantized base where transformers has no GPTQ backend);
+    "gguf-lora", llama.cpp's LoRA GGUF (`export_gguf_lora`), for a GGUF base only (llama.cpp applies
+    it to that base file)."""
     from modulora.models import gguf_source, load_model, transformers_folder
 
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"format: {export_format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     if export_format == "gguf-lora":
+        if adapter_dir is None:
+            raise ValueError("adapter: gguf-lora exports an adapter; name one")
         if gguf_source(base) is None:
             raise ValueError(f"format: gguf-lora needs a GGUF base (llama.cpp runs it), not {base!r}")
         base_config = json.loads((transformers_folder(base) / "config.json").read_text())
@@ -346,6 +350,8 @@ def export_for_other_stacks(
     from transformers import AutoTokenizer
 
     model, tokenizer = load_model(base)
+    if adapter_dir is None:
+        return export_merged(model, out, tokenizer)
     load_adapter(model, adapter_dir)
     if (Path(adapter_dir) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the chat template training used

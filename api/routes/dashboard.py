@@ -510,12 +510,8 @@ def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> Fil
 
 @router.get("/checkpoints/{checkpoint_id:path}/download", response_class=FileResponse)
 def download_checkpoint(checkpoint_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
-    """One training checkpoint folder as a zip."""
-    checkpoint = session.scalar(
-        select(Checkpoint)
-        .join(Job, Job.id == Checkpoint.job_id)
-        .where(Checkpoint.id == checkpoint_id, Job.user_id == user.id)
-    )
-    if checkpoint is None:
+    """One training checkpoint folder as a zip (by id or public `…:ckpt-step-N` name)."""
+    found = crud.visible_checkpoint(session=session, user_id=user.id, model_id=checkpoint_id)
+    if found is None:
         raise not_found("checkpoint", checkpoint_id, param="checkpoint_id")
-    return storage.zip_folder(Path(checkpoint.path), checkpoint.id)
+    return storage.zip_folder(Path(found[0].path), found[0].id)

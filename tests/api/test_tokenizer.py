@@ -36,6 +36,7 @@ def test_light_tokenizer_matches_transformers_on_smollm2_chat_rows() -> None:
 # Uses what the old Jinja sandbox lacked: `{% generation %}`, loop controls (`{% break %}`,
 # `{% continue %}`), `raise_exception` and HF's `tojson`.
 HF_FEATURES_TEMPLATE = (
+    "{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
     "{% for message in messages %}"
     "{% if message.role not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown role ' + message.role) }}{% endif %}"
@@ -55,7 +56,8 @@ HF_FEATURE_ROWS = [
     {"messages": [{"role": "user", "content": "Capital?"},
                   {"role": "assistant", "content": "", "tool_calls": [
                       {"type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
-                  {"role": "tool", "content": "Paris"}, {"role": "assistant", "content": "Paris."}]},
+                  {"role": "tool", "content": "Paris"}, {"role": "assistant", "content": "Paris."}],
+     "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]},
 ]  # fmt: skip
 
 
@@ -72,6 +74,7 @@ def test_upload_report_and_training_render_hf_templates_token_for_token(tmp_path
         full_text, full_spans = data.render(row, "messages", full)
         assert light_text == full_text and light_spans == full_spans
         assert "never rendered" not in light_text and "skipped" not in light_text
+        assert ('TOOLS [{"type": "function"' in light_text) == ("tools" in row)
         assert data.tokenize(light_text, light_spans, light) == data.tokenize(full_text, full_spans, full)
 
     path = tmp_path / "train.jsonl"

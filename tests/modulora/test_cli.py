@@ -182,3 +182,55 @@ def test_finetune_runs_from_a_config_file_with_later_options_overriding_it(tmp_p
     assert "unknown option 'learning_rat'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--data, --out required"):
         modulora("finetune", "--model", model_dir)
+
+
+def test_export_merge_writes_a_folder_transformers_loads_and_gguf_lora_needs_a_gguf_base(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from utils.tiny_lm import tiny_llama, tiny_tokenizer
+
+    from modulora.export import export_adapter
+    from modulora.lora import LoraConfig, add_lora_
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    trained, lora = tiny_llama(), LoraConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj"])
+    add_lora_(trained, lora)
+    torch.nn.init.normal_(trained.model.layers[0].self_attn.q_proj.lora_B["default"].weight, std=0.1)
+    export_adapter(
+        trained, tmp_path / "run" / "adapter", base_model=str(model_dir), quant_config=None, lora_config=lora
+    )
+
+    assert (
+        modulora(
+            "export", "--model", model_dir, "--adapter", tmp_path / "run", "--merge", "--out", tmp_path / "m"
+        )
+        == 0
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        expected, got = trained.eval()(ids).logits, merged(ids).logits.float()
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+
+    # Without an adapter, --merge writes the base alone, dense.
+    assert modulora("export", "--model", model_dir, "--merge", "--out", tmp_path / "base") == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        plain, dense = tiny_llama()(ids).logits, base(ids).logits.float()
+    assert (dense - plain).abs().max() <= 0.03 * plain.abs().max()
+
+    with pytest.raises(SystemExit, match="needs a GGUF base"):
+        modulora(
+            "export",
+            "--model",
+            model_dir,
+            "--adapter",
+            tmp_path / "run",
+            "--gguf-lora",
+            "--out",
+            tmp_path / "a.gguf",
+        )

@@ -177,14 +177,33 @@ def test_packing_concatenates_into_full_sequences(tokenizer) -> None:
         ({"instruction": 5, "output": "x"}, "instruction"),
         ({"prompt": "p", "completion": None}, "completion"),
         ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 2}]}, "messages[1].weight"),
-        ({"messages": [USER_HI | {"weight": 0}, {"role": "assistant", "content": "x"}]},
-         "messages[0].weight"),
+        (
+            {"messages": [USER_HI | {"weight": 0}, {"role": "assistant", "content": "x"}]},
+            "messages[0].weight",
+        ),
         ({"messages": [USER_HI, {"role": "assistant", "content": "x", "weight": 0}]}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
-                       {"role": "assistant", "content": "x"}]}, "messages[0].content[0]"),
-        ({"messages": [{"role": "user", "content": "hi"},
-                       {"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]}]},
-         "messages[1].tool_calls[0].function"),
+        (
+            {"messages": [USER_HI, {"role": "assistant", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools[0].function",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                    {"role": "assistant", "content": "x"},
+                ]
+            },
+            "messages[0].content[0]",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]},
+                ]
+            },
+            "messages[1].tool_calls[0].function",
+        ),
     ],
 )
 def test_malformed_row_error_names_line_and_field(tokenizer, tmp_path: Path, row: dict, field: str) -> None:

@@ -74,7 +74,8 @@ def test_transformers_gptq_path_gives_our_logits(gptq_base: Path) -> None:
 
 
 def test_dense_copy_of_the_gptq_base_loads_in_plain_transformers_with_our_logits(gptq_base, tmp_path) -> None:
-    """Where transformers has no GPTQ backend (CPU), `export_merged` of the bare base is the dense form."""
+    """Where transformers has no GPTQ backend (CPU), the dequantized base (`export_merged` without an
+    adapter; `modulora export --merge` without --adapter) is the dense form."""
     ours, tokenizer = load_model(gptq_base)
     expected = _logits(ours)
     dense = export_merged(ours, tmp_path / "dense", tokenizer, dtype=torch.float32)

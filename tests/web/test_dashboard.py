@@ -343,6 +343,9 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
     with page.expect_download() as download:  # the job trained on a :gguf base
         page.click("#export-gguf-lora")
     assert download.value.path().read_bytes()[:4] == b"GGUF"
+    with page.expect_download() as download:
+        page.click("#download-step-metrics")
+    assert download.value.path().read_text().startswith("step,train_loss,train_accuracy,valid_loss")
     dashboard.audit()
     dashboard.screenshot("job")
 

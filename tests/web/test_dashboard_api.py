@@ -239,6 +239,10 @@ def test_downloads_zip_the_adapter_and_checkpoint_folders(
     assert zipfile.ZipFile(io.BytesIO(response.content)).namelist() == ["ft_smollm2_web/adapter_config.json"]
     response = client.get("/v1/dashboard/checkpoints/ftckpt-1/download", headers=headers)
     assert zipfile.ZipFile(io.BytesIO(response.content)).namelist() == ["ftckpt-1/adapter_config.json"]
+    with session_scope() as session:
+        public = f"{session.get(Job, 1).fine_tuned_model_name()}:ckpt-step-2"
+    by_name = client.get(f"/v1/dashboard/checkpoints/{public}/download", headers=headers)
+    assert by_name.status_code == 200 and by_name.content == response.content
     assert client.get("/v1/dashboard/checkpoints", headers=headers).json()["data"][0]["id"] == "ftckpt-2"
     # Never a folder outside the storage root, never another user's artifact.
     assert client.get("/v1/dashboard/checkpoints/ftckpt-2/download", headers=headers).status_code == 410

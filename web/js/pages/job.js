@@ -369,6 +369,12 @@ export function renderJob(main, jobId) {
         h("button", { type: "button", id: "export-merged", class: "secondary", "aria-label": `Download ${name} merged into its base (bf16, .zip)`,
           onclick: () => downloadOrSay(`/v1/models/${encodeURIComponent(name)}/export?format=merged`, `${name.replaceAll(":", "_")}-merged.zip`) },
         "Download merged (bf16)"),
+        // OpenAI's step-metrics CSV, the job's result file.
+        job.result_files?.length
+          ? h("button", { type: "button", id: "download-step-metrics", class: "secondary", "aria-label": `Download the step metrics (CSV) of ${name}`,
+            onclick: () => downloadOrSay(`/v1/files/${encodeURIComponent(job.result_files[0])}/content`, "step_metrics.csv") },
+          "Step metrics (.csv)")
+          : null,
         job.hyperparameters?.quantization === "gguf"
           ? h("button", { type: "button", id: "export-gguf-lora", class: "secondary", "aria-label": `Download ${name} as a llama.cpp LoRA (.gguf)`,
             onclick: () => downloadOrSay(`/v1/models/${encodeURIComponent(name)}/export?format=gguf-lora`, `${name.replaceAll(":", "_")}.gguf`) },
