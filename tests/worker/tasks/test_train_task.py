@@ -15,7 +15,9 @@ from core.bases import job_base
 from core.config import get_settings
 from core.db.models import Job, JobEvent
 from core.db.session import session_scope
+from modulora.lora import LoraConfig, add_lora_, lora_state_dict
 from tests.api.conftest import CHAT_ROW, Service, jsonl
+from tests.utils.tiny_lm import tiny_llama
 from worker.tasks import train
 
 
@@ -111,3 +113,20 @@ def test_base_cache_key_depends_on_model_and_quantization_only(service: Service)
     assert Path(rtn_base).parent == get_settings().bases_dir
     assert Path(rtn_base).name.startswith("smollm2-135m-instruct-rtn-4b-g128-")
     assert native_base == "smollm2-135m-instruct:gguf"
+
+
+def test_adapter_starts_from_the_job_seed_as_modulora_finetune_draws_it() -> None:
+    """The same seed gives the job and `modulora finetune --seed` the same initial adapter, whatever
+    the process's random state was before (the e2e benchmark compares the two runs)."""
+    hp = {"lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "lora_targets": "all-linear"}
+    library = tiny_llama()
+    torch.manual_seed(7)
+    add_lora_(library, LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules="all-linear"))
+    for earlier_draws in (0, 1):
+        job_model = tiny_llama()
+        torch.rand(1 + earlier_draws)  # a different random state each time
+        train._add_lora(job_model, hp, seed=7)
+        job_state, library_state = lora_state_dict(job_model), lora_state_dict(library)
+        assert job_state.keys() == library_state.keys()
+        for key, value in job_state.items():
+            torch.testing.assert_close(value, library_state[key], rtol=0, atol=0)
