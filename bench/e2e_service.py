@@ -144,7 +144,7 @@ class TreeSampler(threading.Thread):
         self._lock = threading.Lock()
         self._peaks: dict[str, float] = {}
         self._stop_event = threading.Event()
-        self._nvidia_smi = _has_nvidia_smi()
+        self.has_gpu = _has_nvidia_smi()
 
     def attach(self, pid: int) -> None:
         with self._lock:
@@ -182,8 +182,8 @@ class TreeSampler(threading.Thread):
         for process in (root, *children):
             with contextlib.suppress(psutil.Error):
                 sample["worker_rss" if process.pid in worker else "api_rss"] += process.memory_info().rss
-        if self._nvidia_smi:
-            used = _gpu_memory_by_pid()
+        if self.has_gpu:
+            used, sample["gpu_device_used"] = _gpu_memory()
             sample["worker_gpu"] = sum(b for pid, b in used.items() if pid in worker)
             sample["api_gpu"] = sum(b for pid, b in used.items() if pid in api)
             sample["gpu_both"] = sample["worker_gpu"] + sample["api_gpu"]
@@ -205,20 +205,21 @@ def _has_nvidia_smi() -> bool:
         return False
 
 
-def _gpu_memory_by_pid() -> dict[int, float]:
-    """Bytes of GPU memory per process id, from nvidia-smi."""
-    result = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def _gpu_memory() -> tuple[dict[int, float], float]:
+    """(bytes of GPU memory per process id, bytes used on all GPUs), from nvidia-smi."""
+
+    def query(*args: str) -> list[list[str]]:
+        out = subprocess.run(
+            ["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30
+        ).stdout
+        return [[field.strip() for field in line.split(",")] for line in out.splitlines() if line.strip()]
+
     used: dict[int, float] = {}
-    for line in result.stdout.splitlines():
-        pid, mib = (field.strip() for field in line.split(","))
+    for pid, mib in query("--query-compute-apps=pid,used_memory"):
         if pid.isdigit() and mib.isdigit():
             used[int(pid)] = used.get(int(pid), 0.0) + int(mib) * 2**20
-    return used
+    device = sum(int(mib) * 2**20 for (mib,) in query("--query-gpu=memory.used") if mib.isdigit())
+    return used, float(device)
 
 
 # ------------------------------------------------------------------------------------- service
@@ -319,6 +320,11 @@ def _free_port() -> int:
 
 
 # ----------------------------------------------------------------------------------------- jobs
+
+
+def upload(client: OpenAI, path: Path) -> str:
+    with open(path, "rb") as f:
+        return client.files.create(file=f, purpose="fine-tune").id
 
 
 def run_job(
@@ -533,10 +539,7 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
     with Service(home, args.serve_cmd, args.keys_cmd, sampler, env={}) as service:
         client = service.client
         assert client is not None
-        files = {
-            split: client.files.create(file=open(paths[split], "rb"), purpose="fine-tune").id
-            for split in ("train", "validation")
-        }
+        files = {split: upload(client, paths[split]) for split in ("train", "validation")}
         for base in args.bases:
             print(f"smollm2 / {base}: job", flush=True)
             row = {"model": SMOLLM2, "base": base, "seed": args.seed}
@@ -567,16 +570,13 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
 
 def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, shape: str) -> dict:
     """Model B: a synthetic LLaMA checkpoint, a default job under the budget, 16 streamed chats."""
-    from bench.synthetic_checkpoint import write_synthetic_llama
-
-    from modulora.models import resolve_model
-
     home = work / f"home-{shape}"
     home.mkdir(parents=True)
-    os.environ["MODULORA_HOME"] = str(home)  # the tokenizer's source (SmolLM2) converts into this home
     folder = work / f"llama-{shape}"
     started = time.perf_counter()
-    write_synthetic_llama(folder, shape, resolve_model(SMOLLM2), seed=0)
+    # Its own process over the service's home, where SmolLM2 (the tokenizer's source) is converted.
+    write = [sys.executable, "-m", "bench.synthetic_checkpoint", "--shape", shape, "--out", str(folder)]
+    subprocess.run(write, cwd=REPO, env=os.environ | {"MODULORA_HOME": str(home)}, check=True)
     row: dict[str, Any] = {"model": f"synthetic-{shape}", "base": "optq-4 (default)", "seed": args.seed}
     row["write_checkpoint_s"] = round(time.perf_counter() - started, 1)
     paths = write_trec_chat(args.data_dir, work / "data", args.synthetic_rows, 0, 16)
@@ -590,10 +590,12 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
     with Service(home, args.serve_cmd, args.keys_cmd, sampler, env=env) as service:
         client = service.client
         assert client is not None
-        files = {"train": client.files.create(file=open(paths["train"], "rb"), purpose="fine-tune").id}
+        # The id the service gives the folder: the path itself, or (with named base models) its name.
+        model = next(m.id for m in client.models.list() if m.id in (str(folder), folder.name))
+        files = {"train": upload(client, paths["train"])}
         print(f"synthetic {shape}: job", flush=True)
         hyperparameters = {"max_steps": args.max_steps} if args.max_steps else {}
-        row |= run_job(service, str(folder), files, hyperparameters, args.seed, args.job_timeout_s)
+        row |= run_job(service, model, files, hyperparameters, args.seed, args.job_timeout_s)
         print(f"  {row['status']} in {row['job_s']} s", flush=True)
         if row["status"] == "succeeded":
             print(f"synthetic {shape}: cold engine, 16 streamed chats", flush=True)
@@ -604,9 +606,12 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
             row |= {f"serve_{key}_gib": value for key, value in sampler.take().items()}
             if row["cold_answered"] < row["cold_requests"]:
                 row["log_tail"] = service.log_tail()
-    row["budget_gib"] = args.budget_gib
-    both = max(row.get("job_gpu_both_gib", 0.0), row.get("serve_gpu_both_gib", 0.0))
-    row["within_budget"] = both <= args.budget_gib if sampler._nvidia_smi else None
+    if sampler.has_gpu:
+        row["budget_gib"] = args.budget_gib
+        both = max(row.get("job_gpu_both_gib", 0.0), row.get("serve_gpu_both_gib", 0.0))
+        # nvidia-smi lists no processes of ours from inside some containers: then the device's use counts.
+        both = both or max(row.get("job_gpu_device_used_gib", 0.0), row.get("serve_gpu_device_used_gib", 0.0))
+        row["within_budget"] = both <= args.budget_gib
     return row
 
 
