@@ -14,15 +14,28 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentUser, SessionDep
 from api.inference import serving
 from api.inference.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from api.inference.service import get_inference_engine, model_spec_for
+from core.db.models import User
 from modulora.serve.protocol import EngineClient
+from modulora.serve.types import ModelSpec
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 EngineDep = Annotated[EngineClient, Depends(get_inference_engine)]
+
+
+def _model_spec(session: Session, user: User, model_id: str) -> ModelSpec:
+    """The requested model. The database connection goes back to the pool before generating, which
+    may take minutes: otherwise concurrent requests past the pool's size (5 + 10 overflow) wait for
+    a connection and fail after its 30 s timeout (the 16th of 16 concurrent streams did, issue 22)."""
+    try:
+        return model_spec_for(session=session, user_id=user.id, model_id=model_id)
+    finally:
+        session.close()
 
 
 def _event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
@@ -38,7 +51,7 @@ async def create_chat_completion(
     The messages are rendered with the chat template the adapter was trained with (else the base's);
     without `max_tokens` or `max_completion_tokens` the answer may run to the end of the context.
     """
-    spec = model_spec_for(session=session, user_id=user.id, model_id=body.model)
+    spec = _model_spec(session, user, body.model)
     if body.stream:
         return _event_stream(serving.chat_completion_stream(engine, spec, body))
     return await serving.chat_completion(engine, spec, body)
@@ -50,7 +63,7 @@ async def create_completion(
 ) -> Completion | StreamingResponse:
     """Continue a raw prompt (no chat template) with a base model or one of your fine-tuned models;
     `max_tokens` defaults to 16, as OpenAI's."""
-    spec = model_spec_for(session=session, user_id=user.id, model_id=body.model)
+    spec = _model_spec(session, user, body.model)
     if body.stream:
         return _event_stream(serving.completion_stream(engine, spec, body))
     return await serving.completion(engine, spec, body)

@@ -8,7 +8,9 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,60 @@ def test_engine_errors_keep_their_code_in_the_openai_envelope(
     response = service.client.post("/v1/chat/completions", headers=service.new_key("ada"), json=body)
     assert response.status_code == status
     assert response.json()["error"] == {"message": "no room", "type": kind, "param": "model", "code": code}
+
+
+@dataclasses.dataclass
+class HeldEngine:
+    """An `EngineClient` that counts its requests and answers each only once `release` is set."""
+
+    config: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(max_seq_len=64))
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    submitted: list[Prompt] = dataclasses.field(default_factory=list)
+
+    def submit(
+        self,
+        spec: ModelSpec,
+        params: SamplingParams,
+        prompt: Prompt,
+        on_event: Callable[[GenerationEvent], None],
+    ) -> HeldEngine:
+        self.submitted.append(prompt)
+
+        def answer() -> None:
+            self.release.wait()
+            for event in (TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(1, 1)):
+                on_event(event)
+
+        threading.Thread(target=answer).start()
+        return self
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_requests_waiting_for_the_engine_hold_no_database_connection(service: Service, scripted) -> None:
+    """More concurrent generations than the database pool has connections (5 + 10 overflow), streamed
+    or not, all reach the engine (issue 22: the 16th of 16 concurrent streams waited for a
+    connection, then failed with a 500)."""
+    engine = HeldEngine()
+    service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
+    headers = service.new_key("ada")
+
+    def chat(stream: bool) -> int:
+        body = {"model": "tiny", "messages": MESSAGES, "stream": stream}
+        with service.client.stream("POST", "/v1/chat/completions", headers=headers, json=body) as response:
+            response.read()
+            return response.status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        statuses = [pool.submit(chat, stream=i % 2 == 0) for i in range(20)]
+        deadline = time.monotonic() + 20  # the pool's timeout is 30 s
+        while len(engine.submitted) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reached = len(engine.submitted)
+        engine.release.set()
+        assert [status.result() for status in statuses] == [200] * 20
+    assert reached == 20
 
 
 @pytest.fixture

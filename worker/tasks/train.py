@@ -79,7 +79,7 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
     base = _prepare_base(job, device)
     model, tokenizer = load_model(base, device=device)
     examples = _load_examples(job, training, validation, tokenizer)
-    lora_config = _add_lora(model, job.hyperparameters)
+    lora_config = _add_lora(model, job.hyperparameters, job.seed)
     heartbeat.beat()
     if heartbeat.cancelled.is_set():  # cancelled while the base was being prepared
         lifecycle.finish(job_id, "cancelled", message="Job cancelled before training started")
@@ -243,12 +243,17 @@ def _examples(
     return data.build_examples(data.read_rows(path), "auto", tokenizer, max_seq_len, packing=packing)
 
 
-def _add_lora(model: Any, hp: dict[str, Any]) -> Any:
+def _add_lora(model: Any, hp: dict[str, Any], seed: int) -> Any:
+    import torch
+
     from modulora.lora import LoraConfig, add_lora_
 
     lora_config = LoraConfig(
         r=hp["lora_r"], alpha=hp["lora_alpha"], dropout=hp["lora_dropout"], target_modules=hp["lora_targets"]
     )
+    # The adapter's initial weights come from the job's seed, drawn as `modulora finetune --seed`
+    # draws them, so a job and the library run of its settings start from the same adapter.
+    torch.manual_seed(seed)
     add_lora_(model, lora_config)
     return lora_config
 

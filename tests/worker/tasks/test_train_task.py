@@ -11,11 +11,13 @@ import torch
 from sqlalchemy import select
 
 from core import lifecycle
-from core.bases import job_base, job_quant_config
+from core.bases import base_model_source, job_base, job_quant_config
 from core.config import get_settings
 from core.db.models import Job, JobEvent
 from core.db.session import session_scope
+from modulora.lora import LoraConfig, add_lora_, lora_state_dict
 from tests.api.conftest import CHAT_ROW, Service, jsonl
+from tests.utils.tiny_lm import tiny_llama
 from worker.tasks import train
 
 
@@ -134,5 +136,22 @@ def test_a_deleted_calibration_file_fails_the_job_naming_the_field(service: Serv
     job = make_job(service, quantization="optq", calibration="training_file")
     (get_settings().files_dir / job.training_file).unlink()
     with pytest.raises(train.JobFailure) as failure:
-        train.ensure_base(job)
+        train.ensure_base(job, base_model_source(job.model))
     assert failure.value.error["param"] == "hyperparameters.calibration"
+
+
+def test_adapter_starts_from_the_job_seed_as_modulora_finetune_draws_it() -> None:
+    """The same seed gives the job and `modulora finetune --seed` the same initial adapter, whatever
+    the process's random state was before (the e2e benchmark compares the two runs)."""
+    hp = {"lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "lora_targets": "all-linear"}
+    library = tiny_llama()
+    torch.manual_seed(7)
+    add_lora_(library, LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules="all-linear"))
+    for earlier_draws in (0, 1):
+        job_model = tiny_llama()
+        torch.rand(1 + earlier_draws)  # a different random state each time
+        train._add_lora(job_model, hp, seed=7)
+        job_state, library_state = lora_state_dict(job_model), lora_state_dict(library)
+        assert job_state.keys() == library_state.keys()
+        for key, value in job_state.items():
+            torch.testing.assert_close(value, library_state[key], rtol=0, atol=0)
