@@ -49,7 +49,12 @@ WHEELS = [
     "nest-asyncio==1.6.0",
     "structlog==26.1.0",
 ]
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+]
 
 
 def download(dest: Path) -> None:
