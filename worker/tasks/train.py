@@ -154,13 +154,18 @@ def ensure_base(job: Job) -> str:
     return ref
 
 
-def check_memory(job: Job, model_dir: Path, device: Any) -> None:
-    """Refuse a job whose estimate exceeds the device budget; the error says what would fit."""
+def gpu_budget_bytes(device: Any) -> int:
+    """The job's GPU memory budget: MODULORA_GPU_MEMORY_BUDGET_BYTES, else the whole card."""
     import torch
 
+    return get_settings().gpu_memory_budget_bytes or torch.cuda.get_device_properties(device).total_memory
+
+
+def check_memory(job: Job, model_dir: Path, device: Any) -> None:
+    """Refuse a job whose estimate exceeds the device budget; the error says what would fit."""
     if device.type != "cuda":
         return
-    budget = get_settings().gpu_memory_budget_bytes or torch.cuda.get_device_properties(device).total_memory
+    budget = gpu_budget_bytes(device)
     shape = memory.ModelShape.from_folder(model_dir)
     estimate, hint = memory.check_job_memory(shape, job.hyperparameters, budget)
     if hint is None:
@@ -290,10 +295,34 @@ class MetricsRecorder:
                     )
 
 
+def checkpoint_layers_for_budget(job: Job, micro_batch: int, budget_bytes: int) -> int:
+    """The fewest decoder layers to checkpoint for the job's step to fit `budget_bytes` (all of them
+    when even that does not fit); the choice and its predicted peak are logged and a job event."""
+    from modulora.models import resolve_model
+
+    hp = job.hyperparameters
+    shape = memory.ModelShape.from_folder(resolve_model(job.model))
+    fields = memory.job_memory_fields(hp)
+    layers, estimate = memory.layers_to_checkpoint(
+        shape, budget_bytes, seq_len=hp["max_seq_len"], micro_batch=micro_batch, **fields
+    )
+    message = (
+        f"Activation checkpointing: {layers} of {shape.num_layers} decoder layers for the "
+        f"{budget_bytes / memory.GIB:.1f} GiB budget, predicted peak {estimate.total / memory.GIB:.1f} GiB"
+    )
+    print(f"job {job.id}: {message}", flush=True)
+    data = {"checkpoint_layers": layers, "predicted_peak_bytes": estimate.total, "budget_bytes": budget_bytes}
+    _event(job.id, message, data=data)
+    return layers
+
+
 def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> Any:
     from modulora.train import TrainConfig
 
     hp = job.hyperparameters
+    checkpoint_layers = None  # on CPU there is no budget to spend: every layer recomputes
+    if hp["gradient_checkpointing"] and device.type == "cuda":
+        checkpoint_layers = checkpoint_layers_for_budget(job, micro_batch, gpu_budget_bytes(device))
     return TrainConfig(
         learning_rate=BASE_LEARNING_RATE * hp["learning_rate_multiplier"],
         epochs=hp["n_epochs"],
@@ -302,6 +331,7 @@ def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> 
         gradient_accumulation=hp["batch_size"] // micro_batch,
         seed=job.seed,
         gradient_checkpointing=hp["gradient_checkpointing"],
+        checkpoint_layers=checkpoint_layers,
         max_seq_len=hp["max_seq_len"],
         save_every=hp["checkpoint_every"],
         keep_checkpoints=0,
