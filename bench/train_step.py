@@ -5,7 +5,8 @@
 
 Same for every method: random LLaMA-1-shaped weights, LoRA r=16 (alpha 16, dropout 0.05) on all
 seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast,
-causal-LM loss on random tokens. Step time is the mean of 5 steps after 2 warm-up steps; peak
+causal-LM loss on random tokens (ModuLoRA's rows through `modulora.loss` as `modulora.train` runs it,
+the peers through the model's own loss). Step time is the mean of 5 steps after 2 warm-up steps; peak
 memory is `torch.cuda.max_memory_allocated` over building the adapters and those 7 steps (the
 model's packed weights included). Methods ending in "+graphs" replay each step's forward and
 backward from a CUDA graph (`modulora.step_graph`, as `modulora.train` does on a GPU). `--plan
@@ -32,6 +33,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +44,7 @@ from bench._common import environment, print_table, write_json  # noqa: E402
 from bench._models import DEVICE, build_model, llama_config  # noqa: E402
 from bench._unsloth import remove_saved_models, unsloth_lora_model  # noqa: E402
 from modulora.lora import LoraConfig, add_lora_  # noqa: E402
+from modulora.loss import token_loss_sum  # noqa: E402
 from modulora.memory import ModelShape, layers_to_checkpoint  # noqa: E402
 from modulora.step_graph import StepGraphs  # noqa: E402
 from modulora.targets import ALL_LINEAR  # noqa: E402
@@ -124,7 +127,14 @@ def add_adapters(
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss, as PEFT's and Unsloth's users train (Unsloth fuses it in its kernels)."""
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+def modulora_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean of the loss `modulora.train` sums (chunked LM head; the fused cross-entropy on CUDA)."""
+    labels = batch["input_ids"]
+    return token_loss_sum(model, {"input_ids": labels, "labels": labels}) / labels[:, 1:].numel()
 
 
 def train_steps(
@@ -134,6 +144,7 @@ def train_steps(
     lr: float = 1e-4,
     autocast: bool = True,
     graphs: StepGraphs | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = causal_lm_loss,
 ) -> list[float]:
     # Fused on CUDA, as `modulora.train` runs it: the default multi-tensor AdamW allocates a
     # temporary as large as all adapter parameters (about 0.75 GiB at 65B with r=16) at every step.
@@ -145,7 +156,7 @@ def train_steps(
             loss = graphs.run({"input_ids": input_ids})
         else:
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-                loss = causal_lm_loss(model, {"input_ids": input_ids})
+                loss = loss_fn(model, {"input_ids": input_ids})
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=graphs is None)
@@ -198,12 +209,13 @@ def run_one(size: str, batch: int, seq: int, name: str, budget_gib: float | None
                 layers = row["ckpt_layers"]
             model = add_adapters(model, library, checkpoint_layers=layers)
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
+        loss_fn = modulora_loss if library == "modulora" else causal_lm_loss
         if name.endswith("+graphs"):
             params = [p for p in model.parameters() if p.requires_grad]
-            graphs = StepGraphs(model, causal_lm_loss, params, autocast_dtype=torch.bfloat16)
-        train_steps(model, input_ids, 2, graphs=graphs)  # the first graphed step captures
+            graphs = StepGraphs(model, loss_fn, params, autocast_dtype=torch.bfloat16)
+        train_steps(model, input_ids, 2, graphs=graphs, loss_fn=loss_fn)  # the first graphed step captures
         start = time.perf_counter()  # train_steps syncs: it reads every loss
-        losses = train_steps(model, input_ids, 5, graphs=graphs)
+        losses = train_steps(model, input_ids, 5, graphs=graphs, loss_fn=loss_fn)
         row["step_s"] = (time.perf_counter() - start) / 5
         row["peak_gib"] = allocated_gib(peak=True)
         row["loss"] = losses[-1]
