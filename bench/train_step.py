@@ -10,8 +10,9 @@ the peers through the model's own loss). Step time is the mean of 5 steps after 
 memory is `torch.cuda.max_memory_allocated` over building the adapters and those 7 steps (the
 model's packed weights included). Methods ending in "+graphs" replay each step's forward and
 backward from a CUDA graph (`modulora.step_graph`, as `modulora.train` does on a GPU). `--plan
-parity` also trains a tiny model 20 steps with the Triton kernels and with the PyTorch reference
-(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses (`parity-e8p`: QuIP# only).
+parity` also trains a tiny model 20 steps with the Triton kernels (the fused cross-entropy among
+them) and with the PyTorch reference (MODULORA_DISABLE_TRITON=1) on the same data and compares the
+losses (`parity-e8p`: QuIP# only).
 Run it as a module: as a script, bench/ comes first on sys.path and `bench/kernels.py` shadows the
 `kernels` package that transformers imports when installed.
 
@@ -260,8 +261,10 @@ def parity_curve(
         graphs = None
         if variant == "triton-graphs":
             params = [p for p in model.parameters() if p.requires_grad]
-            graphs = StepGraphs(model, causal_lm_loss, params, torch.bfloat16 if autocast else None)
-        return train_steps(model, data, steps, lr=1e-3, autocast=autocast, graphs=graphs)
+            graphs = StepGraphs(model, modulora_loss, params, torch.bfloat16 if autocast else None)
+        return train_steps(
+            model, data, steps, lr=1e-3, autocast=autocast, graphs=graphs, loss_fn=modulora_loss
+        )
     finally:
         os.environ.pop("MODULORA_DISABLE_TRITON")
         for key, value in patched.items():
