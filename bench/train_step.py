@@ -1,7 +1,7 @@
 """One LoRA training step: ModuLoRA (GPTQ 2/3/4-bit, NF4, QuIP# 2-bit) vs PEFT and Unsloth LoRA/QLoRA.
 
     python -m bench.train_step [--plan full|7b|graphs|large|2bit|long-7b|long-13b|unsloth|parity|...]
-                               [--budget-gib 24] [--out $OUT/]
+                               [--budget-gib 24] [--methods NAME ...] [--out $OUT/]
 
 Same for every method: random LLaMA-1-shaped weights, LoRA r=16 (alpha 16, dropout 0.05) on all
 seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast,
@@ -327,6 +327,7 @@ def main() -> None:
     parser.add_argument(
         "--budget-gib", type=float, help="ModuLoRA rows checkpoint only the layers this budget needs"
     )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these of the plan's rows")
     args = parser.parse_args()
     payload: dict = dict(environment=environment(), plan=args.plan, budget_gib=args.budget_gib)
     if args.plan == "profile":
@@ -339,7 +340,12 @@ def main() -> None:
             ["format", "bits", "dtype", "variant", "max_abs_loss_diff", "first", "last", "last_variant"],
         )
     else:
-        runs = [(size, b, s, m) for size, b, s, methods in PLANS[args.plan] for m in methods]
+        runs = [
+            (size, b, s, m)
+            for size, b, s, methods in PLANS[args.plan]
+            for m in methods
+            if args.methods is None or m in args.methods
+        ]
         # Importing Unsloth patches transformers: its rows come after every other one.
         runs.sort(key=lambda run: METHODS[run[3]][2] == "unsloth")
         rows = [run_one(*run, budget_gib=args.budget_gib) for run in runs]
