@@ -47,6 +47,9 @@ def saved_random_llama(size: str) -> Path:
         folder = Path(tempfile.mkdtemp(prefix=f"bench-unsloth-{size}-"))
         torch.manual_seed(0)
         model = build_model(size, "bf16")
+        # The longest row (1×4096) within the positions the config declares: past them Unsloth
+        # would rescale RoPE, and compute a different model from PEFT's.
+        model.config.max_position_embeddings = 4096
         model.save_pretrained(folder)
         _word_level_tokenizer().save_pretrained(folder)
         del model
