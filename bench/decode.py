@@ -1,10 +1,11 @@
 """Decode throughput of the inference engine vs Hugging Face `generate` (bf16 and bitsandbytes NF4).
 
     python -m bench.decode                      # on a GPU: LLaMA-7B shape, all measurements
-    BENCH_DEVICE=cpu python -m bench.decode --size tiny --batches 1 2 --prompt 16 --new 8 --parts ours-4bit
+    BENCH_DEVICE=cpu python -m bench.decode --size tiny --batches 1 2 --prompt 32 --new 8 --parts ours-quip
 
 What runs, in one process, for a LLaMA-7B-shaped model with random weights (no checkpoint needed):
-- ours, GPTQ 4-bit and 2-bit (group 128), through `modulora.serve.decoder.Decoder`, the engine's
+- ours, GPTQ 4-bit and 2-bit (group 128) and QuIP# 2-bit (E8P, "ours-quip"), through
+  `modulora.serve.decoder.Decoder`, the engine's
   model path: each prompt prefilled into its own KV cache row, then decode steps over all rows
   (fused low-bit matmul, CUDA graphs), greedy. Tokens/s = batch x new tokens / wall time of the
   whole generation (prefills included); time to first token = prefill of one 512-token prompt.
@@ -38,7 +39,7 @@ from bench._models import DEVICE, LLAMA_SIZES, build_model
 from gpu_kernels.gptq_matmul import gptq_matmul
 from modulora.serve.decoder import Decoder
 
-PARTS = ("ours-4bit", "ours-2bit", "hf-bf16", "hf-bnb-nf4", "matmuls", "profile")
+PARTS = ("ours-4bit", "ours-2bit", "ours-quip", "hf-bf16", "hf-bnb-nf4", "matmuls", "profile")
 
 
 def sync() -> None:
@@ -148,21 +149,27 @@ def profile_decode_step(decoder: Decoder, vocab: int, steps: int = 5) -> dict[st
 
 
 def measure_ours(
-    args: argparse.Namespace, bits: int, results: list[dict], profiles: dict[str, dict[str, Any]]
+    args: argparse.Namespace,
+    bits: int,
+    results: list[dict],
+    profiles: dict[str, dict[str, Any]],
+    method: str = "gptq",
 ) -> dict[str, float]:
-    model = build_model(args.size, "gptq", bits)
+    """GPTQ ("gptq") or QuIP# ("e8p", 2-bit) through the decoder; adapters measured on GPTQ 4-bit."""
+    model = build_model(args.size, method, bits)
+    system = f"ours gptq {bits}-bit" if method == "gptq" else "ours quip# 2-bit"
     vocab = model.config.vocab_size
     decoder = Decoder(model, rows=max(*args.batches, 8), max_seq_len=args.prompt + args.new)
     check_graph_step(decoder, vocab)
     if "profile" in args.parts:
-        profiles[f"{bits}-bit"] = profile_decode_step(decoder, vocab)
+        profiles[f"{bits}-bit" if method == "gptq" else "quip# 2-bit"] = profile_decode_step(decoder, vocab)
     for batch in args.batches:
         ours_generate(decoder, prompts(batch, args.prompt, vocab), 4, [0] * batch)  # capture graphs, warm up
         seconds, ttft = ours_generate(decoder, prompts(batch, args.prompt, vocab), args.new, [0] * batch)
-        _record(results, dict(system=f"ours gptq {bits}-bit", batch=batch, tok_s=batch * args.new / seconds,
+        _record(results, dict(system=system, batch=batch, tok_s=batch * args.new / seconds,
                             ttft_ms=1000 * ttft, seconds=seconds))  # fmt: skip
     adapters = {}
-    if bits == 4:
+    if method == "gptq" and bits == 4:
         load_adapters(decoder, 8, 16)
         ids = prompts(8, args.prompt, vocab)
         for name, slots in [("8 rows, 1 adapter", [1] * 8), ("8 rows, 8 adapters", list(range(1, 9)))]:
@@ -240,6 +247,8 @@ def main() -> None:
     adapters = measure_ours(args, 4, results, profiles) if "ours-4bit" in args.parts else {}
     if "ours-2bit" in args.parts:
         measure_ours(args, 2, results, profiles)
+    if "ours-quip" in args.parts:
+        measure_ours(args, 2, results, profiles, method="e8p")
     for method in ("bf16", "bnb-nf4"):
         if f"hf-{method}" in args.parts:
             measure_hf(args, method, results)

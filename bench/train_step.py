@@ -1,17 +1,30 @@
-"""One LoRA training step: ModuLoRA (GPTQ 2/3/4-bit, NF4, QuIP# 2-bit) vs PEFT LoRA and PEFT QLoRA.
+"""One LoRA training step: ModuLoRA (GPTQ 2/3/4-bit, NF4, QuIP# 2-bit) vs PEFT and Unsloth LoRA/QLoRA.
 
-    python -m bench.train_step [--plan full|7b|graphs|large|2bit|parity|parity-e8p|profile] [--out $OUT/]
+    python -m bench.train_step [--plan full|7b|graphs|large|2bit|long-7b|long-13b|unsloth|parity|...]
+                               [--budget-gib 24] [--methods NAME ...] [--out $OUT/]
 
 Same for every method: random LLaMA-1-shaped weights, LoRA r=16 (alpha 16, dropout 0.05) on all
 seven linears, gradient checkpointing (non-reentrant), fused AdamW (lr 1e-4), bf16 autocast,
-causal-LM loss on random tokens. Step time is the mean of 5 steps after 2 warm-up steps; peak
+causal-LM loss on random tokens (ModuLoRA's rows through `modulora.loss` as `modulora.train` runs it,
+the peers through the model's own loss). Step time is the mean of 5 steps after 2 warm-up steps; peak
 memory is `torch.cuda.max_memory_allocated` over building the adapters and those 7 steps (the
 model's packed weights included). Methods ending in "+graphs" replay each step's forward and
 backward from a CUDA graph (`modulora.step_graph`, as `modulora.train` does on a GPU). `--plan
-parity` also trains a tiny model 20 steps with the Triton kernels and with the PyTorch reference
-(MODULORA_DISABLE_TRITON=1) on the same data and compares the losses (`parity-e8p`: QuIP# only).
+parity` also trains a tiny model 20 steps with the Triton kernels (the fused cross-entropy among
+them) and with the PyTorch reference (MODULORA_DISABLE_TRITON=1) on the same data and compares the
+losses (`parity-e8p`: QuIP# only).
 Run it as a module: as a script, bench/ comes first on sys.path and `bench/kernels.py` shadows the
 `kernels` package that transformers imports when installed.
+
+`--budget-gib G` gives ModuLoRA's rows a memory budget: they checkpoint only the decoder layers
+`modulora.memory.layers_to_checkpoint` says a step needs to fit G GiB, as `modulora.train` does
+with a job's GPU budget; each row shows how many (`ckpt_layers`) and the predicted peak beside the
+measured one. The peers keep checkpointing every layer, as they ship.
+
+The Unsloth rows (`bench/_unsloth.py`: same random weights, rank, targets and optimizer; dropout 0
+and Unsloth's own checkpointing) run after all others, since importing Unsloth patches
+transformers; they need its wheels (`python -m bench.unsloth_wheels`) and print why they could not
+run in their `error` column.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ import gc
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import environment, print_table, write_json  # noqa: E402
-from bench._models import DEVICE, build_model  # noqa: E402
+from bench._models import DEVICE, build_model, llama_config  # noqa: E402
+from bench._unsloth import remove_saved_models, unsloth_lora_model  # noqa: E402
 from modulora.lora import LoraConfig, add_lora_  # noqa: E402
+from modulora.loss import token_loss_sum  # noqa: E402
+from modulora.memory import ModelShape, layers_to_checkpoint  # noqa: E402
 from modulora.step_graph import StepGraphs  # noqa: E402
 from modulora.targets import ALL_LINEAR  # noqa: E402
 from modulora.train import set_activation_checkpointing  # noqa: E402
@@ -43,8 +60,11 @@ METHODS = {  # name -> (build method, bits, adapter library)
     "modulora-quip#-2bit": ("e8p", 2, "modulora"),
     "peft-lora-bf16": ("bf16", 16, "peft"),
     "peft-qlora-bnb-nf4": ("bnb-nf4", 4, "peft"),
+    "unsloth-lora-bf16": ("bf16", 16, "unsloth"),
+    "unsloth-qlora-nf4": ("bnb-nf4", 4, "unsloth"),
 }
-ALL = list(METHODS)
+ALL = [name for name, (_, _, library) in METHODS.items() if library != "unsloth"]
+PEERS = ["peft-lora-bf16", "peft-qlora-bnb-nf4", "unsloth-lora-bf16", "unsloth-qlora-nf4"]
 # "+graphs": each step's forward and backward replayed from a CUDA graph (`modulora.step_graph`),
 # as `modulora.train` runs on a GPU; the optimizer step stays eager.
 GRAPHED = [
@@ -84,11 +104,20 @@ PLANS["graphs"] = [  # eager and graphed ModuLoRA beside the peers (issue 3's 7B
     )
     for size, batch, seq, _ in PLANS["7b"]
 ]
-PLANS["smoke"] = [("tiny", 2, 64, ALL[:5])]  # BENCH_DEVICE=cpu: the code path, no measurement
+# Issue 24's GPU-bound shapes: ModuLoRA graphed (with --budget-gib: its checkpointing budgeted) beside
+# PEFT and Unsloth, 4-bit against their 4-bit QLoRA.
+LONG = ["modulora-4bit+graphs", "modulora-2bit+graphs", *PEERS]
+PLANS["long-7b"] = [("7b", 4, 1024, LONG), ("7b", 1, 4096, LONG)]
+PLANS["long-13b"] = [("13b", 4, 1024, LONG), ("13b", 1, 4096, LONG)]
+PLANS["unsloth"] = [("7b", 1, 512, ["modulora-4bit+graphs", *PEERS])]
+# BENCH_DEVICE=cpu: the code paths, no measurement (the Unsloth row says why it cannot run there)
+PLANS["smoke"] = [("tiny", 2, 64, [*ALL[:5], "unsloth-lora-bf16"])]
 
 
-def add_adapters(model: torch.nn.Module, library: str, dropout: float = 0.05) -> torch.nn.Module:
-    set_activation_checkpointing(model, True)
+def add_adapters(
+    model: torch.nn.Module, library: str, dropout: float = 0.05, checkpoint_layers: int | None = None
+) -> torch.nn.Module:
+    set_activation_checkpointing(model, True, checkpoint_layers)
     if library == "modulora":
         add_lora_(model, LoraConfig(r=16, alpha=16, dropout=dropout))
         return model
@@ -99,7 +128,14 @@ def add_adapters(model: torch.nn.Module, library: str, dropout: float = 0.05) ->
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss, as PEFT's and Unsloth's users train (Unsloth fuses it in its kernels)."""
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+def modulora_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean of the loss `modulora.train` sums (chunked LM head; the fused cross-entropy on CUDA)."""
+    labels = batch["input_ids"]
+    return token_loss_sum(model, {"input_ids": labels, "labels": labels}) / labels[:, 1:].numel()
 
 
 def train_steps(
@@ -109,6 +145,7 @@ def train_steps(
     lr: float = 1e-4,
     autocast: bool = True,
     graphs: StepGraphs | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] = causal_lm_loss,
 ) -> list[float]:
     # Fused on CUDA, as `modulora.train` runs it: the default multi-tensor AdamW allocates a
     # temporary as large as all adapter parameters (about 0.75 GiB at 65B with r=16) at every step.
@@ -120,7 +157,7 @@ def train_steps(
             loss = graphs.run({"input_ids": input_ids})
         else:
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-                loss = causal_lm_loss(model, {"input_ids": input_ids})
+                loss = loss_fn(model, {"input_ids": input_ids})
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=graphs is None)
@@ -140,30 +177,55 @@ def allocated_gib(peak: bool = False) -> float:
     return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / GIB
 
 
-def run_one(size: str, batch: int, seq: int, name: str) -> dict:
+def checkpointing_for_budget(size: str, batch: int, seq: int, bits: int, budget_gib: float) -> dict:
+    """How many decoder layers ModuLoRA checkpoints to fit `budget_gib`, and the predicted peak."""
+    shape = ModelShape.from_config(llama_config(size).to_dict())
+    layers, estimate = layers_to_checkpoint(
+        shape, int(budget_gib * GIB), bits=bits, group_size=128, lora_r=16, seq_len=seq, micro_batch=batch
+    )
+    return dict(budget_gib=budget_gib, ckpt_layers=layers, predicted_gib=estimate.total / GIB)
+
+
+def run_one(size: str, batch: int, seq: int, name: str, budget_gib: float | None = None) -> dict:
     build, bits, library = METHODS[name]
     row = dict(model=size, batch=batch, seq=seq, method=name)
     model = graphs = None
     try:
         torch.manual_seed(0)
-        model = build_model(size, build, bits)
-        free()
-        if DEVICE == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        row["weights_gib"] = allocated_gib()
-        model = add_adapters(model, library)
+        if library == "unsloth":
+            model = unsloth_lora_model(size, bits, seq)
+            free()
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row["weights_gib"] = allocated_gib()
+        else:
+            model = build_model(size, build, bits)
+            free()
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row["weights_gib"] = allocated_gib()
+            layers = None
+            if budget_gib is not None and library == "modulora":
+                row |= checkpointing_for_budget(size, batch, seq, bits, budget_gib)
+                layers = row["ckpt_layers"]
+            model = add_adapters(model, library, checkpoint_layers=layers)
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
+        loss_fn = modulora_loss if library == "modulora" else causal_lm_loss
         if name.endswith("+graphs"):
             params = [p for p in model.parameters() if p.requires_grad]
-            graphs = StepGraphs(model, causal_lm_loss, params, autocast_dtype=torch.bfloat16)
-        train_steps(model, input_ids, 2, graphs=graphs)  # the first graphed step captures
+            graphs = StepGraphs(model, loss_fn, params, autocast_dtype=torch.bfloat16)
+        train_steps(model, input_ids, 2, graphs=graphs, loss_fn=loss_fn)  # the first graphed step captures
         start = time.perf_counter()  # train_steps syncs: it reads every loss
-        losses = train_steps(model, input_ids, 5, graphs=graphs)
+        losses = train_steps(model, input_ids, 5, graphs=graphs, loss_fn=loss_fn)
         row["step_s"] = (time.perf_counter() - start) / 5
         row["peak_gib"] = allocated_gib(peak=True)
         row["loss"] = losses[-1]
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
+    except Exception as error:  # noqa: BLE001 - the peer could not run here: its row says why
+        if library != "unsloth":
+            raise
+        row["error"] = f"{type(error).__name__}: {error}"
     finally:
         del model, graphs
         free()
@@ -199,8 +261,10 @@ def parity_curve(
         graphs = None
         if variant == "triton-graphs":
             params = [p for p in model.parameters() if p.requires_grad]
-            graphs = StepGraphs(model, causal_lm_loss, params, torch.bfloat16 if autocast else None)
-        return train_steps(model, data, steps, lr=1e-3, autocast=autocast, graphs=graphs)
+            graphs = StepGraphs(model, modulora_loss, params, torch.bfloat16 if autocast else None)
+        return train_steps(
+            model, data, steps, lr=1e-3, autocast=autocast, graphs=graphs, loss_fn=modulora_loss
+        )
     finally:
         os.environ.pop("MODULORA_DISABLE_TRITON")
         for key, value in patched.items():
@@ -260,8 +324,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="full", choices=[*PLANS, "parity", "parity-e8p", "profile"])
     parser.add_argument("--out", help="JSON file or folder (default: $OUT or the current folder)")
+    parser.add_argument(
+        "--budget-gib", type=float, help="ModuLoRA rows checkpoint only the layers this budget needs"
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these of the plan's rows")
     args = parser.parse_args()
-    payload: dict = dict(environment=environment(), plan=args.plan)
+    payload: dict = dict(environment=environment(), plan=args.plan, budget_gib=args.budget_gib)
     if args.plan == "profile":
         payload["profile"] = profile_step()
         print(payload["profile"])
@@ -272,11 +340,19 @@ def main() -> None:
             ["format", "bits", "dtype", "variant", "max_abs_loss_diff", "first", "last", "last_variant"],
         )
     else:
-        rows = [run_one(size, b, s, m) for size, b, s, methods in PLANS[args.plan] for m in methods]
+        runs = [
+            (size, b, s, m)
+            for size, b, s, methods in PLANS[args.plan]
+            for m in methods
+            if args.methods is None or m in args.methods
+        ]
+        # Importing Unsloth patches transformers: its rows come after every other one.
+        runs.sort(key=lambda run: METHODS[run[3]][2] == "unsloth")
+        rows = [run_one(*run, budget_gib=args.budget_gib) for run in runs]
+        remove_saved_models()
         payload["rows"] = rows
-        print_table(
-            rows, ["model", "batch", "seq", "method", "step_s", "peak_gib", "weights_gib", "loss", "error"]
-        )
+        columns = ["model", "batch", "seq", "method", "step_s", "peak_gib", "weights_gib", "loss"]
+        print_table(rows, [*columns, "ckpt_layers", "predicted_gib", "error"])
     print(f"wrote {write_json(f'train_step_{args.plan}.json', payload, args.out)}")
 
 

@@ -3,7 +3,9 @@
 `completion_loss` is the reference: cross-entropy over label tokens only, the LM head applied at the
 positions that predict a label. `token_loss_sum` is the same sum with fixed shapes for CUDA graphs.
 Training (`modulora.train`) and evaluation (`modulora.eval.tasks`) both import this module, never
-each other.
+each other. On CUDA the cross-entropy is `gpu_kernels.cross_entropy`'s fused kernel, which never
+makes fp32 logits (it writes their gradient over the bf16 logits); elsewhere `F.cross_entropy` on
+fp32 logits, its reference.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from gpu_kernels.cross_entropy import cross_entropy_sum
 from modulora.data import IGNORE_INDEX
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Positions whose logits are computed at once by `token_loss_sum` (fp32 logits of one chunk exist at
-# a time: 2048 x 32000 x 4 bytes = 262 MB for a LLaMA vocabulary).
+# Positions whose logits are computed at once by `token_loss_sum` (the logits of one chunk exist at a
+# time: 2048 x 32000 x 2 bytes = 131 MB for a LLaMA vocabulary in bf16, twice that in fp32 off CUDA).
 LOSS_CHUNK_TOKENS = 2048
 
 
@@ -48,12 +50,12 @@ def label_logits(
 def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over label tokens (not -100) and their count."""
     targets, mask, logits = label_logits(model, batch)
-    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum")
+    loss = cross_entropy_sum(logits, targets[mask], IGNORE_INDEX)
     return loss, int(mask.sum())
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return cross_entropy_sum(head(hidden), targets, IGNORE_INDEX)
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -8,8 +8,10 @@ The model is described by its Hugging Face `config.json` (LLaMA family). Terms:
 - dense weights: embeddings and (untied) head in the compute dtype;
 - LoRA: A and B for each targeted linear, fp32 weights + gradients + two Adam moments (16 B/param);
 - activations: per layer and token, 34·h bytes at 16 bits plus 5·heads·seq for attention scores
-  (Korthikanti et al. 2022, "Reducing Activation Recomputation", table 2); with gradient
-  checkpointing only each layer's input is kept, plus one layer's full activations;
+  (Korthikanti et al. 2022, "Reducing Activation Recomputation", table 2); a checkpointed layer
+  keeps only its input, and while any layer is checkpointed one layer's full activations come
+  back during its recomputation. Checkpointing k of the layers (`checkpointed_layers`) spends the
+  memory a budget leaves on the others' activations: `layers_to_checkpoint` picks the fewest;
 - logits: fp32 logits and their gradient over the vocabulary;
 - workspace: one linear re-materialized in the compute dtype (ModuLoRA keeps at most one), twice
   (forward output and backward), and a fixed runtime overhead (CUDA context, allocator slack).
@@ -112,9 +114,14 @@ def estimate_training_memory(
     seq_len: int,
     micro_batch: int,
     gradient_checkpointing: bool = False,
+    checkpointed_layers: int | None = None,
     compute_bytes: int = 2,
 ) -> MemoryEstimate:
-    """Peak bytes of one training step; `compute_bytes` is 2 for bf16/fp16, 4 for fp32."""
+    """Peak bytes of one training step; `compute_bytes` is 2 for bf16/fp16, 4 for fp32.
+
+    checkpointed_layers: with gradient checkpointing, how many decoder layers recompute their
+    activations in the backward pass (None: all of them).
+    """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits: {bits} is not one of 2, 3, 4, 8")
     if lora_r <= 0 or seq_len <= 0 or micro_batch <= 0:
@@ -135,10 +142,14 @@ def estimate_training_memory(
     tokens = seq_len * micro_batch
     scale = compute_bytes / 2  # the 34·h rule counts 16-bit activations
     per_layer = int(tokens * (34 * shape.hidden_size + 5 * shape.num_heads * seq_len) * scale)
+    checkpointed = 0
     if gradient_checkpointing:
-        activations = shape.num_layers * tokens * shape.hidden_size * compute_bytes + per_layer
-    else:
-        activations = shape.num_layers * per_layer
+        checkpointed = shape.num_layers if checkpointed_layers is None else checkpointed_layers
+        if not 0 <= checkpointed <= shape.num_layers:
+            raise ValueError(f"checkpointed_layers: {checkpointed} is not in [0, {shape.num_layers}]")
+    layer_input = tokens * shape.hidden_size * compute_bytes
+    recomputed = per_layer if checkpointed else 0
+    activations = checkpointed * layer_input + (shape.num_layers - checkpointed) * per_layer + recomputed
     largest = max(i * o for i, o in linears.values())
     return MemoryEstimate(
         quantized_weights=quantized,
@@ -148,6 +159,21 @@ def estimate_training_memory(
         logits=tokens * shape.vocab_size * 4 * 2,
         workspace=2 * largest * compute_bytes + RUNTIME_OVERHEAD_BYTES,
     )
+
+
+def layers_to_checkpoint(shape: ModelShape, budget_bytes: int, **job: Any) -> tuple[int, MemoryEstimate]:
+    """The fewest decoder layers to checkpoint for the step to fit `budget_bytes`, and the estimate
+    with that many (every layer, and its estimate, when even that does not fit).
+
+    Each layer left out of checkpointing saves its recomputation (about a third of its forward and
+    backward time) and costs its full activations instead of its input.
+    """
+    job = {**job, "gradient_checkpointing": True}
+    for layers in range(shape.num_layers + 1):
+        estimate = estimate_training_memory(shape, checkpointed_layers=layers, **job)
+        if estimate.total <= budget_bytes:
+            return layers, estimate
+    return shape.num_layers, estimate
 
 
 def largest_fitting_micro_batch(shape: ModelShape, budget_bytes: int, *, micro_batch: int, **job: Any) -> int:

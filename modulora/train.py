@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from modulora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from modulora.data import IGNORE_INDEX, collate, pad_token_id
@@ -62,6 +63,9 @@ class TrainConfig:
         (`modulora.step_graph`); batches are then padded to `micro_batch_size` rows and a multiple
         of `GRAPH_SEQ_MULTIPLE` tokens, one graph per padded length. Falls back to eager steps if a
         model cannot be captured.
+    checkpoint_layers: with gradient_checkpointing, checkpoint only this many decoder layers (None:
+        all); the rest keep their activations and skip the recomputation. The worker sets it from
+        the job's GPU budget with `modulora.memory.layers_to_checkpoint`.
     """
 
     learning_rate: float = LEARNING_RATE
@@ -78,6 +82,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None
     max_seq_len: int = MAX_SEQ_LEN
     packing: bool = False
     train_on_prompt: bool = False
@@ -109,6 +114,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must not be negative")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ValueError(f"checkpoint_layers: {self.checkpoint_layers} must not be negative")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
         if self.schedule not in SCHEDULES:
@@ -176,8 +183,12 @@ def pad_for_graph(batch: dict[str, torch.Tensor], rows: int, pad_id: int) -> dic
     return padded
 
 
-def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+def set_activation_checkpointing(model: nn.Module, enabled: bool, layers: int | None = None) -> None:
     """Non-reentrant activation checkpointing on or off, in any transformers 5.x.
+
+    layers: checkpoint only the first `layers` decoder layers (None: all); the others keep their
+    activations and skip the recomputation (`modulora.memory.layers_to_checkpoint` picks how many a
+    memory budget needs).
 
     Recent transformers (5.24 here) name it `activation_checkpointing_enable` and warn on the old
     `gradient_checkpointing_enable`; earlier 5.x releases (5.17 on the H200 image) have only the old name.
@@ -191,6 +202,12 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+    if enabled and layers is not None:
+        decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not 0 <= layers <= len(decoder_layers):
+            raise ValueError(f"checkpoint_layers: {layers} is not in [0, {len(decoder_layers)}]")
+        for index, layer in enumerate(decoder_layers):
+            layer.gradient_checkpointing = index < layers
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -340,7 +357,7 @@ def _setup(
     val_losses = {int(k): v for k, v in state["val_losses"].items()}
 
     if config.gradient_checkpointing:
-        set_activation_checkpointing(model, True)
+        set_activation_checkpointing(model, True, config.checkpoint_layers)
     model.train()
     graphs = None
     if config.cuda_graphs and device.type == "cuda":

@@ -7,7 +7,10 @@ has its own length, which is what continuous batching needs: a request is prefil
 row while the others wait, then joins the next decode step at its own position.
 
 Every targeted linear is wrapped in a `MultiLoraLinear` sharing the decoder's `LoraPlan`, so one
-copy of the base serves any number of adapters.
+copy of the base serves any number of adapters. On a GPU, q/k/v and gate/up of a GPTQ base each run
+as one packed product (`fuse_outputs_`), and those of a QuIP# base as one rotation, one E8P
+decode-matmul and one inverse rotation per output width (`fuse_e8p_outputs_`), reading their
+codebook and Hadamard tables from device-resident copies, so the steps can be graphed.
 
 On a GPU, decode steps over rows 0..n-1 replay CUDA graphs: a 7B step is ~1,000 small kernels,
 and launching them one by one from Python costs more than the weights take to stream.
@@ -27,6 +30,7 @@ from gpu_kernels.rmsnorm import add_rmsnorm
 from gpu_kernels.rotary import apply_rotary_
 from gpu_kernels.swiglu import silu_mul
 from modulora.quant.gptq_packed import GPTQLinear, fuse_outputs_
+from modulora.quant.quip import E8PLinear, E8PProjections, fuse_e8p_outputs_
 from modulora.serve.multi_lora import LoraPlan, MultiLoraLinear, base_product
 from modulora.targets import ALL_LINEAR
 
@@ -51,14 +55,22 @@ class _Graph:
         return self.row_inputs[1]
 
 
-def _fuse(block: nn.Module, names: tuple[str, ...]) -> GPTQLinear | None:
-    """One GPTQ product for the base layers of `names` (`fuse_outputs_`), or None."""
+Fused = GPTQLinear | E8PProjections  # several projections of one input as one low-bit product
+
+
+def _fuse(block: nn.Module, names: tuple[str, ...]) -> Fused | None:
+    """One low-bit product for the base layers of `names` (GPTQ: `fuse_outputs_`; QuIP#:
+    `fuse_e8p_outputs_`), or None."""
     bases = [getattr(block, name).base_layer for name in names]
-    return fuse_outputs_(bases) if all(isinstance(b, GPTQLinear) for b in bases) else None
+    if all(isinstance(b, GPTQLinear) for b in bases):
+        return fuse_outputs_(bases)
+    if all(isinstance(b, E8PLinear) for b in bases):
+        return fuse_e8p_outputs_(bases)
+    return None
 
 
 def _project(
-    projections: tuple[MultiLoraLinear, ...], fused: GPTQLinear | None, h: torch.Tensor
+    projections: tuple[MultiLoraLinear, ...], fused: Fused | None, h: torch.Tensor
 ) -> list[torch.Tensor]:
     """Each projection of h; with `fused`, their base outputs come from one product, split."""
     if fused is None:
@@ -204,7 +216,7 @@ class Decoder:
             h, hidden = _norm(norms[i + 1], self._mlp(layer.mlp, self.fused_gate_up[i], h), hidden)
         return self.model.lm_head(h[:, -1:])[:, 0].float()
 
-    def _mlp(self, mlp: nn.Module, fused: GPTQLinear | None, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, mlp: nn.Module, fused: Fused | None, h: torch.Tensor) -> torch.Tensor:
         if self.config.hidden_act != "silu":
             return mlp(h)
         return mlp.down_proj(silu_mul(*_project((mlp.gate_proj, mlp.up_proj), fused, h)))

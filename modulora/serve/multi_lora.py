@@ -9,8 +9,8 @@ zero-padded to the bank's rank, which leaves B·A unchanged. All wrapped layers 
 A batch on one adapter runs two plain matmuls against views of the bank; a batch mixing adapters
 gathers each row's A and B and runs two batched matmuls (`bmm`), so its cost does not grow with
 the number of distinct adapters. The base layer runs once for the whole batch either way; a GPTQ
-base on a GPU goes straight to `gpu_kernels.gptq_matmul` (the fused low-bit kernel at decode sizes),
-skipping the training-side autograd wrapper.
+base on a GPU goes straight to `gpu_kernels.gptq_matmul` (the fused low-bit kernel at decode sizes)
+and a QuIP# base to its transforms and E8P decode-matmul, skipping the training-side autograd wrapper.
 """
 
 from __future__ import annotations
@@ -20,10 +20,17 @@ from torch import nn
 
 from gpu_kernels.gptq_matmul import gptq_matmul
 from modulora.quant.gptq_packed import GPTQLinear
+from modulora.quant.quip import E8PLinear, E8PProjections
 
 
-def base_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A frozen base layer's output; a GPTQ layer on a GPU goes straight to the low-bit kernels."""
+def base_product(layer: nn.Module | E8PProjections, x: torch.Tensor) -> torch.Tensor:
+    """A frozen base layer's output (or fused QuIP# projections' side by side); a GPTQ or QuIP#
+    layer on a GPU goes straight to the low-bit kernels."""
+    if isinstance(layer, E8PProjections):
+        return layer.matmul(x)
+    if x.is_cuda and isinstance(layer, E8PLinear):
+        y = layer.matmul(x)
+        return y if layer.bias is None else y + layer.bias.to(y.dtype)
     if not (x.is_cuda and isinstance(layer, GPTQLinear)):
         return layer(x)
     y = gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset)

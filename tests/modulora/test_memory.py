@@ -16,6 +16,7 @@ from modulora.memory import (
     estimate_training_memory,
     largest_fitting_micro_batch,
     largest_fitting_seq_len,
+    layers_to_checkpoint,
 )
 
 LLAMA_7B = ModelShape(
@@ -51,6 +52,46 @@ def test_estimate_grows_with_batch_length_and_bits_and_shrinks_with_checkpointin
     assert total(micro_batch=2) > total() > total(seq_len=256)
     assert total(bits=4) > total(bits=3) > total(bits=2)
     assert total(gradient_checkpointing=True, micro_batch=4) < total(micro_batch=4)
+
+
+def test_checkpointing_fewer_layers_costs_each_one_its_activations_less_its_input() -> None:
+    job = {"bits": 4, "group_size": 128, "lora_r": 16, "seq_len": 1024, "micro_batch": 4}
+
+    def activations(**overrides: object) -> int:
+        return estimate_training_memory(LLAMA_7B, **job, **overrides).activations  # type: ignore[arg-type]
+
+    every = activations(gradient_checkpointing=True)
+    assert activations(gradient_checkpointing=True, checkpointed_layers=32) == every
+    assert activations(gradient_checkpointing=True, checkpointed_layers=0) == activations()
+    per_layer = activations() // 32
+    layer_input = 4 * 1024 * 4096 * 2
+    assert activations(gradient_checkpointing=True, checkpointed_layers=31) == every + per_layer - layer_input
+    with pytest.raises(ValueError, match="checkpointed_layers: 33 is not in"):
+        activations(gradient_checkpointing=True, checkpointed_layers=33)
+
+
+@pytest.mark.parametrize("budget_gib", [12, 24, 48, 400])
+def test_layers_to_checkpoint_is_the_fewest_that_fit_the_budget(budget_gib: int) -> None:
+    job = {"bits": 4, "group_size": 128, "lora_r": 16, "seq_len": 1024, "micro_batch": 4}
+    layers, estimate = layers_to_checkpoint(LLAMA_7B, budget_gib * GIB, **job)
+    assert estimate == estimate_training_memory(
+        LLAMA_7B, gradient_checkpointing=True, checkpointed_layers=layers, **job
+    )
+    assert estimate.total <= budget_gib * GIB
+    if layers:
+        fewer = estimate_training_memory(
+            LLAMA_7B, gradient_checkpointing=True, checkpointed_layers=layers - 1, **job
+        )
+        assert fewer.total > budget_gib * GIB
+    if budget_gib == 12:  # 7B at 4×1024 keeps about 1.2 GiB per layer without checkpointing
+        assert 0 < layers < 32
+
+
+def test_layers_to_checkpoint_checkpoints_every_layer_when_nothing_fits() -> None:
+    layers, estimate = layers_to_checkpoint(
+        LLAMA_7B, GIB, bits=4, group_size=128, lora_r=16, seq_len=512, micro_batch=1
+    )
+    assert layers == 32 and estimate.total > GIB
 
 
 def test_shape_from_config_reads_hugging_face_keys() -> None:

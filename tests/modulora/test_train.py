@@ -177,6 +177,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, examples) ->
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
+def test_checkpointing_some_layers_trains_like_checkpointing_all(tokenizer, examples) -> None:
+    # 20 steps with dropout: a layer left out of checkpointing keeps its activations instead of
+    # recomputing them; the losses must not notice. The layers' flags say which ones recompute.
+    losses, flags = {}, {}
+    for layers in (None, 1, 0):
+        model = lora_model(dropout=0.1)
+
+        def record(_: StepMetrics, layers: int | None = layers, model: torch.nn.Module = model) -> None:
+            flags[layers] = [layer.gradient_checkpointing for layer in model.model.layers]
+
+        train_config = config(max_steps=20, gradient_checkpointing=True, checkpoint_layers=layers)
+        losses[layers] = finetune(model, tokenizer, examples, train_config, callback=record).losses
+    assert flags == {None: [True, True], 1: [True, False], 0: [False, False]}
+    assert len(losses[None]) == 20
+    torch.testing.assert_close(losses[1], losses[None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[0], losses[None], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_layers_beyond_the_model_are_refused(tokenizer, examples) -> None:
+    with pytest.raises(ValueError, match="checkpoint_layers: 3 is not in"):
+        finetune(lora_model(), tokenizer, examples, config(gradient_checkpointing=True, checkpoint_layers=3))
+    with pytest.raises(ValueError, match="checkpoint_layers: -1 must not be negative"):
+        config(checkpoint_layers=-1)
+
+
 def test_gradient_accumulation_matches_one_large_batch(tokenizer, examples) -> None:
     one = finetune(lora_model(), tokenizer, examples, config(max_steps=3, micro_batch_size=8))
     accumulated = finetune(

@@ -182,22 +182,34 @@ def ensure_base(job: Job, source: str) -> str:
     return ref
 
 
-def check_memory(job: Job, model_dir: Path, device: Any) -> None:
-    """Refuse a job whose estimate exceeds what it may use: the memory free on the device now
-    (another process, such as the API's inference engine, may hold the rest), capped by the
-    configured budget. The error says what would fit."""
+def gpu_available_bytes(device: Any) -> int:
+    """The memory free on the device now plus what this process already holds: the same before and
+    after the base is loaded (another process, such as the API's inference engine, may hold the rest)."""
     import torch
 
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+def gpu_budget_bytes(device: Any) -> int:
+    """What the job may use on its device: `gpu_available_bytes`, capped by
+    MODULORA_GPU_MEMORY_BUDGET_BYTES."""
+    configured = get_settings().gpu_memory_budget_bytes
+    available = gpu_available_bytes(device)
+    return min(available, configured) if configured else available
+
+
+def check_memory(job: Job, model_dir: Path, device: Any) -> None:
+    """Refuse a job whose estimate exceeds what it may use (`gpu_budget_bytes`); the error says what
+    would fit."""
     if device.type != "cuda":
         return
-    free, _ = torch.cuda.mem_get_info(device)
-    configured = get_settings().gpu_memory_budget_bytes
-    budget = min(free, configured) if configured else free
     shape = memory.ModelShape.from_folder(model_dir)
-    estimate, hint = memory.check_job_memory(shape, job.hyperparameters, budget)
+    estimate, hint = memory.check_job_memory(shape, job.hyperparameters, gpu_budget_bytes(device))
     if hint is None:
         return
-    limit = f"{free / memory.GIB:.1f} GiB free on {device}" + (
+    configured = get_settings().gpu_memory_budget_bytes
+    limit = f"{gpu_available_bytes(device) / memory.GIB:.1f} GiB free on {device}" + (
         f", budget {configured / memory.GIB:.1f} GiB" if configured else ""
     )
     raise JobFailure(
@@ -364,10 +376,34 @@ class MetricsRecorder:
                     )
 
 
+def checkpoint_layers_for_budget(job: Job, micro_batch: int, budget_bytes: int) -> int:
+    """The fewest decoder layers to checkpoint for the job's step to fit `budget_bytes` (all of them
+    when even that does not fit); the choice and its predicted peak are logged and a job event."""
+    from modulora.models import resolve_model
+
+    hp = job.hyperparameters
+    shape = memory.ModelShape.from_folder(resolve_model(job.model))
+    fields = memory.job_memory_fields(hp)
+    layers, estimate = memory.layers_to_checkpoint(
+        shape, budget_bytes, seq_len=hp["max_seq_len"], micro_batch=micro_batch, **fields
+    )
+    message = (
+        f"Activation checkpointing: {layers} of {shape.num_layers} decoder layers for the "
+        f"{budget_bytes / memory.GIB:.1f} GiB budget, predicted peak {estimate.total / memory.GIB:.1f} GiB"
+    )
+    print(f"job {job.id}: {message}", flush=True)
+    data = {"checkpoint_layers": layers, "predicted_peak_bytes": estimate.total, "budget_bytes": budget_bytes}
+    _event(job.id, message, data=data)
+    return layers
+
+
 def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> Any:
     from modulora.train import TrainConfig
 
     hp = job.hyperparameters
+    checkpoint_layers = None  # on CPU there is no budget to spend: every layer recomputes
+    if hp["gradient_checkpointing"] and device.type == "cuda":
+        checkpoint_layers = checkpoint_layers_for_budget(job, micro_batch, gpu_budget_bytes(device))
     return TrainConfig(
         learning_rate=BASE_LEARNING_RATE * hp["learning_rate_multiplier"],
         epochs=hp["n_epochs"],
@@ -376,6 +412,7 @@ def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> 
         gradient_accumulation=hp["batch_size"] // micro_batch,
         seed=job.seed,
         gradient_checkpointing=hp["gradient_checkpointing"],
+        checkpoint_layers=checkpoint_layers,
         max_seq_len=hp["max_seq_len"],
         # Jobs stored before these were hyperparameters take the shared defaults.
         schedule=hp.get("schedule", training_defaults.SCHEDULE),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from modulora.export import export_adapter
 from modulora.lora import LoraConfig, add_lora_, lora_layers
 from modulora.quant import QuantConfig, get_quantizer
+from modulora.quant.quip import E8PLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,6 +32,37 @@ def tiny_quantized_llama(vocab_size: int, seed: int = 0, bits: int = 4) -> Llama
         if leaf in TARGETS:
             setattr(model.get_submodule(parent), leaf, quantizer.quantize(module.weight.data, None, None))
     return model
+
+
+def tiny_e8p_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """The 2-layer LLaMA of `tiny_quantized_llama` in `dtype` whose linears are QuIP# E8P layers with
+    random codes and real-valued signs (fp32, as after sign tuning): outputs of order 1 for inputs
+    of order 1."""
+    model = tiny_quantized_llama(vocab_size, seed).to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    info = torch.iinfo(torch.int16)
+    for name, module in list(model.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if leaf in TARGETS:
+            layer = E8PLinear(module.in_features, module.out_features)
+            layer.codes.copy_(torch.randint(info.min, info.max + 1, layer.codes.shape, generator=generator))
+            layer.su.copy_(torch.randn(layer.in_features, generator=generator))
+            layer.sv.copy_(torch.randn(layer.out_features, generator=generator) / layer.in_features**0.5)
+            setattr(model.get_submodule(parent), leaf, layer)
+    return model
+
+
+def dense_copy(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A copy of `model` whose quantized linears are plain `nn.Linear`s of their materialized weights."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if leaf in TARGETS:
+            weight = module.materialize(torch.float32)
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=False)
+            linear.weight.data = weight.to(module.su.device)
+            setattr(dense.get_submodule(parent), leaf, linear)
+    return dense
 
 
 def random_adapter(

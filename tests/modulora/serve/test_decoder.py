@@ -6,8 +6,9 @@ from typing import Any
 import pytest
 import torch
 
+from modulora.quant.quip import E8PProjections
 from modulora.serve.decoder import Decoder, _fuse
-from tests.modulora.serve.factories import tiny_quantized_llama
+from tests.modulora.serve.factories import dense_copy, tiny_e8p_llama, tiny_quantized_llama
 
 
 def greedy(decoder: Decoder, prompt: list[int], row: int, steps: int) -> list[int]:
@@ -79,6 +80,37 @@ def test_fused_qkv_and_gate_up_products_give_the_model_logits() -> None:
     torch.testing.assert_close(
         decoder.forward(prompt, [0], [0], [1]), unfused.forward(prompt, [0], [0], [1]), rtol=1e-4, atol=1e-4
     )
+
+
+def prefill_then_decode(decoder: Decoder, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits [T - prefill + 1, vocab]: the prefill's last position, then one decode step per token."""
+    device = decoder.device
+    got = [decoder.forward(tokens[:, :prefill].to(device), [0], [0], [0])[0]]
+    for p in range(prefill, tokens.shape[1]):
+        got.append(decoder.forward(tokens[:, p : p + 1].to(device), [0], [p], [0])[0])
+    return torch.stack(got)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "interpret"])
+def test_quip_decoder_with_fused_projections_matches_the_dense_model(
+    kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QuIP# q/k/v and gate/up as one rotation + E8P product each (as on a GPU), on CPU: with the
+    # PyTorch references, and with the Triton kernels under the interpreter (the Hadamard transforms
+    # run there; the fused E8P product takes fp16/bf16 rows only). Against the materialized weights.
+    if kernels == "interpret":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_e8p_llama(vocab_size=1000)
+    tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = dense_copy(model)(tokens).logits[0, 8:]
+    decoder = Decoder(copy.deepcopy(model), rows=1, max_seq_len=16)
+    decoder.fused_qkv = [_fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in decoder.layers]
+    decoder.fused_gate_up = [_fuse(layer.mlp, ("gate_proj", "up_proj")) for layer in decoder.layers]
+    assert all(isinstance(f, E8PProjections) for f in decoder.fused_qkv + decoder.fused_gate_up)
+    decoder.decode_kernels = True
+    torch.testing.assert_close(prefill_then_decode(decoder, tokens, 9), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_decode_kernels_give_the_logits_of_the_masked_attention_path(tiny_base: torch.nn.Module) -> None:
@@ -158,6 +190,22 @@ def test_cuda_graph_decode_matches_eager_decode_with_mixed_adapters() -> None:
         logits[graphs] = torch.stack(steps)
     assert decoders[True]._graphs, "the decode steps should have replayed a captured graph"
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_quip_decoder_matches_the_dense_model(graphs: bool) -> None:
+    """QuIP# on a GPU: the Hadamard and E8P kernels (fused q/k/v and gate/up), eagerly and replayed
+    from the decode step's CUDA graphs; prefill and decode logits match the materialized model's."""
+    model = tiny_e8p_llama(vocab_size=1000, dtype=torch.bfloat16).to("cuda")
+    dense = dense_copy(model).to(torch.bfloat16)
+    tokens = torch.randint(0, 1000, (1, 14), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        expected = dense(tokens).logits[0, 9:].float()
+    decoder = Decoder(copy.deepcopy(model), rows=1, max_seq_len=32, use_graphs=graphs)
+    assert all(isinstance(f, E8PProjections) for f in decoder.fused_qkv + decoder.fused_gate_up)
+    torch.testing.assert_close(prefill_then_decode(decoder, tokens, 10), expected, rtol=0.05, atol=0.05)
+    assert len(decoder._graphs) == (1 if graphs else 0)  # the batch-1 decode step, captured once
 
 
 @pytest.mark.gpu

@@ -82,6 +82,28 @@ def test_second_out_of_memory_fails_the_job_with_its_code(
     assert failure.value.error["param"] == "hyperparameters"
 
 
+@pytest.mark.parametrize(("budget_gib", "layers"), [(64, 0), (0.5, 30)], ids=["roomy", "too-small"])
+def test_checkpointed_layers_follow_the_budget_and_are_a_job_event(
+    service: Service, budget_gib: float, layers: int
+) -> None:
+    # SmolLM2-135M has 30 decoder layers: 64 GiB keeps every layer's activations, and half a GiB
+    # (less than the runtime overhead alone) cannot fit, so every layer recomputes.
+    job = make_job(service, gradient_checkpointing=True, micro_batch_size=2, batch_size=2)
+    assert train.checkpoint_layers_for_budget(job, 2, int(budget_gib * 2**30)) == layers
+    event = [e for e in events(job.id) if e.message.startswith("Activation checkpointing")][-1]
+    assert f"{layers} of 30 decoder layers for the {budget_gib:.1f} GiB budget" in event.message
+    assert event.data["checkpoint_layers"] == layers
+    assert (event.data["predicted_peak_bytes"] <= event.data["budget_bytes"]) == (layers < 30)
+
+
+def test_cpu_jobs_checkpoint_every_layer(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = make_job(service, gradient_checkpointing=True, batch_size=4, micro_batch_size=4)
+    configs = run_with_fake_finetune(job, tmp_path, monkeypatch, ooms=0)
+    assert configs[0].gradient_checkpointing and configs[0].checkpoint_layers is None
+
+
 def test_run_job_ends_failed_with_the_error_when_the_pipeline_raises(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
