@@ -11,20 +11,23 @@ import pkgutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import modulora
 from api import routes
-from api.errors import APIError
+from api.errors import APIError, ErrorResponse, error_responses
 from api.routes.metrics import LATENCY, REQUESTS
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-_HTTP_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}
 
 
 def _envelope(
@@ -62,17 +65,112 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # FastAPI makes one route per method, and Starlette's 405 names only the first route
+            # that matched the path; `Allow` must list every method the path has.
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
         return _envelope(
             exc.status_code,
             str(exc.detail),
-            type=_HTTP_TYPES.get(exc.status_code, "api_error"),
-            headers=getattr(exc, "headers", None),
+            type="invalid_request_error" if exc.status_code < 500 else "api_error",
+            headers=headers,
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return _envelope(500, f"Internal error: {type(exc).__name__}", type="server_error")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, saying what the API returns: the error envelope on 400 (FastAPI documents
+    422, which this API never sends), 401 on routes that need a key, 404 on routes with a path
+    parameter; routes add their own (409, 429, ...) through `error_responses`."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas["ErrorResponse"] = error_schema
+        for name, definition in schemas["ErrorResponse"].pop("$defs", {}).items():
+            schemas[name] = definition
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                wanted = [400]
+                if operation.get("security"):
+                    wanted.append(401)
+                if "{" in path:
+                    wanted.append(404)
+                for status, entry in error_responses(*wanted).items():
+                    responses.setdefault(
+                        str(status),
+                        {
+                            "description": entry["description"],
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                            },
+                        },
+                    )
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from the copies in web/vendor/: no CDN, so they work offline."""
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url="/vendor/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/vendor/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/vendor/swagger-ui/favicon-32x32.png",
+            swagger_ui_parameters={"persistAuthorization": True},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} API",
+            redoc_js_url="/vendor/redoc/redoc.standalone.js",
+            with_google_fonts=False,
+        )
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+DASHBOARD_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+"""The dashboard loads only its own files; styles set from scripts (the charts) need 'unsafe-inline'.
+/docs and /redoc start from inline scripts, so they get the other headers but not this policy."""
+
+
+def _security_headers(path: str) -> dict[str, str]:
+    if path.startswith(("/v1/", "/docs", "/redoc", "/openapi.json", "/health", "/metrics")):
+        return SECURITY_HEADERS
+    return SECURITY_HEADERS | {"Content-Security-Policy": DASHBOARD_CSP}
 
 
 def _include_routers(app: FastAPI) -> None:
@@ -88,10 +186,15 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="ModuLoRA",
         version=modulora.__version__,
-        description="Finetune LLMs in 2/3/4 bits and serve them; OpenAI-compatible.",
+        description="Finetune LLMs in 2/3/4 bits and serve them; OpenAI-compatible. Every route but "
+        "/health needs `Authorization: Bearer <key>`; errors carry `{error: {message, type, param, code}}`.",
+        docs_url=None,
+        redoc_url=None,
     )
     _install_error_handlers(app)
     _include_routers(app)
+    _add_docs(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def _count_requests(
@@ -102,6 +205,8 @@ def create_app() -> FastAPI:
         route = getattr(request.scope.get("route"), "path", "unmatched")
         REQUESTS.labels(request.method, route, str(response.status_code)).inc()
         LATENCY.labels(route).observe(time.perf_counter() - started)
+        for name, value in _security_headers(request.url.path).items():
+            response.headers.setdefault(name, value)
         return response
 
     if (WEB_DIR / "index.html").is_file():

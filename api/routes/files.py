@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select
@@ -16,6 +17,7 @@ from api.schemas import DeletedObject, FileObject, FileReport, ListPage
 from api.upload import receive_upload
 from core.config import get_settings
 from core.db.models import File, Job
+from core.db.session import session_scope
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
@@ -61,6 +63,12 @@ def check_dataset(path: Any) -> dict[str, Any]:
             code="invalid_training_file",
             details={"line": first["line"], "field": first["field"], "errors": report.errors},
         )
+    if report.rows > settings.max_upload_rows:
+        raise bad_request(
+            f"The file has {report.rows} rows; the limit is {settings.max_upload_rows}",
+            param="file",
+            code="too_many_rows",
+        )
     warnings = (
         [f"{report.truncated} row(s) longer than {report.max_seq_len} tokens"] if report.truncated else []
     )
@@ -71,8 +79,12 @@ def check_dataset(path: Any) -> dict[str, Any]:
 
 
 @router.post("", response_model=FileObject, openapi_extra=_MULTIPART)
-async def upload_file(request: Request, user: CurrentUser, session: SessionDep) -> FileObject:
-    """Upload a dataset (multipart `file`, `purpose=fine-tune`)."""
+async def upload_file(request: Request, user: CurrentUser) -> FileObject:
+    """Upload a dataset (multipart `file`, `purpose=fine-tune`).
+
+    Validating every row takes seconds for large files, so it runs in a worker thread, and the
+    database is touched only for the final insert: other requests go on meanwhile.
+    """
     settings = get_settings()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
@@ -96,7 +108,7 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
                 code="invalid_training_file",
                 details={"line": None, "field": None},
             )
-        report = check_dataset(tmp)
+        report = await anyio.to_thread.run_sync(check_dataset, tmp)
         file = File(
             user_id=user.id,
             filename=upload.filename[:255],
@@ -107,10 +119,10 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
             rows=report["rows"],
             report=report,
         )
-        session.add(file)
-        session.flush()
-        storage.commit_file(tmp, storage.file_path(file.id))
-        session.commit()
+        with session_scope() as session:
+            session.add(file)
+            session.flush()
+            storage.commit_file(tmp, storage.file_path(file.id))
     finally:
         storage.remove(tmp)
     return to_public(file)

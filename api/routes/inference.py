@@ -12,17 +12,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentUser, SessionDep
+from api.deps import CurrentUser
 from api.inference import serving
 from api.inference.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from api.inference.service import get_inference_engine, model_spec_for
+from core.db.session import session_scope
 from modulora.serve.protocol import EngineClient
+from modulora.serve.types import ModelSpec
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 EngineDep = Annotated[EngineClient, Depends(get_inference_engine)]
+
+
+def _spec(user_id: str, model_id: str) -> ModelSpec:
+    # A short session of its own: generation can take minutes and must hold no connection.
+    with session_scope() as session:
+        return model_spec_for(session=session, user_id=user_id, model_id=model_id)
 
 
 def _event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
@@ -31,14 +40,14 @@ def _event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
 
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(
-    body: ChatCompletionRequest, user: CurrentUser, session: SessionDep, engine: EngineDep
+    body: ChatCompletionRequest, user: CurrentUser, engine: EngineDep
 ) -> ChatCompletion | StreamingResponse:
     """Answer a conversation with a base model or one of your fine-tuned models.
 
     The messages are rendered with the chat template the adapter was trained with (else the base's);
     without `max_tokens` or `max_completion_tokens` the answer may run to the end of the context.
     """
-    spec = model_spec_for(session=session, user_id=user.id, model_id=body.model)
+    spec = await anyio.to_thread.run_sync(_spec, user.id, body.model)
     if body.stream:
         return _event_stream(serving.chat_completion_stream(engine, spec, body))
     return await serving.chat_completion(engine, spec, body)
@@ -46,11 +55,11 @@ async def create_chat_completion(
 
 @router.post("/completions", response_model=Completion)
 async def create_completion(
-    body: CompletionRequest, user: CurrentUser, session: SessionDep, engine: EngineDep
+    body: CompletionRequest, user: CurrentUser, engine: EngineDep
 ) -> Completion | StreamingResponse:
     """Continue a raw prompt (no chat template) with a base model or one of your fine-tuned models;
     `max_tokens` defaults to 16, as OpenAI's."""
-    spec = model_spec_for(session=session, user_id=user.id, model_id=body.model)
+    spec = await anyio.to_thread.run_sync(_spec, user.id, body.model)
     if body.stream:
         return _event_stream(serving.completion_stream(engine, spec, body))
     return await serving.completion(engine, spec, body)

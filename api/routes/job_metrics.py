@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api import crud
-from api.deps import CurrentUser, SessionDep
+from api.deps import CurrentUser
 from api.errors import not_found
 from core.config import get_settings
 from core.db.events import job_channel
@@ -100,11 +100,13 @@ def stream_metrics(
     job_id: str,
     request: Request,
     user: CurrentUser,
-    session: SessionDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    """Server-sent step metrics; reconnect with Last-Event-ID to replay what was missed."""
-    job = crud.get_job(session=session, user_id=user.id, job_id=job_id)
+    """Server-sent step metrics; reconnect with Last-Event-ID to replay what was missed.
+
+    The stream holds no database connection: each read opens a short session (`_read`)."""
+    with session_scope() as session:
+        job = crud.get_job(session=session, user_id=user.id, job_id=job_id)
     if job is None:
         raise not_found("job", job_id, param="fine_tuning_job_id")
     after_pk = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Annotated, Any
 
@@ -87,11 +88,13 @@ def create_job(
     session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobObject:
-    """Create a fine-tuning job; a repeated Idempotency-Key returns the first job."""
+    """Create a fine-tuning job; a repeated Idempotency-Key returns the first job, or 409 when the
+    body differs from the first one's."""
+    body_sha256 = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if idempotency_key:
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key)
         if existing is not None:
-            return to_public(existing)
+            return _replayed(existing, body_sha256)
     settings = get_settings()
     if body.model not in settings.base_models:
         raise bad_request(
@@ -104,12 +107,17 @@ def create_job(
         _file(session, user, body.validation_file, "validation_file")
     try:
         hp = body.requested_hyperparameters().resolve(training.rows or 0)
-    except (ValidationError, ValueError) as e:
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(["hyperparameters", *(str(part) for part in first["loc"])])
+        raise bad_request(f"{param}: {first['msg']}", param=param) from None
+    except ValueError as e:
         raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from None
     estimate = check_memory(body.model, hp)
     job = Job(
         user_id=user.id,
         idempotency_key=idempotency_key,
+        request_sha256=body_sha256,
         model=body.model,
         training_file=training.id,
         validation_file=body.validation_file,
@@ -128,12 +136,24 @@ def create_job(
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key or "")
         if existing is None:
             raise
-        return to_public(existing)
+        return _replayed(existing, body_sha256)
     # Files were validated at upload; the worker re-checks them with the base model's tokenizer.
     job.status = "queued"
     session.commit()
     record_event(session, job.id, f"Created fine-tuning job: {job.id}")
     tasks.enqueue_training(job.id)
+    return to_public(job)
+
+
+def _replayed(job: Job, body_sha256: str) -> JobObject:
+    """The job an Idempotency-Key created, when this request repeats its body (a retry)."""
+    if job.request_sha256 is not None and job.request_sha256 != body_sha256:
+        raise APIError(
+            409,
+            "Idempotency-Key was already used with a different request body",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
     return to_public(job)
 
 
