@@ -67,6 +67,7 @@ _DESCRIPTIONS = {
     404: "No such object (another user's objects read as missing)",
     405: "Method not allowed",
     409: "Conflicts with the object's state",
+    410: "The object's files are no longer on this server",
     429: "Over a per-user limit; retry after `Retry-After` seconds",
     503: "A dependency (database, engine) is unavailable",
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,9 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 import modulora
 from api import routes
@@ -84,12 +85,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= route.methods
-    return sorted(methods)
+    """The methods the OpenAPI schema documents for the request's path (what `Allow` must say)."""
+    app = request.app
+    if not hasattr(app.state, "path_methods"):
+        app.state.path_methods = [
+            (re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)) + "$"),
+             {method.upper() for method in operations})
+            for path, operations in app.openapi()["paths"].items()
+        ]  # fmt: skip
+    path = request.url.path
+    return sorted(set().union(*(methods for regex, methods in app.state.path_methods if regex.match(path))))
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -202,6 +207,17 @@ def create_app() -> FastAPI:
     ) -> Response:
         started = time.perf_counter()
         response = await call_next(request)
+        if response.status_code == 404 and not isinstance(request.scope.get("route"), APIRoute):
+            # The dashboard's mount at / answers every GET and HEAD; on an API path that has other
+            # methods the answer is 405, not the mount's 404.
+            allowed = _allowed_methods(request)
+            if allowed:
+                response = _envelope(
+                    405,
+                    "Method Not Allowed",
+                    type="invalid_request_error",
+                    headers={"Allow": ", ".join(allowed)},
+                )
         route = getattr(request.scope.get("route"), "path", "unmatched")
         REQUESTS.labels(request.method, route, str(response.status_code)).inc()
         LATENCY.labels(route).observe(time.perf_counter() - started)

@@ -49,7 +49,9 @@ class _SamplingFields(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
+        stops = [value] if isinstance(value, str) else value or []
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("a string or a list of strings")
         if len(stops) > 4 or any(not s or len(s) > STOP_MAX_CHARS for s in stops):
             raise ValueError(f"at most 4 non-empty strings of up to {STOP_MAX_CHARS} characters")
         return stops

@@ -28,7 +28,7 @@ from starlette.background import BackgroundTask
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
 from api.tokenizer import LightTokenizer, has_tokenizer
 from core.config import BASE_LEARNING_RATE, get_settings
@@ -239,14 +239,10 @@ def _time_estimate(
     )
 
 
-@router.post("/memory_estimate", response_model=MemoryEstimatePublic)
-def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep) -> MemoryEstimatePublic:
+@router.post("/memory_estimate", response_model=MemoryEstimatePublic, responses=error_responses(404, 503))
+def memory_estimate(request: JobCreate, user: CurrentUser, session: SessionDep) -> MemoryEstimatePublic:
     """Peak memory of the job described by a POST /v1/fine_tuning/jobs body, whether it fits the GPU
     named in `metadata.gpu` (one of /options' gpus), and an estimate of its training time there."""
-    try:
-        request = JobCreate.model_validate(body)
-    except ValidationError as e:
-        raise bad_request(f"Invalid job: {e}", param="hyperparameters") from e
     rows, mean_tokens = 100, None
     if request.training_file:
         training = _owned_file(session, user, request.training_file, param="training_file")
@@ -292,7 +288,7 @@ def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep
 # ------------------------------------------------------------------------------------ datasets
 
 
-@router.get("/files/{file_id}/report")
+@router.get("/files/{file_id}/report", responses=error_responses(503))
 def file_report(
     file_id: str,
     user: CurrentUser,
@@ -347,7 +343,7 @@ def _segments(
     return segments
 
 
-@router.get("/files/{file_id}/preview")
+@router.get("/files/{file_id}/preview", responses=error_responses(409, 503))
 def file_preview(
     file_id: str,
     user: CurrentUser,
@@ -509,7 +505,7 @@ def _zip_folder(folder: Path, name: str) -> FileResponse:
     )
 
 
-@router.get("/models/{model_id}/download", response_class=FileResponse)
+@router.get("/models/{model_id}/download", response_class=FileResponse, responses=error_responses(410))
 def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """The fine-tuned model's PEFT adapter folder (adapter_config.json, weights, manifest) as a zip."""
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
@@ -518,7 +514,9 @@ def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> Fil
     return _zip_folder(Path(model.path), model.id.replace(":", "_"))
 
 
-@router.get("/checkpoints/{checkpoint_id}/download", response_class=FileResponse)
+@router.get(
+    "/checkpoints/{checkpoint_id}/download", response_class=FileResponse, responses=error_responses(410)
+)
 def download_checkpoint(checkpoint_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """One training checkpoint folder as a zip."""
     checkpoint = session.scalar(

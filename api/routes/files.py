@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import DeletedObject, FileObject, FileReport, ListPage
 from api.upload import receive_upload
 from core.config import get_settings
@@ -164,7 +164,7 @@ def retrieve_file(file_id: str, user: CurrentUser, session: SessionDep) -> FileO
     return to_public(_owned(session, user, file_id))
 
 
-@router.delete("/{file_id}", response_model=DeletedObject)
+@router.delete("/{file_id}", response_model=DeletedObject, responses=error_responses(409))
 def delete_file(file_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete a file no unfinished job is using."""
     file = _owned(session, user, file_id)

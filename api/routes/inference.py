@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from api.deps import CurrentUser
+from api.errors import error_responses
 from api.inference import serving
 from api.inference.schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest
 from api.inference.service import get_inference_engine, model_spec_for
@@ -38,7 +39,7 @@ def _event_stream(lines: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=error_responses(404, 429, 503))
 async def create_chat_completion(
     body: ChatCompletionRequest, user: CurrentUser, engine: EngineDep
 ) -> ChatCompletion | StreamingResponse:
@@ -53,7 +54,7 @@ async def create_chat_completion(
     return await serving.chat_completion(engine, spec, body)
 
 
-@router.post("/completions", response_model=Completion)
+@router.post("/completions", response_model=Completion, responses=error_responses(404, 429, 503))
 async def create_completion(
     body: CompletionRequest, user: CurrentUser, engine: EngineDep
 ) -> Completion | StreamingResponse:

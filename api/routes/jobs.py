@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import CheckpointObject, DeletedObject, EventObject, JobCreate, JobObject, ListPage
 from core import tasks
 from core.config import get_settings
@@ -81,7 +81,7 @@ def check_memory(model: str, hp: dict[str, Any]) -> int | None:
     return estimate.total
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, responses=error_responses(404, 409))
 def create_job(
     body: JobCreate,
     user: CurrentUser,
@@ -216,7 +216,7 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
     return to_public(job)
 
 
-@router.delete("/{job_id}", response_model=DeletedObject)
+@router.delete("/{job_id}", response_model=DeletedObject, responses=error_responses(409))
 def delete_job(job_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete a finished job with everything it made: events, checkpoints, its fine-tuned model and
     their files. A job still waiting or running must be cancelled first (409)."""

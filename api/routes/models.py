@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, not_found
+from api.errors import APIError, error_responses, not_found
 from api.schemas import DeletedObject, ListPage, ModelObject
 from core.config import get_settings
 from core.db.models import Model
@@ -49,7 +49,7 @@ def retrieve_model(model_id: str, user: CurrentUser, session: SessionDep) -> Mod
     return adapter_to_public(model)
 
 
-@router.delete("/{model_id:path}", response_model=DeletedObject)
+@router.delete("/{model_id:path}", response_model=DeletedObject, responses=error_responses(403))
 def delete_model(model_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete one of your adapters (its files too); base models cannot be deleted (403)."""
     if any(base.id == model_id for base in base_models()):
