@@ -18,6 +18,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -26,6 +27,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.details = details or {}
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}

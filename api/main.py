@@ -10,18 +10,18 @@ import importlib
 import pkgutil
 import re
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import modulora
 from api import routes
@@ -47,7 +47,7 @@ def _envelope(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else exc.headers
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -178,6 +178,53 @@ def _security_headers(path: str) -> dict[str, str]:
     return SECURITY_HEADERS | {"Content-Security-Policy": DASHBOARD_CSP}
 
 
+class _ObserveRequests:
+    """Counts and times requests for /metrics and adds the security headers. A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+        extra_headers = _security_headers(scope["path"])
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                for name, value in extra_headers.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(scope["method"], route, str(status)).inc()
+            LATENCY.labels(route).observe(time.perf_counter() - started)
+
+
+class _Dashboard(StaticFiles):
+    """The dashboard's files at /. Requests reach this mount when no API route took them, so one for
+    an API path with another method is answered 405 (FastAPI's routers would leave it to the mount,
+    which says 404)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        allowed = _allowed_methods(Request(scope, receive))
+        if allowed:
+            response = _envelope(
+                405, "Method Not Allowed", type="invalid_request_error", headers={"Allow": ", ".join(allowed)}
+            )
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def _include_routers(app: FastAPI) -> None:
     """Every module in api/routes/ that defines `router` (new route files need no edit here)."""
     for module_info in sorted(pkgutil.iter_modules(routes.__path__), key=lambda m: m.name):
@@ -201,32 +248,9 @@ def create_app() -> FastAPI:
     _add_docs(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
-    @app.middleware("http")
-    async def _count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        if response.status_code == 404 and not isinstance(request.scope.get("route"), APIRoute):
-            # The dashboard's mount at / answers every GET and HEAD; on an API path that has other
-            # methods the answer is 405, not the mount's 404.
-            allowed = _allowed_methods(request)
-            if allowed:
-                response = _envelope(
-                    405,
-                    "Method Not Allowed",
-                    type="invalid_request_error",
-                    headers={"Allow": ", ".join(allowed)},
-                )
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-        LATENCY.labels(route).observe(time.perf_counter() - started)
-        for name, value in _security_headers(request.url.path).items():
-            response.headers.setdefault(name, value)
-        return response
-
+    app.add_middleware(_ObserveRequests)
     if (WEB_DIR / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="dashboard")
+        app.mount("/", _Dashboard(directory=WEB_DIR, html=True), name="dashboard")
     return app
 
 

@@ -107,9 +107,13 @@ async def _sse_lines(
     yield "data: [DONE]\n\n"
 
 
+def chat_max_tokens(engine: EngineClient, body: ChatCompletionRequest) -> int:
+    """The most tokens each choice may generate: the request's limit, else the context length."""
+    return body.max_completion_tokens or body.max_tokens or engine.config.max_seq_len
+
+
 def _chat_call(engine: EngineClient, spec: ModelSpec, body: ChatCompletionRequest) -> EngineCall:
-    max_tokens = body.max_completion_tokens or body.max_tokens or engine.config.max_seq_len
-    return EngineCall(engine, spec, body.sampling(max_tokens), body.chat())
+    return EngineCall(engine, spec, body.sampling(chat_max_tokens(engine, body)), body.chat())
 
 
 async def chat_completion(

@@ -8,35 +8,25 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from api.inference.service import get_inference_engine
 from api.main import create_app
 from core.config import get_settings
 from modulora.serve.events import DoneEvent, FinishEvent, TextEvent
-from tests.api.conftest import Service
+from tests.api.conftest import Service, live_server
 from tests.api.test_inference import ScriptedEngine
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 MAX_EXAMPLES = 8
 """Examples per operation and phase: bounded so the run takes about a minute."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,20 +41,8 @@ def live_api(service: Service, smollm2: Path) -> Iterator[str]:
     app = create_app()
     engine = ScriptedEngine([TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(3, 1)])
     app.dependency_overrides[get_inference_engine] = lambda: engine
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
-        time.sleep(0.1)
-    try:
+    with live_server(app) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_schemathesis_finds_no_server_error_and_no_failed_check(
