@@ -36,11 +36,12 @@ class Service:
     enqueued: list[str]
     home: Path
 
-    def new_key(self, user: str) -> dict[str, str]:
+    def new_key(self, user: str, operator: bool | None = None) -> dict[str, str]:
         from api import crud
 
         with session_scope() as session:
-            return {"Authorization": f"Bearer {crud.create_api_key(session=session, user_name=user)}"}
+            key = crud.create_api_key(session=session, user_name=user, operator=operator)
+        return {"Authorization": f"Bearer {key}"}
 
     def upload(self, headers: dict[str, str], content: bytes, name: str = "train.jsonl") -> dict:
         response = self.client.post(
