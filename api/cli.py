@@ -27,13 +27,35 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"ModuLoRA API on {url} (dashboard at {url}/, OpenAPI at {url}/docs)")
     print(f"Database: {settings.resolved_database_url}; broker: {settings.resolved_broker_url}")
     print("Create an API key with: modulora keys create --user NAME")
+    config = uvicorn.Config(
+        "api.main:app",
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s) - 1),
+    )
     try:
-        uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
+        _stopping_server(config).run()
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=60)
     return 0
+
+
+def _stopping_server(config: Any) -> Any:
+    """uvicorn's server, telling the app's streams to end the moment a stop signal arrives (uvicorn
+    itself would wait for them, and open event streams never end on their own)."""
+    import uvicorn
+
+    from api import stopping
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            stopping.request_stop()
+            super().handle_exit(sig, frame)
+
+    return StoppingServer(config)
 
 
 def _keys_create(args: argparse.Namespace) -> int:

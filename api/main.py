@@ -7,9 +7,12 @@ in the workers, and the inference engine imports it lazily on first use.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import modulora
-from api import routes
+from api import routes, storage
 from api.errors import APIError, ErrorResponse, error_responses
 from api.routes.metrics import LATENCY, REQUESTS
+from core.config import get_settings
 
+logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
@@ -234,6 +239,14 @@ def _include_routers(app: FastAPI) -> None:
             app.include_router(router)
 
 
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Uploads a killed API left half-written can never finish: remove them before serving.
+    for path in storage.sweep_temp_files(get_settings().files_dir):
+        logger.info("removed the unfinished upload %s", path.name)
+    yield
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="ModuLoRA",
@@ -242,6 +255,7 @@ def create_app() -> FastAPI:
         "/health needs `Authorization: Bearer <key>`; errors carry `{error: {message, type, param, code}}`.",
         docs_url=None,
         redoc_url=None,
+        lifespan=_lifespan,
     )
     _install_error_handlers(app)
     _include_routers(app)

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from api import stopping
 from api.errors import APIError
 from api.inference.schemas import (
     ChatChoice,
@@ -36,7 +37,13 @@ from modulora.serve.events import DoneEvent, ErrorEvent, FinishEvent, Generation
 from modulora.serve.protocol import EngineClient
 from modulora.serve.types import EngineError, ModelSpec, Prompt, SamplingParams
 
-_STATUS = {"context_length_exceeded": 400, "model_not_found": 404, "server_busy": 503}
+_STATUS = {
+    "context_length_exceeded": 400,
+    "model_not_found": 404,
+    "server_busy": 503,
+    "server_stopping": 503,
+}
+STOP_POLL_S = 0.5
 ChoiceEvent = TextEvent | FinishEvent
 
 
@@ -57,9 +64,17 @@ class EngineCall:
         )
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
+        """The engine's events until Done or Error; an ErrorEvent if the server starts stopping."""
         try:
             while True:
-                event = await self.queue.get()
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), timeout=STOP_POLL_S)
+                except TimeoutError:
+                    if not stopping.is_stopping():
+                        continue
+                    event = ErrorEvent(
+                        EngineError("The server is stopping; retry the request", "server_stopping")
+                    )
                 yield event
                 if isinstance(event, DoneEvent | ErrorEvent):
                     return

@@ -3,7 +3,9 @@
 Each `metrics` event has `id:` = the event row's number, so a reconnect with `Last-Event-ID`
 replays exactly what was missed. The database is the record: a Redis message (or, without Redis,
 a short poll) only says "look again". Idle streams get a heartbeat comment; the end of the job
-sends `event: done` with its final status and closes the stream.
+sends `event: done` with its final status and closes the stream; a server that is stopping sends
+`event: stopping` and closes it (the client reconnects with Last-Event-ID to another replica or
+the restarted server).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from api import crud
+from api import crud, stopping
 from api.deps import CurrentUser
 from api.errors import not_found
 from core.config import get_settings
@@ -80,6 +82,9 @@ async def metric_events(job_id: str, after_pk: int, request: Request) -> AsyncIt
                 yield format_sse({"status": status}, event="done")
                 return
             if await request.is_disconnected():
+                return
+            if stopping.is_stopping():
+                yield format_sse({"reason": "server_stopping"}, event="stopping")
                 return
             if time.monotonic() - last_sent >= settings.sse_heartbeat_s:
                 yield ": heartbeat\n\n"
