@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, User
+from core.db.models import ApiKey, Checkpoint, File, Job, JobEvent, Model, User, utcnow
 
 KEY_PREFIX = "mlk-"
 Row = TypeVar("Row", File, Job, JobEvent, Checkpoint, Model)
@@ -26,21 +27,60 @@ def hash_key(key: str) -> str:
 # ----------------------------------------------------------------------------------- users, keys
 
 
-def create_api_key(*, session: Session, user_name: str) -> str:
-    """Create the user if new and return a fresh key; only its hash is stored."""
+def create_api_key(
+    *,
+    session: Session,
+    user_name: str,
+    name: str | None = None,
+    expires_at: datetime | None = None,
+    operator: bool | None = None,
+) -> str:
+    """Create the user if new and return a fresh key; only its hash is stored. `operator` sets
+    (True/False) or keeps (None) the user's operator flag."""
     user = session.scalar(select(User).where(User.name == user_name))
     if user is None:
         user = User(name=user_name)
         session.add(user)
         session.flush()
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(user_id=user.id, key_hash=hash_key(key), prefix=key[:10]))
+    if operator is not None:
+        user.is_operator = operator
+    key = add_key(session=session, user_id=user.id, name=name, expires_at=expires_at)[0]
     session.commit()
     return key
 
 
+def add_key(
+    *, session: Session, user_id: str, name: str | None, expires_at: datetime | None
+) -> tuple[str, ApiKey]:
+    """A new key for an existing user (flushed, not committed): the secret, shown once, and its row."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(user_id=user_id, key_hash=hash_key(key), prefix=key[:10], name=name, expires_at=expires_at)
+    session.add(row)
+    session.flush()
+    return key, row
+
+
 def user_for_key(*, session: Session, key: str) -> User | None:
-    return session.scalar(select(User).join(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    """The key's user while the key is neither revoked nor expired (checked on every request, so a
+    revocation takes effect at the next one)."""
+    now = utcnow()
+    return session.scalar(
+        select(User)
+        .join(ApiKey)
+        .where(
+            ApiKey.key_hash == hash_key(key),
+            ApiKey.revoked_at.is_(None),
+            (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),
+        )
+    )
+
+
+def user_keys(*, session: Session, user_id: str) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.pk.desc())))
+
+
+def get_key(*, session: Session, user_id: str, key_id: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.public_id == key_id, ApiKey.user_id == user_id))
 
 
 # ---------------------------------------------------------------------------------------- paging

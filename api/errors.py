@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 
 class APIError(Exception):
     def __init__(
@@ -16,6 +18,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -24,6 +27,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.details = details or {}
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
@@ -43,3 +47,34 @@ def bad_request(
     details: dict[str, Any] | None = None,
 ) -> APIError:
     return APIError(400, message, param=param, code=code, details=details)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """What every 4xx and 5xx carries (OpenAI's envelope)."""
+
+    error: ErrorBody
+
+
+_DESCRIPTIONS = {
+    400: "Invalid request: `error.param` names the field",
+    401: "Missing, unknown, revoked or expired API key",
+    403: "Not allowed for this key",
+    404: "No such object (another user's objects read as missing)",
+    405: "Method not allowed",
+    409: "Conflicts with the object's state",
+    410: "The object's files are no longer on this server",
+    429: "Over a per-user limit; retry after `Retry-After` seconds",
+    503: "A dependency (database, engine) is unavailable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for these statuses, each with the error envelope."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}

@@ -7,11 +7,13 @@ stored job and every response carry concrete numbers.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modulora import training_defaults
+from modulora.targets import ALL_LINEAR
 
 T = TypeVar("T")
 
@@ -60,10 +62,64 @@ class DeletedObject(BaseModel):
 # ----------------------------------------------------------------------------------------- jobs
 
 
+# ------------------------------------------------------------------------ hyperparameter bounds
+# Every number a job spec may carry, checked at creation so nothing absurd reaches a worker. The
+# memory estimate (`api.routes.jobs.check_memory`) then checks what the card can hold.
+HP_BOUNDS: dict[str, tuple[float, float]] = {
+    "n_epochs": (1, 100),
+    "batch_size": (1, 1024),
+    "micro_batch_size": (1, 256),
+    "lora_r": (1, 1024),
+    "lora_alpha": (1e-3, 4096),
+    "max_seq_len": (16, 32768),
+    "max_steps": (1, 1_000_000),
+    "checkpoint_every": (1, 1_000_000),
+    "learning_rate_multiplier": (1e-4, 100),
+}
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""-1 is one group per output channel; otherwise powers of two up to 4096."""
+SEED_MAX = 2**31 - 1
+"""Job seeds are stored as 32-bit integers."""
+
+
+def _check_bounds(name: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value  # "auto", None
+    low, high = HP_BOUNDS[name]
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"must be between {low:g} and {high:g} (or 'auto'), got {value}")
+    return value
+
+
 class Hyperparameters(BaseModel):
     """OpenAI's three (each a number or "auto") plus ModuLoRA's extras."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator(*HP_BOUNDS)
+    @classmethod
+    def _within_bounds(cls, value: Any, info: Any) -> Any:
+        return _check_bounds(info.field_name, value)
+
+    @field_validator("group_size")
+    @classmethod
+    def _known_group_size(cls, value: int) -> int:
+        if value not in GROUP_SIZES:
+            raise ValueError(f"must be one of {list(GROUP_SIZES)}, got {value}")
+        return value
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _known_targets(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        if value == "all-linear":
+            return value
+        unknown = [name for name in names if name not in ALL_LINEAR]
+        if not names or unknown:
+            raise ValueError(f"{unknown or 'an empty list'} not among 'all-linear' or {list(ALL_LINEAR)}")
+        return value
+
+    # --------------------------------------------------------------------------------- fields
 
     n_epochs: int | Literal["auto"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
@@ -114,22 +170,6 @@ class Hyperparameters(BaseModel):
                 f"bits: {self.quantization} supports {METHOD_BITS[self.quantization]}, not {self.bits}"
             )
         return self
-
-    @field_validator(
-        "n_epochs", "batch_size", "lora_r", "max_seq_len", "micro_batch_size", "max_steps", "checkpoint_every"
-    )
-    @classmethod
-    def _positive_int(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, int) and value <= 0:
-            raise ValueError(f"must be a positive integer or 'auto', got {value}")
-        return value
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _positive_float(cls, value: float | str) -> float | str:
-        if isinstance(value, float | int) and value <= 0:
-            raise ValueError(f"must be positive or 'auto', got {value}")
-        return value
 
     @field_validator("lora_dropout")
     @classmethod
@@ -185,22 +225,34 @@ class Integration(BaseModel):
     wandb: WandbIntegration
 
 
+SUFFIX_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+"""A suffix lands inside model ids (`ft:<base>:<suffix>:<job>`): no `:`, `/` or spaces."""
+METADATA_MAX_PAIRS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512  # OpenAI's limits
+
+
 class JobCreate(BaseModel):
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    suffix: str | None = Field(None, max_length=64)
-    seed: int | None = None
+    model: str = Field(max_length=255)
+    training_file: str = Field(max_length=40)
+    validation_file: str | None = Field(None, max_length=40)
+    suffix: str | None = Field(None, pattern=SUFFIX_PATTERN)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     metadata: dict[str, str] | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    integrations: list[Integration] | None = None
+    integrations: list[Integration] | None = Field(None, max_length=8)
 
     @field_validator("metadata")
     @classmethod
     def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and len(value) > 16:
-            raise ValueError(f"at most 16 key/value pairs, got {len(value)}")
+        if value is None:
+            return value
+        if len(value) > METADATA_MAX_PAIRS:
+            raise ValueError(f"at most {METADATA_MAX_PAIRS} key/value pairs, got {len(value)}")
+        for key, item in value.items():
+            if not 1 <= len(key) <= METADATA_KEY_MAX:
+                raise ValueError(f"keys are 1 to {METADATA_KEY_MAX} characters, got {len(key)}")
+            if len(item) > METADATA_VALUE_MAX:
+                raise ValueError(f"values are at most {METADATA_VALUE_MAX} characters ({key!r}: {len(item)})")
         return value
 
     def requested_hyperparameters(self) -> Hyperparameters:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -22,9 +24,45 @@ def file_path(file_id: str) -> Path:
     return get_settings().files_dir / file_id
 
 
+TEMP_MAX_AGE_S = 24 * 3600
+"""A temporary file this old is left over whoever wrote it (an upload writes for minutes at most)."""
+
+
 def temp_path(folder: Path, name: str) -> Path:
+    """A temporary name for an upload in progress; it names its host and process, so a restarted
+    API can tell its dead predecessors' leftovers from another replica's live uploads."""
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f".tmp-{name}-{os.getpid()}"
+    return folder / f".tmp-{socket.gethostname()}-{os.getpid()}-{name}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files of uploads that can no longer finish: written by a process of
+    this host that is gone, or older than TEMP_MAX_AGE_S. Returns what was removed."""
+    if not folder.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for path in folder.glob(".tmp-*"):
+        # .tmp-<host>-<pid>-<name>: the host may contain dashes, the pid and the name do not.
+        writer_host, _, pid = path.name.removeprefix(".tmp-").rpartition("-")[0].rpartition("-")
+        dead = writer_host == host and pid.isdigit() and not _alive(int(pid))
+        try:
+            stale = time.time() - path.stat().st_mtime > TEMP_MAX_AGE_S
+        except FileNotFoundError:  # finished meanwhile
+            continue
+        if dead or stale:
+            remove(path)
+            removed.append(path)
+    return removed
 
 
 def commit_file(tmp: Path, final: Path) -> None:

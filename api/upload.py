@@ -7,13 +7,33 @@ part as it arrives and stops reading at `max_bytes`, so an oversized upload cost
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from api.errors import bad_request
+
+DEFAULT_FILENAME = "upload.jsonl"
+FILENAME_MAX = 200
+MAX_FIELD_BYTES = 1024
+"""Form fields besides `file` (`purpose`) are short words; more is not a form this route takes."""
+_UNSAFE = re.compile(r"[^\w.\-+=@,()\[\] ]")
+
+
+def display_filename(sent: str) -> str:
+    """The name shown for an upload: the last path component of what the client sent, without
+    control characters, quotes or separators (it is echoed in listings and Content-Disposition).
+    Clients percent-encode quotes and line breaks in the header (the HTML form rule), so decode first."""
+    name = unicodedata.normalize("NFC", urllib.parse.unquote(sent)).replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE.sub("_", name).strip(" .")[:FILENAME_MAX]
+    return name or DEFAULT_FILENAME
 
 
 @dataclass
@@ -36,7 +56,7 @@ async def receive_upload(
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise bad_request("Expected multipart/form-data with a 'file' part", param="file")
     upload, digest = Upload(), hashlib.sha256()
-    state: dict[str, object] = {"name": None, "header": b"", "headers": {}, "value": b""}
+    state: dict[str, object] = {"name": None, "header": b"", "headers": {}, "value": b"", "ended": False}
     sink = open(target, "wb")  # noqa: SIM115 - closed in finally, written from the callbacks
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -57,7 +77,7 @@ async def receive_upload(
         _, disposition = parse_options_header(headers.get(b"content-disposition", b""))
         state["name"] = disposition.get(b"name", b"").decode()
         if state["name"] == "file":
-            upload.filename = disposition.get(b"filename", b"upload.jsonl").decode(errors="replace")
+            upload.filename = display_filename(disposition.get(b"filename", b"").decode(errors="replace"))
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -69,11 +89,16 @@ async def receive_upload(
             sink.write(chunk)
         else:
             state["value"] = bytes(state["value"]) + chunk  # type: ignore[arg-type]
+            if len(state["value"]) > MAX_FIELD_BYTES:  # type: ignore[arg-type]
+                raise MultipartParseError(f"form field {state['name']!r} is over {MAX_FIELD_BYTES} bytes")
 
     def on_part_end() -> None:
         if state["name"] and state["name"] != "file":
             upload.fields[str(state["name"])] = bytes(state["value"]).decode(errors="replace")  # type: ignore[arg-type]
         state.update(name=None, headers={}, value=b"")
+
+    def on_end() -> None:
+        state["ended"] = True
 
     parser = MultipartParser(
         params[b"boundary"],
@@ -84,6 +109,7 @@ async def receive_upload(
             "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
+            "on_end": on_end,
         },
     )
     try:
@@ -96,8 +122,20 @@ async def receive_upload(
             param="file",
             code="file_too_large",
         ) from None
+    except MultipartParseError as e:
+        raise bad_request(f"Malformed multipart body: {e}", param="file", code="invalid_multipart") from None
+    except ClientDisconnect:
+        raise bad_request(
+            "The upload was cut off (the client disconnected)", param="file", code="truncated_body"
+        ) from None
     finally:
         sink.close()
+    if not state["ended"]:
+        raise bad_request(
+            "The multipart body ended without its closing boundary (truncated upload)",
+            param="file",
+            code="truncated_body",
+        )
     if not upload.filename:
         raise bad_request("Missing the 'file' part", param="file")
     upload.sha256 = digest.hexdigest()

@@ -43,6 +43,14 @@ class ServiceSettings(Settings):
     named by themselves (built-ins) or by their folder's name."""
     sse_heartbeat_s: float = 15.0
     """Seconds between SSE heartbeat comments on an idle metrics stream."""
+    max_upload_rows: int = 1_000_000
+    """Uploads with more rows than this are refused with 400."""
+    user_max_concurrent_requests: int = 8
+    """Inference requests one user may have in flight at once; more get 429 with Retry-After."""
+    user_max_tokens_in_flight: int = 65536
+    """`n` x `max_tokens` summed over one user's in-flight inference requests; more gets 429."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM, open event streams get a final event and the server stops within this long."""
 
     # Worker
     job_queue: str = "gpu"
@@ -94,7 +102,13 @@ class ServiceSettings(Settings):
                 )
         return value
 
-    @field_validator("max_upload_bytes", "port")
+    @field_validator(
+        "max_upload_bytes",
+        "port",
+        "max_upload_rows",
+        "user_max_concurrent_requests",
+        "user_max_tokens_in_flight",
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100
+MAX_NESTING = 32
+"""Deepest JSON nesting a row may have (a chat row needs about 5); deeper rows are errors, not a
+RecursionError somewhere later."""
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -102,14 +105,42 @@ def _iter_rows(path: str | Path) -> Iterator[Row | DataError]:
         yield from _iter_jsonl(text)
 
 
+def _nesting(value: Any) -> int:
+    """How deep `value` nests lists and objects (iterative: deep values must not recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _loads(text: str, line: int) -> Any:
+    """`json.loads` with a nesting limit; raises DataError for invalid or too deeply nested JSON."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(e.lineno + line - 1, None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise DataError(line, None, f"JSON nested deeper than {MAX_NESTING} levels") from None
+    if _nesting(data) > MAX_NESTING:
+        raise DataError(line, None, f"JSON nested deeper than {MAX_NESTING} levels")
+    return data
+
+
 def _iter_jsonl(text: str) -> Iterator[Row | DataError]:
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield DataError(line_no, None, f"invalid JSON: {e.msg} at column {e.colno}")
+            data = _loads(line, line_no)
+        except DataError as e:
+            yield e
             continue
         yield (
             Row(line_no, data)
@@ -120,9 +151,9 @@ def _iter_jsonl(text: str) -> Iterator[Row | DataError]:
 
 def _iter_json_list(text: str) -> Iterator[Row | DataError]:
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield DataError(e.lineno, None, f"invalid JSON: {e.msg} at column {e.colno}")
+        items = _loads(text, 1)
+    except DataError as e:
+        yield e
         return
     if not isinstance(items, list):
         yield DataError(1, None, f"expected a JSON list of objects, got {type(items).__name__}")
@@ -151,9 +182,9 @@ def _iter_csv(text: str) -> Iterator[Row | DataError]:
             for key in ("messages", "conversations"):  # nested fields arrive as JSON text in a CSV cell
                 if isinstance(data.get(key), str) and data[key].lstrip().startswith("["):
                     try:
-                        data[key] = json.loads(data[key])
-                    except json.JSONDecodeError as e:
-                        yield DataError(line, key, f"invalid JSON in cell: {e.msg}")
+                        data[key] = _loads(data[key], line)
+                    except DataError as e:
+                        yield DataError(line, key, f"in the cell: {e.message}")
                         break
             else:
                 yield Row(line, dict(data))

@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modulora.serve.types import SamplingParams
 
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""OpenAI's seed is a 64-bit integer; the engine seeds one generator per choice from it."""
+MAX_TOKENS_LIMIT = 32768
+"""No context the engine serves is longer; the engine's own limit is checked per request."""
+STOP_MAX_CHARS = 256
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -36,16 +42,18 @@ class _SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: list[str] = []
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty strings")
+        stops = [value] if isinstance(value, str) else value or []
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("a string or a list of strings")
+        if len(stops) > 4 or any(not s or len(s) > STOP_MAX_CHARS for s in stops):
+            raise ValueError(f"at most 4 non-empty strings of up to {STOP_MAX_CHARS} characters")
         return stops
 
     def sampling(self, max_tokens: int) -> SamplingParams:
@@ -65,8 +73,8 @@ class _SamplingFields(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
     def chat(self) -> list[dict[str, str]]:
         # "developer" is the newer name of "system"; chat templates know only the latter.
@@ -78,7 +86,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
 
     @field_validator("prompt")
     @classmethod

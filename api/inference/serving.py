@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from api import stopping
 from api.errors import APIError
 from api.inference.schemas import (
     ChatChoice,
@@ -37,9 +38,14 @@ from modulora.serve.protocol import EngineClient
 from modulora.serve.types import EngineError, ModelSpec, Prompt, SamplingParams
 
 _STATUS = {
-    "context_length_exceeded": 400, "invalid_model": 400, "model_too_large": 400, "model_not_found": 404,
+    "context_length_exceeded": 400,
+    "invalid_model": 400,
+    "model_too_large": 400,
+    "model_not_found": 404,
     "server_busy": 503,
-}  # fmt: skip
+    "server_stopping": 503,
+}
+STOP_POLL_S = 0.5
 ChoiceEvent = TextEvent | FinishEvent
 
 
@@ -60,9 +66,17 @@ class EngineCall:
         )
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
+        """The engine's events until Done or Error; an ErrorEvent if the server starts stopping."""
         try:
             while True:
-                event = await self.queue.get()
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), timeout=STOP_POLL_S)
+                except TimeoutError:
+                    if not stopping.is_stopping():
+                        continue
+                    event = ErrorEvent(
+                        EngineError("The server is stopping; retry the request", "server_stopping")
+                    )
                 yield event
                 if isinstance(event, DoneEvent | ErrorEvent):
                     return
@@ -110,9 +124,13 @@ async def _sse_lines(
     yield "data: [DONE]\n\n"
 
 
+def chat_max_tokens(engine: EngineClient, body: ChatCompletionRequest) -> int:
+    """The most tokens each choice may generate: the request's limit, else the context length."""
+    return body.max_completion_tokens or body.max_tokens or engine.config.max_seq_len
+
+
 def _chat_call(engine: EngineClient, spec: ModelSpec, body: ChatCompletionRequest) -> EngineCall:
-    max_tokens = body.max_completion_tokens or body.max_tokens or engine.config.max_seq_len
-    return EngineCall(engine, spec, body.sampling(max_tokens), body.chat())
+    return EngineCall(engine, spec, body.sampling(chat_max_tokens(engine, body)), body.chat())
 
 
 async def chat_completion(

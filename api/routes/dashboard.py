@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import METHOD_BITS, QUANT_METHODS, JobCreate
 from api.tokenizer import LightTokenizer, has_tokenizer
 from core.bases import base_model_folder, base_model_source
@@ -248,14 +248,10 @@ def _time_estimate(
     )
 
 
-@router.post("/memory_estimate", response_model=MemoryEstimatePublic)
-def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep) -> MemoryEstimatePublic:
+@router.post("/memory_estimate", response_model=MemoryEstimatePublic, responses=error_responses(404, 503))
+def memory_estimate(request: JobCreate, user: CurrentUser, session: SessionDep) -> MemoryEstimatePublic:
     """Peak memory of the job described by a POST /v1/fine_tuning/jobs body, whether it fits the GPU
     named in `metadata.gpu` (one of /options' gpus), and an estimate of its training time there."""
-    try:
-        request = JobCreate.model_validate(body)
-    except ValidationError as e:
-        raise bad_request(f"Invalid job: {e}", param="hyperparameters") from e
     rows, mean_tokens = 100, None
     if request.training_file:
         training = _owned_file(session, user, request.training_file, param="training_file")
@@ -301,7 +297,7 @@ def memory_estimate(body: dict[str, Any], user: CurrentUser, session: SessionDep
 # ------------------------------------------------------------------------------------ datasets
 
 
-@router.get("/files/{file_id}/report")
+@router.get("/files/{file_id}/report", responses=error_responses(503))
 def file_report(
     file_id: str,
     user: CurrentUser,
@@ -356,7 +352,7 @@ def _segments(
     return segments
 
 
-@router.get("/files/{file_id}/preview")
+@router.get("/files/{file_id}/preview", responses=error_responses(409, 503))
 def file_preview(
     file_id: str,
     user: CurrentUser,
@@ -499,7 +495,7 @@ def checkpoints(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- downloads
 
 
-@router.get("/models/{model_id:path}/download", response_class=FileResponse)
+@router.get("/models/{model_id:path}/download", response_class=FileResponse, responses=error_responses(410))
 def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """The fine-tuned model's PEFT adapter folder (adapter_config.json, weights, manifest) as a zip."""
     model = crud.visible_model(session=session, user_id=user.id, model_id=model_id)
@@ -508,7 +504,9 @@ def download_model(model_id: str, user: CurrentUser, session: SessionDep) -> Fil
     return storage.zip_folder(Path(model.path), re.sub(r"[^\w.-]+", "_", model.id))
 
 
-@router.get("/checkpoints/{checkpoint_id:path}/download", response_class=FileResponse)
+@router.get(
+    "/checkpoints/{checkpoint_id:path}/download", response_class=FileResponse, responses=error_responses(410)
+)
 def download_checkpoint(checkpoint_id: str, user: CurrentUser, session: SessionDep) -> FileResponse:
     """One training checkpoint folder as a zip (by id or public `…:ckpt-step-N` name)."""
     found = crud.visible_checkpoint(session=session, user_id=user.id, model_id=checkpoint_id)

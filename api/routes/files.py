@@ -6,18 +6,20 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import DeletedObject, FileObject, FileReport, ListPage
 from api.upload import receive_upload
 from core.bases import base_model_folder
 from core.config import get_settings
 from core.db.models import File, Job
+from core.db.session import session_scope
 from modulora.model_folder import ModelFolderError
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -57,6 +59,7 @@ def check_dataset(path: Any) -> dict[str, Any]:
     from api.tokenizer import load_light_tokenizer
     from modulora import data  # torch-free, but only the upload route needs it
 
+    settings = get_settings()
     folder = _default_model_folder()
     tokenizer = load_light_tokenizer(folder) if folder is not None else None
     report = data.validate_file(path, tokenizer=tokenizer)
@@ -72,6 +75,12 @@ def check_dataset(path: Any) -> dict[str, Any]:
             code="invalid_training_file",
             details={"line": first["line"], "field": first["field"], "errors": report.errors},
         )
+    if report.rows > settings.max_upload_rows:
+        raise bad_request(
+            f"The file has {report.rows} rows; the limit is {settings.max_upload_rows}",
+            param="file",
+            code="too_many_rows",
+        )
     warnings = (
         [f"{report.truncated} row(s) longer than {report.max_seq_len} tokens"] if report.truncated else []
     )
@@ -82,8 +91,12 @@ def check_dataset(path: Any) -> dict[str, Any]:
 
 
 @router.post("", response_model=FileObject, openapi_extra=_MULTIPART)
-async def upload_file(request: Request, user: CurrentUser, session: SessionDep) -> FileObject:
-    """Upload a dataset (multipart `file`, `purpose=fine-tune`)."""
+async def upload_file(request: Request, user: CurrentUser) -> FileObject:
+    """Upload a dataset (multipart `file`, `purpose=fine-tune`).
+
+    Validating every row takes seconds for large files, so it runs in a worker thread, and the
+    database is touched only for the final insert: other requests go on meanwhile.
+    """
     settings = get_settings()
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
@@ -107,7 +120,7 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
                 code="invalid_training_file",
                 details={"line": None, "field": None},
             )
-        report = check_dataset(tmp)
+        report = await anyio.to_thread.run_sync(check_dataset, tmp)
         file = File(
             user_id=user.id,
             filename=upload.filename[:255],
@@ -118,10 +131,10 @@ async def upload_file(request: Request, user: CurrentUser, session: SessionDep) 
             rows=report["rows"],
             report=report,
         )
-        session.add(file)
-        session.flush()
-        storage.commit_file(tmp, storage.file_path(file.id))
-        session.commit()
+        with session_scope() as session:
+            session.add(file)
+            session.flush()
+            storage.commit_file(tmp, storage.file_path(file.id))
     finally:
         storage.remove(tmp)
     return to_public(file)
@@ -163,7 +176,7 @@ def retrieve_file(file_id: str, user: CurrentUser, session: SessionDep) -> FileO
     return to_public(_owned(session, user, file_id))
 
 
-@router.delete("/{file_id}", response_model=DeletedObject)
+@router.delete("/{file_id}", response_model=DeletedObject, responses=error_responses(409))
 def delete_file(file_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete a file no unfinished job is using."""
     file = _owned(session, user, file_id)

@@ -3,7 +3,9 @@
 Each `metrics` event has `id:` = the event row's number, so a reconnect with `Last-Event-ID`
 replays exactly what was missed. The database is the record: a Redis message (or, without Redis,
 a short poll) only says "look again". Idle streams get a heartbeat comment; the end of the job
-sends `event: done` with its final status and closes the stream.
+sends `event: done` with its final status and closes the stream; a server that is stopping sends
+`event: stopping` and closes it (the client reconnects with Last-Event-ID to another replica or
+the restarted server).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from api import crud
-from api.deps import CurrentUser, SessionDep
+from api import crud, stopping
+from api.deps import CurrentUser
 from api.errors import not_found
 from core.config import get_settings
 from core.db.events import job_channel
@@ -81,6 +83,9 @@ async def metric_events(job_id: str, after_pk: int, request: Request) -> AsyncIt
                 return
             if await request.is_disconnected():
                 return
+            if stopping.is_stopping():
+                yield format_sse({"reason": "server_stopping"}, event="stopping")
+                return
             if time.monotonic() - last_sent >= settings.sse_heartbeat_s:
                 yield ": heartbeat\n\n"
                 last_sent = time.monotonic()
@@ -100,11 +105,13 @@ def stream_metrics(
     job_id: str,
     request: Request,
     user: CurrentUser,
-    session: SessionDep,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    """Server-sent step metrics; reconnect with Last-Event-ID to replay what was missed."""
-    job = crud.get_job(session=session, user_id=user.id, job_id=job_id)
+    """Server-sent step metrics; reconnect with Last-Event-ID to replay what was missed.
+
+    The stream holds no database connection: each read opens a short session (`_read`)."""
+    with session_scope() as session:
+        job = crud.get_job(session=session, user_id=user.id, job_id=job_id)
     if job is None:
         raise not_found("job", job_id, param="fine_tuning_job_id")
     after_pk = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Annotated, Any
 
@@ -12,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import CheckpointObject, DeletedObject, EventObject, JobCreate, JobObject, ListPage
 from core import tasks
 from core.bases import base_model_folder, base_model_source, check_base_model
@@ -116,18 +117,20 @@ def check_memory(model: str, hp: dict[str, Any]) -> int | None:
     return estimate.total
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, responses=error_responses(404, 409))
 def create_job(
     body: JobCreate,
     user: CurrentUser,
     session: SessionDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobObject:
-    """Create a fine-tuning job; a repeated Idempotency-Key returns the first job."""
+    """Create a fine-tuning job; a repeated Idempotency-Key returns the first job, or 409 when the
+    body differs from the first one's."""
+    body_sha256 = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if idempotency_key:
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key)
         if existing is not None:
-            return to_public(existing)
+            return _replayed(existing, body_sha256)
     settings = get_settings()
     if body.model not in settings.base_models:
         raise bad_request(
@@ -140,7 +143,11 @@ def create_job(
         _file(session, user, body.validation_file, "validation_file")
     try:
         hp = body.requested_hyperparameters().resolve(training.rows or 0)
-    except (ValidationError, ValueError) as e:
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(["hyperparameters", *(str(part) for part in first["loc"])])
+        raise bad_request(f"{param}: {first['msg']}", param=param) from None
+    except ValueError as e:
         raise bad_request(f"hyperparameters: {e}", param="hyperparameters") from None
     _check_calibration(session, user, hp["calibration"])
     check_model(body.model, hp["quantization"])
@@ -148,6 +155,7 @@ def create_job(
     job = Job(
         user_id=user.id,
         idempotency_key=idempotency_key,
+        request_sha256=body_sha256,
         model=body.model,
         training_file=training.id,
         validation_file=body.validation_file,
@@ -167,12 +175,24 @@ def create_job(
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key or "")
         if existing is None:
             raise
-        return to_public(existing)
+        return _replayed(existing, body_sha256)
     # Files were validated at upload; the worker re-checks them with the base model's tokenizer.
     job.status = "queued"
     session.commit()
     record_event(session, job.id, f"Created fine-tuning job: {job.id}")
     tasks.enqueue_training(job.id)
+    return to_public(job)
+
+
+def _replayed(job: Job, body_sha256: str) -> JobObject:
+    """The job an Idempotency-Key created, when this request repeats its body (a retry)."""
+    if job.request_sha256 is not None and job.request_sha256 != body_sha256:
+        raise APIError(
+            409,
+            "Idempotency-Key was already used with a different request body",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
     return to_public(job)
 
 
@@ -235,7 +255,7 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
     return to_public(job)
 
 
-@router.delete("/{job_id}", response_model=DeletedObject)
+@router.delete("/{job_id}", response_model=DeletedObject, responses=error_responses(409))
 def delete_job(job_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete a finished job with everything it made: events, checkpoints, its fine-tuned model and
     their files. A job still waiting or running must be cancelled first (409)."""

@@ -1,4 +1,5 @@
-"""GET /metrics: Prometheus text format (needs a key like every route but /health).
+"""GET /metrics: Prometheus text format, for operators only (their keys' users have `is_operator`,
+set by `modulora keys create --operator`): it counts every user's jobs.
 
 Job, file and model counts are read from the database at scrape time, so every API replica
 reports the same numbers; request counters are per process (`api.main` counts them).
@@ -15,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from api.deps import CurrentUser
+from api.errors import APIError, error_responses
 from core.db.models import JOB_STATUSES, File, Job, Model
 from core.db.session import session_scope
 
@@ -43,7 +45,15 @@ class _DatabaseCollector(Collector):
 REGISTRY.register(_DatabaseCollector())
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, **error_responses(403)},
+)
 def metrics(user: CurrentUser) -> Response:
-    """Prometheus metrics."""
+    """Prometheus metrics (operators' keys only)."""
+    if not user.is_operator:
+        raise APIError(
+            403, "/metrics is for operators (`modulora keys create --operator`)", code="operator_only"
+        )
     return Response(generate_latest(REGISTRY), media_type="text/plain; version=0.0.4")

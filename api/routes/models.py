@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request, error_responses, not_found
 from api.schemas import DeletedObject, ListPage, ModelObject
 from core.config import get_settings
 from core.db.models import Model
@@ -95,7 +95,7 @@ def retrieve_model(model_id: str, user: CurrentUser, session: SessionDep) -> Mod
     )
 
 
-@router.delete("/{model_id:path}", response_model=DeletedObject)
+@router.delete("/{model_id:path}", response_model=DeletedObject, responses=error_responses(403))
 def delete_model(model_id: str, user: CurrentUser, session: SessionDep) -> DeletedObject:
     """Delete one of your adapters (its files too); base models cannot be deleted (403)."""
     if any(base.id == model_id for base in base_models()):

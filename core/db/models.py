@@ -48,6 +48,8 @@ class User(Base):
     pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("user"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    is_operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Operators may read `/metrics`, which counts every user's jobs."""
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -58,6 +60,11 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     """SHA-256 of the key: keys are random 256-bit tokens, so a slow hash adds nothing."""
     prefix: Mapped[str] = mapped_column(String(16))
+    """The key's first characters, shown in key lists so users can tell their keys apart."""
+    public_id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("key"))
+    name: Mapped[str | None] = mapped_column(String(100))
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -83,6 +90,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True, default=lambda: new_id("ftjob"))
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
+    """The creating request's body, so a reused Idempotency-Key with another body is a 409."""
     model: Mapped[str] = mapped_column(String(255))
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))

@@ -5,12 +5,18 @@ Enqueued job ids are collected instead of sent to a broker (the worker tests run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.main import create_app
@@ -30,11 +36,12 @@ class Service:
     enqueued: list[str]
     home: Path
 
-    def new_key(self, user: str) -> dict[str, str]:
+    def new_key(self, user: str, operator: bool | None = None) -> dict[str, str]:
         from api import crud
 
         with session_scope() as session:
-            return {"Authorization": f"Bearer {crud.create_api_key(session=session, user_name=user)}"}
+            key = crud.create_api_key(session=session, user_name=user, operator=operator)
+        return {"Authorization": f"Bearer {key}"}
 
     def upload(self, headers: dict[str, str], content: bytes, name: str = "train.jsonl") -> dict:
         response = self.client.post(
@@ -69,3 +76,23 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service
     with TestClient(create_app()) as client:
         yield Service(client, enqueued, tmp_path / "home")
     clear_caches()
+
+
+@contextlib.contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """`app` on a real uvicorn server in a thread (real sockets: disconnects, concurrency); its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the API did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

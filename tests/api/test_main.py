@@ -46,10 +46,12 @@ def test_health_needs_no_key(service: Service) -> None:
     assert service.client.get("/health").json() == {"status": "ok", "database": "ok"}
 
 
-def test_prometheus_metrics_count_jobs_by_status(service: Service) -> None:
-    alice = service.new_key("alice")
+def test_prometheus_metrics_count_jobs_by_status_for_operators_only(service: Service) -> None:
+    alice, operator = service.new_key("alice"), service.new_key("ops", operator=True)
     assert service.client.get("/metrics").status_code == 401
-    text = service.client.get("/metrics", headers=alice).text
+    refused = service.client.get("/metrics", headers=alice)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "operator_only"
+    text = service.client.get("/metrics", headers=operator).text
     assert 'modulora_jobs{status="queued"} 0.0' in text and "modulora_http_requests_total" in text
 
 

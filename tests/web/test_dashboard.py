@@ -100,6 +100,34 @@ def test_sign_in_keeps_the_key_out_of_the_url_and_signs_in_every_tab(dashboard: 
     assert page.evaluate("localStorage.getItem('modulora.apiKey')") is None
 
 
+def test_keys_page_creates_a_key_shown_once_and_revokes_it_at_once(dashboard: Dashboard) -> None:
+    import httpx
+
+    page = dashboard.page
+    dashboard.sign_in()
+    dashboard.open("keys")
+    page.wait_for_selector("#key-rows tr")
+    assert page.title() == "API keys · ModuLoRA"
+    assert page.is_visible("#key-rows :text('(this browser)')")
+    page.fill("#key-name", "ci")
+    page.fill("#key-expiry", "30")
+    page.click("#create-key button[type=submit]")
+    secret = page.text_content("#new-key-secret")
+    assert secret and secret.startswith("mlk-") and dashboard.stack.key not in page.content()
+    row = page.locator("#key-rows tr", has_text="ci")
+    assert row.locator("td[data-label='State']").text_content() == "active"
+    dashboard.audit()
+    dashboard.screenshot("keys")
+    url = f"{dashboard.stack.url}/v1/models"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    row.locator("button:has-text('Revoke')").click()
+    page.wait_for_selector("#key-rows tr:has-text('ci') td[data-label='State']:has-text('revoked')")
+    assert "It stops working at once" in dashboard.dialogs[-1]
+    assert httpx.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    page.reload()  # a new page load reads the list again: the revoked key stays listed, and this one works
+    page.wait_for_selector("#key-rows tr:has-text('revoked')")
+
+
 def test_upload_invalid_file_shows_the_error_with_its_line_number(
     dashboard: Dashboard, broken_dataset: Path
 ) -> None:
@@ -595,3 +623,5 @@ def test_every_page_fits_a_phone_without_horizontal_overflow(
     check("compare", "#compare-table")
     phone.open("playground")
     check("playground", "#chat-log")
+    phone.open("keys")
+    check("keys", "#key-rows tr")

@@ -197,6 +197,12 @@ export const getJobLoss = (id) => request("GET", `/v1/dashboard/jobs/${id}/loss`
 export const getJobMessages = (id, after = 0) =>
   request("GET", `/v1/dashboard/jobs/${id}/messages`, { query: { after } }).then((page) => page?.data ?? []);
 
+// ---- keys -----------------------------------------------------------------------------------
+
+export const listKeys = () => request("GET", "/v1/keys").then((page) => page?.data ?? []);
+export const createKey = (body) => request("POST", "/v1/keys", { json: body });
+export const revokeKey = (id) => request("DELETE", `/v1/keys/${id}`);
+
 // ---- models and dashboard helpers -----------------------------------------------------------
 
 export const listModels = () => request("GET", "/v1/models").then((page) => page?.data ?? []);

@@ -6,6 +6,7 @@ import { renderCompare } from "./pages/compare.js";
 import { renderDatasets } from "./pages/datasets.js";
 import { renderJob } from "./pages/job.js";
 import { renderJobs } from "./pages/jobs.js";
+import { renderKeys } from "./pages/keys.js";
 import { renderNewJob } from "./pages/new-job.js";
 import { renderPlayground } from "./pages/playground.js";
 import { renderSignIn } from "./pages/signin.js";
@@ -17,6 +18,7 @@ const ROUTES = [
   { pattern: /^#\/jobs\/([\w.:-]+)$/, page: "job", title: (id) => `Job ${id}`, render: renderJob },
   { pattern: /^#\/compare(?:\/([\w.,:-]*))?$/, page: "compare", title: () => "Compare runs", render: renderCompare },
   { pattern: /^#\/playground$/, page: "playground", title: () => "Playground", render: renderPlayground },
+  { pattern: /^#\/keys$/, page: "keys", title: () => "API keys", render: renderKeys },
 ];
 const NAV_PAGE = { job: "jobs" };
 
