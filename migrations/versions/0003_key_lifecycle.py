@@ -1,7 +1,7 @@
 """Key lifecycle (public id, name, expiry, revocation), operators, idempotent job bodies.
 
-Revision ID: 0002_key_lifecycle
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from collections.abc import Sequence
@@ -11,8 +11,8 @@ from alembic import op
 
 import core.db.models
 
-revision: str = "0002_key_lifecycle"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
