@@ -300,6 +300,7 @@ def export_gguf_lora(
         "attn_k": base_config.get("num_key_value_heads", base_config["num_attention_heads"]),
     }
 
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)

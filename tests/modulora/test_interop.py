@@ -141,7 +141,7 @@ def test_gguf_lora_reads_back_as_llama_cpp_writes_it(tmp_path: Path) -> None:
     adapter = export_adapter(
         trained, tmp_path / "adapter", base_model="tiny", quant_config=None, lora_config=LORA
     )
-    out = export_gguf_lora(adapter, base.config.to_dict(), tmp_path / "adapter.gguf")
+    out = export_gguf_lora(adapter, base.config.to_dict(), tmp_path / "exports" / "adapter.gguf")
     reader = gguf.GGUFReader(out)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
