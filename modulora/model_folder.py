@@ -86,7 +86,10 @@ def gguf_file(path: Path) -> Path | None:
         return path if path.suffix == ".gguf" else None
     if path.is_dir() and not (path / CONFIG).exists():
         found = sorted(path.glob("*.gguf"))
-        return found[0] if len(found) == 1 else None
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise ModelFolderError(f"model: {path} holds several GGUF files ({names}); name one of them")
+        return found[0] if found else None
     return None
 
 

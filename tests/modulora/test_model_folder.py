@@ -97,6 +97,9 @@ def test_gguf_file_must_start_with_the_gguf_magic(tmp_path: Path) -> None:
     (tmp_path / "model.gguf").write_bytes(b"<html>404</html>")
     with pytest.raises(ModelFolderError, match="is not a GGUF file"):
         check_model(tmp_path / "model.gguf")
+    (tmp_path / "model-q8.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelFolderError, match=r"several GGUF files \(model-q8.gguf, model.gguf\); name one"):
+        check_model(tmp_path)
 
 
 def test_weights_bytes_counts_every_tensor_at_the_dense_size(tmp_path: Path) -> None:

@@ -324,6 +324,39 @@ def test_a_failed_preparation_is_reported_once_and_then_retried(
     assert len(attempts) == 2 and report["tokens"] is not None
 
 
+@pytest.fixture
+def gguf_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A base model "mine" whose source is a folder holding a .gguf (no config.json beside it)."""
+    source = tmp_path / "my-gguf"
+    source.mkdir()
+    (source / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("MODULORA_BASE_MODELS", json.dumps({"mine": str(source)}))
+    return source
+
+
+def test_a_gguf_source_is_prepared_once_into_its_converted_folder(
+    gguf_source: Path, fresh_client: TestClient, model_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its config and tokenizer appear in a converted folder under the home, which later requests use."""
+    calls: list[str] = []
+
+    def prepare(model: str) -> Path:
+        calls.append(model)
+        converted = get_settings().models_dir / "model-0123456789ab"  # as `resolve_model` names it
+        _copy_model_files(model_folder, converted)
+        return converted
+
+    monkeypatch.setattr(dashboard, "_prepare", prepare)
+    monkeypatch.setattr(dashboard, "_preparing", {})
+    monkeypatch.setattr(dashboard, "_converted", {})
+    headers = _key("ann")
+    path = f"/v1/dashboard/files/{_upload(fresh_client, headers, [ROW])['id']}/report?model=mine"
+    report = _wait_until_prepared(fresh_client, path, headers)
+    assert report["tokenizer"] == "mine" and report["tokens"]["min"] > 0
+    assert fresh_client.get(path, headers=headers).status_code == 200
+    assert calls == ["mine"]
+
+
 def test_options_expose_the_base_learning_rate_the_worker_trains_with(client: TestClient) -> None:
     from api.schemas import Hyperparameters
     from core.config import BASE_LEARNING_RATE

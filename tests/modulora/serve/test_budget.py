@@ -3,6 +3,7 @@ model's config and weights, a clear refusal before loading a model that cannot f
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,6 @@ def test_engine_sizes_the_kv_cache_rows_to_its_budget(make_engine) -> None:
 def test_on_a_gpu_the_engine_stays_inside_its_budget_and_queues_past_its_rows() -> None:
     """SmolLM2's own 4-bit blocks on CUDA, a budget that buys 3 rows of 1,024 tokens: 8 concurrent
     long requests all finish (the rest wait for rows) and the allocator never reserves more."""
-    import threading
-
     ref, dtype = "smollm2-135m-instruct:gguf", torch.bfloat16
     config, weights = size_from_files(ref, dtype)
     one_row = plan_serving(
