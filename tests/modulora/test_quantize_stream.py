@@ -9,7 +9,11 @@ from modulora.models import load_model, save_quantized
 from modulora.quant import QuantConfig
 from modulora.quantize import CALIBRATION_SIZES, load_calibration, quantize_, quantize_model
 from modulora.weights import SafetensorsSource, ShardWriter
-from tests.utils.tiny_lm import CORPUS, tiny_llama, tiny_tokenizer
+
+# Bit-identity compares two runs of the same kernels, so on a CPU every test here runs on one thread
+# (`single_thread`, autouse): a multi-threaded BLAS on a loaded machine may split a reduction
+# differently from one call to the next.
+from tests.utils.tiny_lm import CORPUS, single_thread, tiny_llama, tiny_tokenizer  # noqa: F401
 
 
 def saved_tensors(folder) -> dict[str, torch.Tensor]:
@@ -24,12 +28,12 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), key
 
 
-def in_memory_quantization(ref, config: QuantConfig, out, dtype: torch.dtype):
+def in_memory_quantization(ref, config: QuantConfig, out, dtype: torch.dtype, device: str = "cpu"):
     """The path quantize_model took before streaming: load the model whole, quantize_, save."""
     model, tokenizer = load_model(ref, dtype=dtype)
     ids = load_calibration(tokenizer, config.calibration, config.n_samples, config.seq_len, config.seed)
     torch.manual_seed(config.seed)
-    quantize_(model, config, ids, device="cpu")
+    quantize_(model, config, ids, device=device)
     return save_quantized(model, tokenizer, config, out, base=str(ref))
 
 
@@ -58,11 +62,20 @@ def test_streamed_result_is_bit_identical_to_the_in_memory_path(hf_folder, tmp_p
 
 
 @pytest.mark.slow
-def test_streamed_smollm2_is_bit_identical_to_the_in_memory_path(smollm2, tmp_path) -> None:
-    """The real model (tied head, 30 layers, fp32 checkpoint read as bf16), OPTQ's default settings."""
-    config = QuantConfig(method="optq", bits=4, n_samples=4, seq_len=64)
-    streamed = quantize_model(smollm2, config, tmp_path / "streamed", dtype=torch.bfloat16, device="cpu")
-    in_memory = in_memory_quantization(smollm2, config, tmp_path / "in-memory", torch.bfloat16)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_streamed_smollm2_is_bit_identical_to_the_in_memory_path(smollm2, tmp_path, device) -> None:
+    """The real model (tied head, 30 layers, fp32 checkpoint read as bf16), OPTQ's default settings
+    but for the calibration size (on a CPU the 30 layers take minutes even so)."""
+    config = QuantConfig(
+        method="optq",
+        bits=4,
+        n_samples=4 if device == "cpu" else None,
+        seq_len=64 if device == "cpu" else None,
+    )
+    streamed = quantize_model(smollm2, config, tmp_path / "streamed", dtype=torch.bfloat16, device=device)
+    recorded = json.loads((streamed / "quantize_config.json").read_text())["modulora"]["quant_config"]
+    config.n_samples, config.seq_len = recorded["n_samples"], recorded["seq_len"]  # the device's sizes
+    in_memory = in_memory_quantization(smollm2, config, tmp_path / "in-memory", torch.bfloat16, device)
     assert_same_tensors(saved_tensors(streamed), saved_tensors(in_memory))
 
 
