@@ -556,14 +556,15 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
             sampler.take()
             burst = chat_burst(client, row["fine_tuned_model"], burst_prompts, args.burst_tokens)
             row |= {f"cold_{key}": value for key, value in burst.items()}
-            row |= chat_accuracy(client, row["fine_tuned_model"], test_rows, max_tokens=8)
+            row |= chat_accuracy(client, row["fine_tuned_model"], test_rows, args.answer_tokens)
             row |= {f"serve_{key}_gib": value for key, value in sampler.take().items()}
             if row["cold_answered"] < row["cold_requests"]:
                 row["log_tail"] = service.log_tail()
     for row in rows:
         if row["status"] == "succeeded" and not args.skip_library:
             print(f"smollm2 / {row['base']}: the library's run", flush=True)
-            row |= library_accuracy(home, row, paths, work / f"library-{row['base']}", args.device, 8)
+            library = work / f"library-{row['base']}"
+            row |= library_accuracy(home, row, paths, library, args.device, args.answer_tokens)
             row["accuracy_gap_points"] = round(100 * abs(row["api_accuracy"] - row["library_accuracy"]), 2)
     return rows
 
@@ -653,7 +654,7 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", choices=list(BASES), help="SmolLM2 job bases")
     parser.add_argument("--shapes", nargs="+", help="synthetic checkpoint shapes (7b, 13b; tiny for --tiny)")
     parser.add_argument(
-        "--tiny", action="store_true", help="CPU smoke: few rows and steps, gguf + rtn-4, tiny shape"
+        "--tiny", action="store_true", help="CPU smoke: few rows and steps, the gguf base, tiny shape"
     )
     parser.add_argument(
         "--data-dir", type=Path, default=DATASETS, help="holds trec/train.jsonl, trec/test.jsonl"
@@ -682,6 +683,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--burst-tokens", type=int, default=128, help="max_tokens of each cold request")
+    parser.add_argument("--answer-tokens", type=int, default=8, help="max_tokens of each scored answer")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="synthetic: the whole GPU's budget")
     parser.add_argument(
         "--inference-gib", type=float, default=10.0, help="synthetic: the engine's share of it"
@@ -694,12 +696,12 @@ def main() -> None:
 
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
-        args.bases = args.bases or ["gguf", "rtn-4"]
+        args.bases = args.bases or ["gguf"]
         args.shapes = args.shapes or ["tiny"]
         # A SmolLM2 step of 2 rows takes tens of seconds on a busy 2-core CPU.
         args.train_rows, args.val_rows, args.test_rows, args.synthetic_rows = 32, 4, 8, 24
         args.batch_size, args.micro_batch_size, args.max_steps = 2, 2, args.max_steps or 2
-        args.burst_tokens, args.job_timeout_s = 8, 1200
+        args.burst_tokens, args.answer_tokens, args.job_timeout_s = 4, 4, 1200
     args.bases = args.bases or ["gguf", "optq-4", "optq-3", "quip#-2"]
     args.shapes = args.shapes or ["7b"]
 
