@@ -12,8 +12,9 @@ accuracies must agree within one point.
 Model B, a synthetic LLaMA-shaped checkpoint (random bf16 weights, sharded safetensors, SmolLM2's
 tokenizer; `bench/synthetic_checkpoint.py`) registered through MODULORA_BASE_MODELS: a job with
 default hyperparameters (OPTQ 4-bit) under a memory budget for the whole GPU, split between the
-worker (MODULORA_GPU_MEMORY_BUDGET_BYTES) and the engine (MODULORA_INFERENCE_MEMORY_BUDGET_BYTES),
-then 16 concurrent streamed chats with the result on a cold engine.
+worker (MODULORA_GPU_MEMORY_BUDGET_BYTES) and the engine (MODULORA_INFERENCE_MEMORY_BUDGET_BYTES);
+when the service refuses the defaults' memory estimate, the job takes the micro-batch or length its
+error names. Then 16 concurrent streamed chats with the result on a cold engine.
 
 Measured per phase: quantize time (from the job's events, seen live), training step time and
 tokens/s (the job's metrics events), peak GPU memory of the worker's and the API's process trees
@@ -35,6 +36,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -50,7 +52,7 @@ from typing import Any
 
 import httpx
 import psutil
-from openai import OpenAI, OpenAIError
+from openai import BadRequestError, OpenAI, OpenAIError
 
 from bench._common import environment, print_table, write_json
 
@@ -86,6 +88,9 @@ BASES = {
     "quip#-2": {"quantization": "quip#", "bits": 2},
     "rtn-4": {"quantization": "rtn", "bits": 4},  # no calibration: the quick quantized base for --tiny
 }
+# The inference engine's share of the synthetic model's GPU budget: 4-bit weights, bf16 embeddings
+# and LM head, and a KV cache of a few 2,048-token rows; the worker gets the rest.
+INFERENCE_GIB = {"tiny": 1.0, "7b": 8.0, "13b": 11.0}
 BASE_LEARNING_RATE = 2e-4
 """The service's learning rate at multiplier 1 (core.config.BASE_LEARNING_RATE; bench/ may not
 import core). The library run passes it explicitly."""
@@ -582,7 +587,7 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
     row["write_checkpoint_s"] = round(time.perf_counter() - started, 1)
     paths = write_trec_chat(args.data_dir, work / "data", args.synthetic_rows, 0, 16)
     budget = int(args.budget_gib * GIB)
-    inference = int(args.inference_gib * GIB)
+    inference = int((args.inference_gib or INFERENCE_GIB[shape]) * GIB)
     env = {
         "MODULORA_BASE_MODELS": json.dumps([str(folder)]),
         "MODULORA_GPU_MEMORY_BUDGET_BYTES": str(budget - inference),
@@ -596,7 +601,15 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
         files = {"train": upload(client, paths["train"])}
         print(f"synthetic {shape}: job", flush=True)
         hyperparameters = {"max_steps": args.max_steps} if args.max_steps else {}
-        row |= run_job(service, model, files, hyperparameters, args.seed, args.job_timeout_s)
+        try:
+            row |= run_job(service, model, files, hyperparameters, args.seed, args.job_timeout_s)
+        except BadRequestError as refusal:
+            if refusal.code != "insufficient_memory":
+                raise
+            # The defaults' estimate exceeds the worker's share: take the setting the refusal names.
+            row["default_refused"] = refusal.message
+            hyperparameters |= {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", refusal.message)}
+            row |= run_job(service, model, files, hyperparameters, args.seed, args.job_timeout_s)
         print(f"  {row['status']} in {row['job_s']} s", flush=True)
         if row["status"] == "succeeded":
             print(f"synthetic {shape}: cold engine, 16 streamed chats", flush=True)
@@ -686,7 +699,7 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=8, help="max_tokens of each scored answer")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="synthetic: the whole GPU's budget")
     parser.add_argument(
-        "--inference-gib", type=float, default=10.0, help="synthetic: the engine's share of it"
+        "--inference-gib", type=float, help=f"synthetic: the engine's share of it (default: {INFERENCE_GIB})"
     )
     parser.add_argument("--job-timeout-s", type=float, default=1800)
     parser.add_argument("--skip-library", action="store_true", help="no library comparison run")
