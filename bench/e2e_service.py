@@ -306,9 +306,11 @@ class Service:
         return self.start()
 
     def log_tail(self, lines: int = 40) -> str:
-        return (
-            "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
-        )
+        """The log's last lines, without uvicorn's access lines (this bench polls twice a second)."""
+        if not self.log.exists():
+            return ""
+        logged = self.log.read_text(errors="replace").splitlines()
+        return "\n".join([line for line in logged if not line.startswith("INFO:     127.0.0.1:")][-lines:])
 
     def __enter__(self) -> Service:
         self.start()
@@ -354,9 +356,9 @@ def run_job(
         job = client.fine_tuning.jobs.retrieve(job.id)
         if job.status in TERMINAL:
             break
-        if time.perf_counter() - started > timeout_s:
-            client.fine_tuning.jobs.cancel(job.id)
-            raise TimeoutError(f"job {job.id} did not finish in {timeout_s:.0f} s")
+        if time.perf_counter() - started > timeout_s:  # the job counts as failed; the bench goes on
+            job = client.fine_tuning.jobs.cancel(job.id)
+            break
         time.sleep(0.5)
     wall_s = time.perf_counter() - started
     peaks = service.sampler.take()
@@ -569,7 +571,11 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
         if row["status"] == "succeeded" and not args.skip_library:
             print(f"smollm2 / {row['base']}: the library's run", flush=True)
             library = work / f"library-{row['base']}"
-            row |= library_accuracy(home, row, paths, library, args.device, args.answer_tokens)
+            try:
+                row |= library_accuracy(home, row, paths, library, args.device, args.answer_tokens)
+            except subprocess.CalledProcessError as error:  # its output went to this bench's stderr
+                row["library_error"] = str(error)
+                continue
             row["accuracy_gap_points"] = round(100 * abs(row["api_accuracy"] - row["library_accuracy"]), 2)
     return rows
 
@@ -585,7 +591,7 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
     subprocess.run(write, cwd=REPO, env=os.environ | {"MODULORA_HOME": str(home)}, check=True)
     row: dict[str, Any] = {"model": f"synthetic-{shape}", "base": "optq-4 (default)", "seed": args.seed}
     row["write_checkpoint_s"] = round(time.perf_counter() - started, 1)
-    paths = write_trec_chat(args.data_dir, work / "data", args.synthetic_rows, 0, 16)
+    paths = write_trec_chat(args.data_dir, work / f"data-{shape}", args.synthetic_rows, 0, 16)
     budget = int(args.budget_gib * GIB)
     inference = int((args.inference_gib or INFERENCE_GIB[shape]) * GIB)
     env = {
@@ -629,7 +635,7 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
     return row
 
 
-def checks(rows: list[dict]) -> list[tuple[str, bool]]:
+def checks(rows: list[dict], compare_library: bool) -> list[tuple[str, bool]]:
     """What the run must show, per row: the job succeeded, every cold request was answered, the
     API's and the library's accuracy agree within one point, the synthetic job stayed in budget."""
     found = []
@@ -641,9 +647,12 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
         found.append(
             (f"{name}: 16 cold first requests answered", r.get("cold_answered") == r.get("cold_requests"))
         )
-        if "accuracy_gap_points" in r:
+        if r["model"] == SMOLLM2 and compare_library:
             found.append(
-                (f"{name}: API accuracy within 1 point of the library's", r["accuracy_gap_points"] <= 1.0)
+                (
+                    f"{name}: API accuracy within 1 point of the library's",
+                    r.get("accuracy_gap_points", 100) <= 1.0,
+                )
             )
         if r.get("within_budget") is not None:
             found.append((f"{name}: GPU memory within {r['budget_gib']} GiB", r["within_budget"]))
@@ -731,7 +740,7 @@ def main() -> None:
             rows += [run_synthetic(args, work, sampler, shape) for shape in args.shapes]
 
     print_table(rows, COLUMNS)
-    found = checks(rows)
+    found = checks(rows, compare_library=not args.skip_library)
     for name, ok in found:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "work_dir")}
