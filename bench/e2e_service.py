@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -524,9 +525,11 @@ def library_accuracy(
 # ---------------------------------------------------------------------------------------- flows
 
 
-def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> list[dict]:
+def run_smollm2(
+    args: argparse.Namespace, work: Path, sampler: TreeSampler, report: list[dict], save: Callable[[], Any]
+) -> None:
     """Model A: one job per base, then per model a cold-engine burst and the held-out accuracy over
-    the API; then the library's run of each job's settings."""
+    the API; then the library's run of each job's settings. Rows go into `report`, saved as they grow."""
     paths = write_trec_chat(args.data_dir, work / "data", args.train_rows, args.val_rows, args.test_rows)
     test_rows = read_chat_rows(paths["test"])
     # Half held-out questions (a label word each), half open questions (long answers, for decode speed).
@@ -555,6 +558,8 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
             )
             print(f"  {row['status']} in {row['job_s']} s", flush=True)
             rows.append(row)
+            report.append(row)
+            save()
         for row in rows:
             if row["status"] != "succeeded":
                 continue
@@ -567,6 +572,7 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
             row |= {f"serve_{key}_gib": value for key, value in sampler.take().items()}
             if row["cold_answered"] < row["cold_requests"]:
                 row["log_tail"] = service.log_tail()
+            save()
     for row in rows:
         if row["status"] == "succeeded" and not args.skip_library:
             print(f"smollm2 / {row['base']}: the library's run", flush=True)
@@ -577,10 +583,17 @@ def run_smollm2(args: argparse.Namespace, work: Path, sampler: TreeSampler) -> l
                 row["library_error"] = str(error)
                 continue
             row["accuracy_gap_points"] = round(100 * abs(row["api_accuracy"] - row["library_accuracy"]), 2)
-    return rows
+            save()
 
 
-def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, shape: str) -> dict:
+def run_synthetic(
+    args: argparse.Namespace,
+    work: Path,
+    sampler: TreeSampler,
+    shape: str,
+    report: list[dict],
+    save: Callable[[], Any],
+) -> None:
     """Model B: a synthetic LLaMA checkpoint, a default job under the budget, 16 streamed chats."""
     home = work / f"home-{shape}"
     home.mkdir(parents=True)
@@ -591,6 +604,7 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
     subprocess.run(write, cwd=REPO, env=os.environ | {"MODULORA_HOME": str(home)}, check=True)
     row: dict[str, Any] = {"model": f"synthetic-{shape}", "base": "optq-4 (default)", "seed": args.seed}
     row["write_checkpoint_s"] = round(time.perf_counter() - started, 1)
+    report.append(row)
     paths = write_trec_chat(args.data_dir, work / f"data-{shape}", args.synthetic_rows, 0, 16)
     budget = int(args.budget_gib * GIB)
     inference = int((args.inference_gib or INFERENCE_GIB[shape]) * GIB)
@@ -617,6 +631,7 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
             hyperparameters |= {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", refusal.message)}
             row |= run_job(service, model, files, hyperparameters, args.seed, args.job_timeout_s)
         print(f"  {row['status']} in {row['job_s']} s", flush=True)
+        save()
         if row["status"] == "succeeded":
             print(f"synthetic {shape}: cold engine, 16 streamed chats", flush=True)
             row["restart_s"] = round(service.restart(), 1)
@@ -632,7 +647,7 @@ def run_synthetic(args: argparse.Namespace, work: Path, sampler: TreeSampler, sh
         # nvidia-smi lists no processes of ours from inside some containers: then the device's use counts.
         both = both or max(row.get("job_gpu_device_used_gib", 0.0), row.get("serve_gpu_device_used_gib", 0.0))
         row["within_budget"] = both <= args.budget_gib
-    return row
+    save()
 
 
 def checks(rows: list[dict], compare_library: bool) -> list[tuple[str, bool]]:
@@ -733,19 +748,25 @@ def main() -> None:
         sampler = TreeSampler()
         sampler.start()
         stack.callback(sampler.stop)
-        rows = []
+        rows: list[dict] = []
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "work_dir")}
+
+        def save() -> Path:
+            """The JSON of the rows so far (the device stops a command after 10 minutes)."""
+            found = dict(checks(rows, compare_library=not args.skip_library))
+            payload = {"environment": environment(), "settings": settings, "rows": rows, "checks": found}
+            return write_json("e2e_service.json", payload, args.out)
+
         if "smollm2" in args.models:
-            rows += run_smollm2(args, work, sampler)
-        if "synthetic" in args.models:
-            rows += [run_synthetic(args, work, sampler, shape) for shape in args.shapes]
+            run_smollm2(args, work, sampler, rows, save)
+        for shape in args.shapes if "synthetic" in args.models else []:
+            run_synthetic(args, work, sampler, shape, rows, save)
 
     print_table(rows, COLUMNS)
     found = checks(rows, compare_library=not args.skip_library)
     for name, ok in found:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "work_dir")}
-    payload = {"environment": environment(), "settings": settings, "rows": rows, "checks": dict(found)}
-    print(f"wrote {write_json('e2e_service.json', payload, args.out)}")
+    print(f"wrote {save()}")
     if not all(ok for _, ok in found):
         sys.exit(1)
 
