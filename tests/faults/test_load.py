@@ -134,7 +134,11 @@ def test_twenty_concurrent_cold_chats_all_succeed_with_health_answering(stack: F
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             futures = [
                 pool.submit(
-                    httpx.post, f"{stack.base_url}/v1/chat/completions", headers=keys[i % 4], json=body, timeout=600
+                    httpx.post,
+                    f"{stack.base_url}/v1/chat/completions",
+                    headers=keys[i % 4],
+                    json=body,
+                    timeout=600,
                 )
                 for i in range(20)
             ]
