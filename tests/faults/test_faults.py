@@ -184,3 +184,27 @@ def test_api_killed_mid_upload_stores_nothing_and_its_temp_file_is_swept(stack: 
     stack.start_api()
     assert not any(files_dir.glob(".tmp-*"))
     assert httpx.get(f"{stack.base_url}/v1/files", headers=key).json()["data"] == []
+
+
+def test_full_disk_during_a_checkpoint_fails_the_job_cleanly(no_workers: FaultStack) -> None:
+    """The job's folder on a 256 KiB tmpfs: the first checkpoint cannot be written. The job ends
+    `failed` with the reason, no checkpoint is registered, and the next job trains as usual."""
+    stack = no_workers
+    client = client_for(stack, "full-disk")
+    job_id = new_job(client)
+    folder = get_settings().jobs_dir / job_id
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        stack.start_worker()
+        assert wait_for(client, job_id, ("failed",), timeout=900) == "failed"
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        assert job.error is not None and "No space left on device" in job.error.message, job.error
+        assert list(client.fine_tuning.jobs.checkpoints.list(job_id)) == []
+    finally:
+        stack.kill_workers()
+        subprocess.run(["umount", str(folder)], check=False)
+    stack.start_worker()
+    assert_clean_success(client, new_job(client))
