@@ -79,6 +79,11 @@ class Hyperparameters(BaseModel):
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: n_epochs decides)."""
     checkpoint_every: int | Literal["auto"] = "auto"
+    eval_every: int | Literal["auto"] = "auto"
+    """Steps between validation-loss evaluations when the job has a validation file (and after the
+    last step); "auto": checkpoint_every, so every checkpoint has its validation loss."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept: the newest this many plus the best by validation loss; older ones are deleted."""
 
     @field_validator("quantization")
     @classmethod
@@ -103,7 +108,15 @@ class Hyperparameters(BaseModel):
         return self
 
     @field_validator(
-        "n_epochs", "batch_size", "lora_r", "max_seq_len", "micro_batch_size", "max_steps", "checkpoint_every"
+        "n_epochs",
+        "batch_size",
+        "lora_r",
+        "max_seq_len",
+        "micro_batch_size",
+        "max_steps",
+        "checkpoint_every",
+        "eval_every",
+        "keep_checkpoints",
     )
     @classmethod
     def _positive_int(cls, value: int | str | None) -> int | str | None:
@@ -147,6 +160,9 @@ class Hyperparameters(BaseModel):
             total = min(total, self.max_steps)
         resolved["checkpoint_every"] = (
             self.checkpoint_every if self.checkpoint_every != "auto" else max(1, total // 10)
+        )
+        resolved["eval_every"] = (
+            self.eval_every if self.eval_every != "auto" else resolved["checkpoint_every"]
         )
         return resolved
 
@@ -210,6 +226,9 @@ class JobObject(BaseModel):
     user_provided_suffix: str | None = None
     estimated_memory_bytes: int | None = None
     validation_loss: float | None = None
+    phase: dict[str, Any] | None = None
+    """What the job is doing now ({phase, done, total, unit, eta_s, message}, `core.phases`); null
+    once it has ended."""
 
 
 class EventObject(BaseModel):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
@@ -18,6 +19,7 @@ from core import tasks
 from core.config import get_settings
 from core.db.events import publish_status, record_event
 from core.db.models import FINAL_STATUSES, Checkpoint, File, Job, JobEvent, Model, utcnow
+from core.phases import current_phase, phase_data
 from modulora import memory
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -28,7 +30,7 @@ def _ts(value: Any) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
-def to_public(job: Job) -> JobObject:
+def to_public(job: Job, session: Session) -> JobObject:
     return JobObject(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
@@ -49,6 +51,7 @@ def to_public(job: Job) -> JobObject:
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
         estimated_memory_bytes=job.estimated_memory_bytes,
         validation_loss=job.validation_loss,
+        phase=current_phase(session, job),
     )
 
 
@@ -91,7 +94,7 @@ def create_job(
     if idempotency_key:
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key)
         if existing is not None:
-            return to_public(existing)
+            return to_public(existing, session)
     settings = get_settings()
     if body.model not in settings.base_models:
         raise bad_request(
@@ -128,13 +131,18 @@ def create_job(
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key or "")
         if existing is None:
             raise
-        return to_public(existing)
+        return to_public(existing, session)
     # Files were validated at upload; the worker re-checks them with the base model's tokenizer.
     job.status = "queued"
     session.commit()
-    record_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    record_event(
+        session,
+        job.id,
+        f"Created fine-tuning job: {job.id}",
+        data=phase_data("queued", "Queued: waiting for a worker"),
+    )
     tasks.enqueue_training(job.id)
-    return to_public(job)
+    return to_public(job, session)
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:
@@ -164,7 +172,7 @@ def list_jobs(
             if all((j.metadata_ or {}).get(k) == v for k, v in wanted.items())
         ]
         rows, has_more = matching[:limit], len(matching) > limit
-    return ListPage(data=[to_public(j) for j in rows], has_more=has_more)
+    return ListPage(data=[to_public(j, session) for j in rows], has_more=has_more)
 
 
 def _owned(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
@@ -177,7 +185,7 @@ def _owned(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
 @router.get("/{job_id}", response_model=JobObject)
 def retrieve_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject:
     """One of your jobs."""
-    return to_public(_owned(session, user, job_id))
+    return to_public(_owned(session, user, job_id), session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
@@ -193,7 +201,7 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
         job.cancel_requested = True
         session.commit()
         record_event(session, job.id, "Cancellation requested; stopping after the current step")
-    return to_public(job)
+    return to_public(job, session)
 
 
 @router.delete("/{job_id}", response_model=DeletedObject)

@@ -13,14 +13,13 @@ import io
 import json
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from conftest import Dashboard, Stack
 
 pytestmark = pytest.mark.slow
@@ -249,7 +248,7 @@ def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboar
     for path, (content_type, body) in served.items():
         page.route(on_path(path), fulfill(content_type, body))
     dashboard.open(f"jobs/{job_id}")
-    page.wait_for_selector("#job-phase:has-text('Quantizing: layer 3 of 30')")
+    page.wait_for_selector("#job-phase:has-text('Quantizing: layer 3 of 30 (10%)')")
     assert page.inner_text("#job-phase").endswith("ETA 42s")
     assert page.get_attribute("#job-phase", "data-phase") == "quantizing"
     assert page.evaluate("document.getElementById('phase-progress').value") == pytest.approx(0.1)
@@ -367,6 +366,76 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
     page.select_option("#filter-status", "")
     dashboard.audit()
     dashboard.screenshot("jobs")
+
+
+# Every phase the job page shows, in order, from the page's first script on: a MutationObserver
+# with old values sees each value of #job-phase's data-phase, even several set in one task.
+RECORD_PHASES = """
+window.phasesShown = [];
+new MutationObserver((records) => {
+  for (const r of records) window.phasesShown.push(r.oldValue);
+}).observe(document, {
+  subtree: true, attributes: true, attributeOldValue: true, attributeFilter: ["data-phase"],
+});
+"""
+
+
+def phases_shown(page: object) -> list[str]:
+    """The phases #job-phase has shown so far, consecutive repeats merged."""
+    values = [*page.evaluate("window.phasesShown"), page.get_attribute("#job-phase", "data-phase")]
+    shown: list[str] = []
+    for value in values:
+        if value and (not shown or shown[-1] != value):
+            shown.append(value)
+    return shown
+
+
+def test_a_job_with_a_validation_file_shows_its_phases_an_eval_curve_and_keeps_the_best_checkpoints(
+    dashboard: Dashboard, stack: Stack, training_file: dict, validation_dataset: Path
+) -> None:
+    validation_file = stack.upload(validation_dataset)
+    job = stack.create_job(
+        training_file["id"], validation_file["id"], max_steps=4, checkpoint_every=1, eval_every=2,
+        keep_checkpoints=1, suffix="validated",
+    )  # fmt: skip
+    page = dashboard.page
+    page.add_init_script(RECORD_PHASES)
+    dashboard.sign_in()
+    dashboard.open(f"jobs/{job['id']}")
+    page.wait_for_selector("#job-phase[data-phase='training']", timeout=JOB_TIMEOUT_S * 1000)
+    assert page.inner_text("#job-phase").startswith("Training: step ")  # "step n of 4 (p%)"
+    assert final_status(dashboard) == "succeeded"
+    assert phases_shown(page) == ["queued", "validating", "training", "evaluating", "exporting", "succeeded"]
+    page.wait_for_selector("#stream-state:has-text('ended')")
+
+    # The eval curve: validation every 2 steps (2 and 4) beside the 4 training points.
+    summary = page.inner_text("#chart-loss-summary")
+    assert "train: 4 values" in summary and "validation: 2 values" in summary and "at step 2" in summary
+
+    # Checkpoints: the newest (step 4) plus the best by validation loss, each with both losses,
+    # the same on the page, in the API and on disk.
+    with stack.api() as client:
+        listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+        hp = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["hyperparameters"]
+    assert (hp["eval_every"], hp["keep_checkpoints"]) == (2, 1)
+    valid = {c["step_number"]: c["metrics"]["valid_loss"] for c in listed}
+    assert 4 in valid and all(v is not None for v in valid.values())
+    assert len(valid) == 1 or valid[min(valid)] < valid[4]  # an older one stays only as the best
+    home = Path(stack.env["MODULORA_HOME"])  # the storage root the worker writes under
+    on_disk = {int(p.name[5:]) for p in (home / "jobs" / job["id"] / "checkpoints").glob("step-*")}
+    assert on_disk == set(valid)
+    for checkpoint in listed:
+        row = page.wait_for_selector(f"#checkpoint-rows tr[data-step='{checkpoint['step_number']}']")
+        assert row.query_selector("[data-label='Train loss']").inner_text() != "–"
+        assert row.query_selector("[data-label='Valid loss']").inner_text() != "–"
+    assert page.locator("#checkpoint-rows tr").count() == len(listed)
+    hyperparameters = {
+        row.get_attribute("data-key"): row.query_selector("td").inner_text()
+        for row in page.query_selector_all("#hyperparameters tr")
+    }
+    assert (hyperparameters["eval_every"], hyperparameters["keep_checkpoints"]) == ("2", "1")
+    dashboard.audit()
+    dashboard.screenshot("job-validation")
 
 
 PROXY_PAGE = (

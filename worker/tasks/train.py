@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,12 +23,14 @@ from core import lifecycle
 from core.bases import job_base, job_quant_config
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.events import record_event
-from core.db.models import Checkpoint, File, Job, Model, utcnow
+from core.db.models import File, Job, Model, utcnow
 from core.db.session import session_scope
+from core.phases import record_phase
 from core.tasks import TRAIN_TASK
 from modulora import memory
 from modulora.settings import relative_to_home
 from worker.celery_app import app
+from worker.checkpoints import register_checkpoints
 
 
 class JobFailure(Exception):
@@ -52,8 +55,10 @@ def run_job(job_id: str, worker: str) -> None:
     try:
         _run(job_id, heartbeat)
     except JobFailure as e:
+        register_checkpoints(job_id)  # a failed job's last checkpoint can still be served
         lifecycle.finish(job_id, "failed", error=e.error, message=f"Job failed: {e.error['message']}")
     except Exception as e:  # anything unexpected still ends the job, with the reason recorded
+        register_checkpoints(job_id)
         lifecycle.finish(
             job_id,
             "failed",
@@ -74,6 +79,8 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
     _event(job_id, f"Started on {heartbeat.worker} (attempt {job.attempts})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = _prepare_base(job, device)
+    files = 1 + (validation is not None)
+    _phase(job_id, "validating", "Loading the base model", done=0, total=files, unit="file")
     model, tokenizer = load_model(base, device=device)
     examples = _load_examples(job, training, validation, tokenizer)
     lora_config = _add_lora(model, job.hyperparameters)
@@ -89,7 +96,8 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
         )
         return
     train_loss = result.losses[-1] if result.losses else None
-    val_loss = _evaluate(job, model, tokenizer, examples.validation, device)
+    val_loss = _evaluate(job, model, tokenizer, examples.validation, device, result)
+    _phase(job_id, "exporting", "Exporting the adapter (PEFT files and manifest)")
     adapter_dir = _export(job, model, tokenizer, base, lora_config, training, train_loss, val_loss)
     _register_model(job, base, adapter_dir)
     lifecycle.finish(
@@ -104,6 +112,12 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
 def _event(job_id: str, message: str, **kwargs: Any) -> None:
     with session_scope() as session:
         record_event(session, job_id, message, **kwargs)
+
+
+def _phase(job_id: str, phase: str, message: str, **progress: Any) -> None:
+    """Report what the job is doing now (`core.phases`): on its log and its metrics stream."""
+    with session_scope() as session:
+        record_phase(session, job_id, phase, message, **progress)
 
 
 def _load_job(job_id: str) -> tuple[Job, File, File | None]:
@@ -146,12 +160,38 @@ def ensure_base(job: Job) -> str:
     )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    quantize_model(job.model, config, tmp)
+    quantize_model(job.model, config, tmp, progress=QuantizeProgress(job.id))
     try:
         tmp.rename(folder)
     except OSError:  # another worker cached the same base first
         shutil.rmtree(tmp, ignore_errors=True)
     return ref
+
+
+class QuantizeProgress:
+    """The quantizer's progress(done, total) callback as `quantizing` phase reports: the first and
+    last layer always, the ones between at most every `every_s` seconds, with the time left at the
+    pace so far."""
+
+    def __init__(self, job_id: str, every_s: float = 2.0) -> None:
+        self.job_id, self.every_s = job_id, every_s
+        self.started = self.reported = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (1, total) and now - self.reported < self.every_s:
+            return
+        self.reported = now
+        eta_s = (now - self.started) / done * (total - done)
+        _phase(
+            self.job_id,
+            "quantizing",
+            f"Quantizing layer {done} of {total}",
+            done=done,
+            total=total,
+            unit="layer",
+            eta_s=eta_s,
+        )
 
 
 def check_memory(job: Job, model_dir: Path, device: Any) -> None:
@@ -183,9 +223,12 @@ class Examples:
 def _load_examples(job: Job, training: File, validation: File | None, tokenizer: Any) -> Examples:
     """The job's files validated and tokenized with the base's tokenizer."""
     files_dir, max_len = get_settings().files_dir, job.hyperparameters["max_seq_len"]
+    files = 1 + (validation is not None)
+    _phase(job.id, "validating", f"Validating {training.filename}", done=0, total=files, unit="file")
     train = _examples(files_dir / training.id, tokenizer, max_len, "training_file")
     val = None
     if validation is not None:
+        _phase(job.id, "validating", f"Validating {validation.filename}", done=1, total=files, unit="file")
         val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file")
     _event(job.id, f"Files validated: {len(train)} training and {len(val or [])} validation examples")
     return Examples(train, val)
@@ -225,9 +268,7 @@ def _train(
     result = _finetune_with_oom_retry(
         job, model, tokenizer, examples.train, examples.validation, output_dir, device, recorder, should_stop
     )
-    recorder.register_checkpoints(
-        {"step": result.step, "train_loss": result.losses[-1] if result.losses else None}
-    )
+    register_checkpoints(job.id)
     return result
 
 
@@ -267,27 +308,7 @@ class MetricsRecorder:
             assert job is not None
             job.trained_tokens = m.trained_tokens
             job.estimated_finish = utcnow() + timedelta(seconds=m.eta_s)
-        self.register_checkpoints({"step": m.step, "train_loss": m.loss})
-
-    def register_checkpoints(self, metrics: dict[str, Any]) -> None:
-        root = self.output_dir / "checkpoints"
-        steps = (
-            sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
-            if root.is_dir()
-            else []
-        )
-        with session_scope() as session:
-            known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == self.job.id)))
-            for step in steps:
-                if step not in known:
-                    session.add(
-                        Checkpoint(
-                            job_id=self.job.id,
-                            step=step,
-                            path=relative_to_home(root / f"step-{step}"),
-                            metrics=metrics if metrics["step"] == step else {"step": step},
-                        )
-                    )
+        register_checkpoints(self.job.id)  # those written since the last step (a step's own comes after it)
 
 
 def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> Any:
@@ -304,7 +325,8 @@ def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> 
         gradient_checkpointing=hp["gradient_checkpointing"],
         max_seq_len=hp["max_seq_len"],
         save_every=hp["checkpoint_every"],
-        keep_checkpoints=0,
+        eval_every=hp.get("eval_every", 0),  # jobs created before the setting: only after the last step
+        keep_checkpoints=0,  # the worker prunes (worker.checkpoints): it also keeps the best
         output_dir=str(output_dir),
         dtype="bf16" if device.type == "cuda" else "fp32",
     )
@@ -324,7 +346,7 @@ def _finetune_with_oom_retry(
     """Out of memory once: halve the micro-batch, double accumulation (same batch), resume."""
     import torch
 
-    from modulora.train import finetune, latest_checkpoint
+    from modulora.train import finetune, latest_checkpoint, total_steps_for
 
     micro = job.hyperparameters["micro_batch_size"]
     for attempt in (1, 2):
@@ -332,6 +354,9 @@ def _finetune_with_oom_retry(
         if resume is not None:
             _event(job.id, f"Resuming from checkpoint {resume.name}")
         config = _train_config(job, output_dir, device, micro)
+        first = int(resume.name[5:]) if resume is not None else 0
+        total = total_steps_for(len(train_examples), config)
+        _phase(job.id, "training", f"Training: {total} steps", done=first, total=total, unit="step")
         try:
             return finetune(
                 model,
@@ -365,15 +390,24 @@ def _finetune_with_oom_retry(
     raise AssertionError("unreachable")
 
 
-def _evaluate(job: Job, model: Any, tokenizer: Any, val_examples: Any, device: Any) -> float | None:
-    """Validation loss of the trained adapter, when the job has a validation file."""
+def _evaluate(
+    job: Job, model: Any, tokenizer: Any, val_examples: Any, device: Any, result: Any
+) -> float | None:
+    """Validation loss of the trained adapter, when the job has a validation file. Training has
+    computed it after its last step, unless that step was taken before a resume."""
     from modulora.eval.tasks import validation_loss
 
     if not val_examples:
         return None
-    val_loss = validation_loss(
-        model, tokenizer, val_examples, dtype="bf16" if device.type == "cuda" else "fp32"
-    )
+    val_loss = result.val_losses.get(result.step)
+    n = len(val_examples)
+    message = f"Evaluating the adapter on {n} validation examples"
+    # Progress only when it is known: the evaluation itself reports none.
+    _phase(job.id, "evaluating", message, done=n if val_loss is not None else None, total=n, unit="example")
+    if val_loss is None:
+        val_loss = validation_loss(
+            model, tokenizer, val_examples, dtype="bf16" if device.type == "cuda" else "fp32"
+        )
     _event(job.id, f"Validation loss: {val_loss:.4f}", data={"valid_loss": val_loss})
     return val_loss
 

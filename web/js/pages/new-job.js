@@ -15,7 +15,7 @@ const DEFAULTS = {
   quantization: "optq", bits: 4, group_size: 128,
   lora_r: 8, lora_alpha: 16, lora_dropout: 0.05, lora_targets: "all-linear",
   n_epochs: 1, batch_size: 8, micro_batch_size: 4, learning_rate_multiplier: 1, max_seq_len: 1024, max_steps: 0,
-  gradient_checkpointing: true,
+  gradient_checkpointing: true, eval_every: 0, keep_checkpoints: 3,
 };  // prettier-ignore
 
 // "fits24" also shrinks, step by step, until the estimate fits 24 GB.
@@ -105,7 +105,10 @@ export function renderNewJob(main) {
           `× the base learning rate ${base}`),
         field("Max sequence length", "max_seq_len", number({ min: 32, max: 32768, step: 32 })),
         field("Max steps", "max_steps", number({ min: 0, max: 1000000 }), "0: the epochs decide"),
-        field("Gradient checkpointing", "gradient_checkpointing", h("input", { type: "checkbox" }))),
+        field("Gradient checkpointing", "gradient_checkpointing", h("input", { type: "checkbox" })),
+        field("Validate every (steps)", "eval_every", number({ min: 0, max: 1000000 }),
+          "with a validation file; 0: at every checkpoint (ten per run)"),
+        field("Checkpoints kept", "keep_checkpoints", number({ min: 1, max: 100 }), "the newest, plus the best by validation loss")),
       h("fieldset", {}, h("legend", {}, "Fit and time"),
         field("GPU", "gpu", select(options.gpus.map((g) => [g.name, g.label]))),
         estimateBox),
@@ -191,6 +194,8 @@ export function renderNewJob(main) {
       max_seq_len: Number(el.max_seq_len.value),
       max_steps: Number(el.max_steps.value),
       gradient_checkpointing: el.gradient_checkpointing.checked,
+      eval_every: Number(el.eval_every.value),
+      keep_checkpoints: Number(el.keep_checkpoints.value),
       gpu: el.gpu.value,
     };
   }
@@ -339,6 +344,8 @@ export function jobBody(v) {
       max_seq_len: v.max_seq_len,
       max_steps: v.max_steps || undefined,
       gradient_checkpointing: v.gradient_checkpointing,
+      eval_every: v.eval_every || undefined,
+      keep_checkpoints: v.keep_checkpoints,
     },
     metadata: { gpu: v.gpu },
   };
