@@ -87,7 +87,7 @@ def test_each_checkpoint_keeps_its_own_steps_train_and_validation_loss(
     add_lora_(model, LoraConfig(r=4, alpha=8))
     output_dir = get_settings().jobs_dir / job.id
     config = train._train_config(job, output_dir, torch.device("cpu"), micro_batch=4)  # the worker's
-    recorder = train.MetricsRecorder(job, output_dir)
+    recorder = train.MetricsRecorder(job)
     finetune(model, tokenizer, examples[:12], config, examples[12:], callback=recorder)
     register_checkpoints(job.id)  # what the worker does when training returns
 

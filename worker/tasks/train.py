@@ -55,18 +55,24 @@ def run_job(job_id: str, worker: str) -> None:
     try:
         _run(job_id, heartbeat)
     except JobFailure as e:
-        register_checkpoints(job_id)  # a failed job's last checkpoint can still be served
-        lifecycle.finish(job_id, "failed", error=e.error, message=f"Job failed: {e.error['message']}")
+        _fail(job_id, e.error, f"Job failed: {e.error['message']}")
     except Exception as e:  # anything unexpected still ends the job, with the reason recorded
-        register_checkpoints(job_id)
-        lifecycle.finish(
+        _fail(
             job_id,
-            "failed",
-            error={"code": "training_error", "message": f"{type(e).__name__}: {e}", "param": None},
-            message=f"Job failed: {type(e).__name__}: {e}",
+            {"code": "training_error", "message": f"{type(e).__name__}: {e}", "param": None},
+            f"Job failed: {type(e).__name__}: {e}",
         )
     finally:
         heartbeat.stop()
+
+
+def _fail(job_id: str, error: dict[str, Any], message: str) -> None:
+    """End the job `failed`, its checkpoints on disk registered first (the last one can still be
+    served and downloaded); it ends `failed` even if that registration fails."""
+    try:
+        register_checkpoints(job_id)
+    finally:
+        lifecycle.finish(job_id, "failed", error=error, message=message)
 
 
 def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
@@ -264,7 +270,7 @@ def _train(
     """Finetune with a metrics event per step and checkpoints under `jobs/<job id>/`; every
     checkpoint on disk is registered when training ends (cancelled or not)."""
     output_dir = get_settings().jobs_dir / job.id
-    recorder = MetricsRecorder(job, output_dir)
+    recorder = MetricsRecorder(job)
     result = _finetune_with_oom_retry(
         job, model, tokenizer, examples.train, examples.validation, output_dir, device, recorder, should_stop
     )
@@ -275,8 +281,8 @@ def _train(
 class MetricsRecorder:
     """The finetune callback: one metrics event per step, progress on the job, new checkpoints."""
 
-    def __init__(self, job: Job, output_dir: Path) -> None:
-        self.job, self.output_dir = job, output_dir
+    def __init__(self, job: Job) -> None:
+        self.job = job
 
     def __call__(self, m: Any) -> None:
         data = {
