@@ -393,8 +393,8 @@ def chat_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def validation_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The next 4 Alpaca rows, held out for validation."""
-    return _alpaca_chat(tmp_path_factory, "alpaca-chat-val.jsonl", slice(16, 20))
+    """The next 2 Alpaca rows, held out for validation."""
+    return _alpaca_chat(tmp_path_factory, "alpaca-chat-val.jsonl", slice(16, 18))
 
 
 @pytest.fixture(scope="session")

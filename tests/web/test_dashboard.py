@@ -32,12 +32,12 @@ def points(dashboard: Dashboard, chart_id: str, page: object = None) -> int:
     return int((page or dashboard.page).get_attribute(f"#{chart_id}", "data-points") or 0)
 
 
-def final_status(dashboard: Dashboard, page: object = None) -> str:
+def final_status(dashboard: Dashboard, page: object = None, timeout_s: float = JOB_TIMEOUT_S) -> str:
     """Wait until the job page shows a final status; return it (with the job's error, if any)."""
     page = page or dashboard.page
     badge = page.wait_for_selector(
         "#job-status .status-succeeded, #job-status .status-failed, #job-status .status-cancelled",
-        timeout=JOB_TIMEOUT_S * 1000,
+        timeout=timeout_s * 1000,
     )
     status = badge.get_attribute("data-status")
     error = page.locator("#job-error")
@@ -209,9 +209,10 @@ def test_new_job_form_estimates_memory_and_time_and_presets_reset_what_they_do_n
     dashboard.screenshot("new-job")
 
 
-def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboard: Dashboard) -> None:
+def test_the_job_page_and_the_jobs_list_show_a_phase_as_the_worker_reports_it(dashboard: Dashboard) -> None:
     """The contract for the worker's phase reports (docs/dashboard.md): a stream event `phase`
-    with {phase, done, total, unit, eta_s, message}; served here by the browser itself."""
+    with {phase, done, total, unit, eta_s, message}, and the job object's `phase`; served here by
+    the browser itself (a real job's phases: the validation-file test below)."""
     job_id = "ftjob-phasedemo"
     job = {
         "id": job_id,
@@ -233,8 +234,16 @@ def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboar
         "metadata": None,
     }
     phase = {"phase": "quantizing", "done": 3, "total": 30, "unit": "layer", "eta_s": 42, "message": "q"}
+    job["phase"] = phase
     page = dashboard.page
     dashboard.sign_in()
+    page.route(
+        on_path("/v1/fine_tuning/jobs"),
+        fulfill("application/json", json.dumps({"object": "list", "data": [job]})),
+    )
+    row = page.wait_for_selector(f"tr[data-job-id='{job_id}'] .phase-note")
+    assert row.inner_text().strip() == "Quantizing: layer 3 of 30 (10%)"
+    dashboard.audit()
     empty = '{"object": "list", "data": []}'
     served = {
         f"/v1/fine_tuning/jobs/{job_id}": ("application/json", json.dumps(job)),
@@ -395,32 +404,35 @@ def test_a_job_with_a_validation_file_shows_its_phases_an_eval_curve_and_keeps_t
 ) -> None:
     validation_file = stack.upload(validation_dataset)
     job = stack.create_job(
-        training_file["id"], validation_file["id"], max_steps=4, checkpoint_every=1, eval_every=2,
-        keep_checkpoints=1, suffix="validated",
+        training_file["id"], validation_file["id"], max_steps=2, checkpoint_every=1,
+        eval_every=1, keep_checkpoints=1, suffix="validated",
     )  # fmt: skip
     page = dashboard.page
     page.add_init_script(RECORD_PHASES)
     dashboard.sign_in()
     dashboard.open(f"jobs/{job['id']}")
-    page.wait_for_selector("#job-phase[data-phase='training']", timeout=JOB_TIMEOUT_S * 1000)
-    assert page.inner_text("#job-phase").startswith("Training: step ")  # "step n of 4 (p%)"
-    assert final_status(dashboard) == "succeeded"
+    phase = page.wait_for_selector(
+        "#job-phase[data-phase='training'], #job-phase[data-phase='failed']", timeout=JOB_TIMEOUT_S * 1000
+    )
+    # "Training: step n of 2 (p%)", or the error of a job that failed before training
+    assert phase.inner_text().startswith("Training: step "), page.inner_text("#job-error-box")
+    assert final_status(dashboard, timeout_s=2 * JOB_TIMEOUT_S) == "succeeded"  # two evaluations too
     assert phases_shown(page) == ["queued", "validating", "training", "evaluating", "exporting", "succeeded"]
     page.wait_for_selector("#stream-state:has-text('ended')")
 
-    # The eval curve: validation every 2 steps (2 and 4) beside the 4 training points.
+    # The eval curve: a validation point at every step, beside the training points.
     summary = page.inner_text("#chart-loss-summary")
-    assert "train: 4 values" in summary and "validation: 2 values" in summary and "at step 2" in summary
+    assert "train: 2 values" in summary and "validation: 2 values" in summary
 
-    # Checkpoints: the newest (step 4) plus the best by validation loss, each with both losses,
+    # Checkpoints: the newest (step 2) plus the best by validation loss, each with both losses,
     # the same on the page, in the API and on disk.
     with stack.api() as client:
         listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
         hp = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["hyperparameters"]
-    assert (hp["eval_every"], hp["keep_checkpoints"]) == (2, 1)
+    assert (hp["eval_every"], hp["keep_checkpoints"]) == (1, 1)
     valid = {c["step_number"]: c["metrics"]["valid_loss"] for c in listed}
-    assert 4 in valid and all(v is not None for v in valid.values())
-    assert len(valid) == 1 or valid[min(valid)] < valid[4]  # an older one stays only as the best
+    assert 2 in valid and all(v is not None for v in valid.values())
+    assert valid.keys() == {2} or valid[1] < valid[2]  # step 1 stays only as the best
     home = Path(stack.env["MODULORA_HOME"])  # the storage root the worker writes under
     on_disk = {int(p.name[5:]) for p in (home / "jobs" / job["id"] / "checkpoints").glob("step-*")}
     assert on_disk == set(valid)
@@ -433,7 +445,7 @@ def test_a_job_with_a_validation_file_shows_its_phases_an_eval_curve_and_keeps_t
         row.get_attribute("data-key"): row.query_selector("td").inner_text()
         for row in page.query_selector_all("#hyperparameters tr")
     }
-    assert (hyperparameters["eval_every"], hyperparameters["keep_checkpoints"]) == ("2", "1")
+    assert (hyperparameters["eval_every"], hyperparameters["keep_checkpoints"]) == ("1", "1")
     dashboard.audit()
     dashboard.screenshot("job-validation")
 
