@@ -377,16 +377,17 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
     dashboard.screenshot("jobs")
 
 
-# Every phase the job page shows, in order, from the page's first script on: a MutationObserver
-# with old values sees each value of #job-phase's data-phase, even several set in one task.
-RECORD_PHASES = """
-window.phasesShown = [];
-new MutationObserver((records) => {
-  for (const r of records) window.phasesShown.push(r.oldValue);
-}).observe(document, {
-  subtree: true, attributes: true, attributeOldValue: true, attributeFilter: ["data-phase"],
-});
-"""
+# Every phase the job page shows, in order, once this runs in the (single-page) app: a
+# MutationObserver with old values sees each value of #job-phase's data-phase, even several set in
+# one task.
+RECORD_PHASES = """() => {
+  window.phasesShown = [];
+  new MutationObserver((records) => {
+    for (const r of records) window.phasesShown.push(r.oldValue);
+  }).observe(document, {
+    subtree: true, attributes: true, attributeOldValue: true, attributeFilter: ["data-phase"],
+  });
+}"""
 
 
 def phases_shown(page: object) -> list[str]:
@@ -408,8 +409,8 @@ def test_a_job_with_a_validation_file_shows_its_phases_an_eval_curve_and_keeps_t
         eval_every=1, keep_checkpoints=1, suffix="validated",
     )  # fmt: skip
     page = dashboard.page
-    page.add_init_script(RECORD_PHASES)
     dashboard.sign_in()
+    page.evaluate(RECORD_PHASES)  # the route changes below keep this document
     dashboard.open(f"jobs/{job['id']}")
     phase = page.wait_for_selector(
         "#job-phase[data-phase='training'], #job-phase[data-phase='failed']", timeout=JOB_TIMEOUT_S * 1000
