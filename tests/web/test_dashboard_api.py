@@ -59,10 +59,14 @@ def model_folder() -> Path:
 
 
 def _copy_model_files(model_folder: Path, target: Path) -> None:
-    target.mkdir(parents=True)
+    """What a conversion leaves, written as it writes it: under a temporary name, then renamed (a
+    folder filled in place is "prepared" at its config.json, before its tokenizer is there)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.mkdir(parents=True)
     for name in MODEL_FILES:
         if (model_folder / name).is_file():
-            shutil.copy(model_folder / name, target / name)
+            shutil.copy(model_folder / name, tmp / name)
+    tmp.rename(target)
 
 
 def _service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
