@@ -74,6 +74,8 @@ HP_BOUNDS: dict[str, tuple[float, float]] = {
     "max_seq_len": (16, 32768),
     "max_steps": (1, 1_000_000),
     "checkpoint_every": (1, 1_000_000),
+    "eval_every": (1, 1_000_000),
+    "keep_checkpoints": (1, 1000),
     "learning_rate_multiplier": (1e-4, 100),
 }
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -148,6 +150,11 @@ class Hyperparameters(BaseModel):
     weight_decay: float = Field(training_defaults.WEIGHT_DECAY, ge=0)
     packing: bool = training_defaults.PACKING
     # ---
+    eval_every: int | Literal["auto"] = "auto"
+    """Steps between validation-loss evaluations when the job has a validation file (and after the
+    last step); "auto": checkpoint_every, so every checkpoint has its validation loss."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept: the newest this many plus the best by validation loss; older ones are deleted."""
 
     @field_validator("quantization")
     @classmethod
@@ -200,6 +207,9 @@ class Hyperparameters(BaseModel):
             total = min(total, self.max_steps)
         resolved["checkpoint_every"] = (
             self.checkpoint_every if self.checkpoint_every != "auto" else max(1, total // 10)
+        )
+        resolved["eval_every"] = (
+            self.eval_every if self.eval_every != "auto" else resolved["checkpoint_every"]
         )
         return resolved
 
@@ -291,6 +301,9 @@ class JobObject(BaseModel):
     user_provided_suffix: str | None = None
     estimated_memory_bytes: int | None = None
     validation_loss: float | None = None
+    phase: dict[str, Any] | None = None
+    """What the job is doing now ({phase, done, total, unit, eta_s, message}, `core.phases`); null
+    once it has ended."""
 
 
 class EventObject(BaseModel):

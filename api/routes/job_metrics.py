@@ -1,7 +1,8 @@
-"""GET /v1/fine_tuning/jobs/{id}/metrics/stream: live step metrics as server-sent events.
+"""GET /v1/fine_tuning/jobs/{id}/metrics/stream: live step metrics and phases as server-sent events.
 
-Each `metrics` event has `id:` = the event row's number, so a reconnect with `Last-Event-ID`
-replays exactly what was missed. The database is the record: a Redis message (or, without Redis,
+Each step is an `event: metrics`, each phase report of the worker (`core.phases`) an `event: phase`;
+both have `id:` = the event row's number, so a reconnect with `Last-Event-ID` replays exactly what
+was missed. The database is the record: a Redis message (or, without Redis,
 a short poll) only says "look again". Idle streams get a heartbeat comment; the end of the job
 sends `event: done` with its final status and closes the stream; a server that is stopping sends
 `event: stopping` and closes it (the client reconnects with Last-Event-ID to another replica or
@@ -28,16 +29,18 @@ from core.config import get_settings
 from core.db.events import job_channel
 from core.db.models import FINAL_STATUSES, Job, JobEvent
 from core.db.session import session_scope
+from core.phases import is_phase
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 POLL_S = 0.5
 
 
 def _read(job_id: str, after_pk: int) -> tuple[list[JobEvent], str]:
+    """The job's metrics and phase events after `after_pk`, oldest first, and its status."""
     with session_scope() as session:
-        events = crud.events_after(session=session, job_id=job_id, after_pk=after_pk, type="metrics")
+        events = crud.events_after(session=session, job_id=job_id, after_pk=after_pk)
         status = session.scalar(select(Job.status).where(Job.id == job_id))
-        return events, str(status)
+        return [e for e in events if e.type == "metrics" or is_phase(e.data)], str(status)
 
 
 def format_sse(data: dict[str, Any], *, event: str, id: int | None = None) -> str:
@@ -74,7 +77,7 @@ async def metric_events(job_id: str, after_pk: int, request: Request) -> AsyncIt
                 after_pk = event.pk
                 yield format_sse(
                     {**(event.data or {}), "created_at": int(event.created_at.timestamp())},
-                    event="metrics",
+                    event="metrics" if event.type == "metrics" else "phase",
                     id=event.pk,
                 )
                 last_sent = time.monotonic()
@@ -107,7 +110,7 @@ def stream_metrics(
     user: CurrentUser,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
-    """Server-sent step metrics; reconnect with Last-Event-ID to replay what was missed.
+    """Server-sent step metrics and phases; reconnect with Last-Event-ID to replay what was missed.
 
     The stream holds no database connection: each read opens a short session (`_read`)."""
     with session_scope() as session:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api import crud, storage
 from api.deps import CurrentUser, SessionDep
@@ -20,6 +21,7 @@ from core.bases import base_model_folder, base_model_source, check_base_model
 from core.config import get_settings
 from core.db.events import publish_status, record_event
 from core.db.models import FINAL_STATUSES, Checkpoint, File, Job, JobEvent, Model, utcnow
+from core.phases import current_phase, phase_data
 from modulora import memory
 from modulora.model_folder import ModelFolderError
 
@@ -31,7 +33,7 @@ def _ts(value: Any) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
-def to_public(job: Job) -> JobObject:
+def to_public(job: Job, session: Session) -> JobObject:
     return JobObject(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
@@ -54,6 +56,7 @@ def to_public(job: Job) -> JobObject:
         validation_loss=job.validation_loss,
         integrations=job.integrations,
         result_files=job.result_files or [],
+        phase=current_phase(session, job),
     )
 
 
@@ -130,7 +133,7 @@ def create_job(
     if idempotency_key:
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key)
         if existing is not None:
-            return _replayed(existing, body_sha256)
+            return _replayed(existing, body_sha256, session)
     settings = get_settings()
     if body.model not in settings.base_models:
         raise bad_request(
@@ -175,16 +178,21 @@ def create_job(
         existing = crud.job_by_idempotency_key(session=session, user_id=user.id, key=idempotency_key or "")
         if existing is None:
             raise
-        return _replayed(existing, body_sha256)
+        return _replayed(existing, body_sha256, session)
     # Files were validated at upload; the worker re-checks them with the base model's tokenizer.
     job.status = "queued"
     session.commit()
-    record_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    record_event(
+        session,
+        job.id,
+        f"Created fine-tuning job: {job.id}",
+        data=phase_data("queued", "Queued: waiting for a worker"),
+    )
     tasks.enqueue_training(job.id)
-    return to_public(job)
+    return to_public(job, session)
 
 
-def _replayed(job: Job, body_sha256: str) -> JobObject:
+def _replayed(job: Job, body_sha256: str, session: Session) -> JobObject:
     """The job an Idempotency-Key created, when this request repeats its body (a retry)."""
     if job.request_sha256 is not None and job.request_sha256 != body_sha256:
         raise APIError(
@@ -193,7 +201,7 @@ def _replayed(job: Job, body_sha256: str) -> JobObject:
             param="Idempotency-Key",
             code="idempotency_key_reused",
         )
-    return to_public(job)
+    return to_public(job, session)
 
 
 def _metadata_filter(request: Request) -> dict[str, str]:
@@ -223,7 +231,7 @@ def list_jobs(
             if all((j.metadata_ or {}).get(k) == v for k, v in wanted.items())
         ]
         rows, has_more = matching[:limit], len(matching) > limit
-    return ListPage(data=[to_public(j) for j in rows], has_more=has_more)
+    return ListPage(data=[to_public(j, session) for j in rows], has_more=has_more)
 
 
 def _owned(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
@@ -236,7 +244,7 @@ def _owned(session: SessionDep, user: CurrentUser, job_id: str) -> Job:
 @router.get("/{job_id}", response_model=JobObject)
 def retrieve_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject:
     """One of your jobs."""
-    return to_public(_owned(session, user, job_id))
+    return to_public(_owned(session, user, job_id), session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
@@ -252,7 +260,7 @@ def cancel_job(job_id: str, user: CurrentUser, session: SessionDep) -> JobObject
         job.cancel_requested = True
         session.commit()
         record_event(session, job.id, "Cancellation requested; stopping after the current step")
-    return to_public(job)
+    return to_public(job, session)
 
 
 @router.delete("/{job_id}", response_model=DeletedObject, responses=error_responses(409))

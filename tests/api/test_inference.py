@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -382,3 +384,38 @@ def test_checkpoint_id_serves_the_checkpoint_like_the_exported_model(
                                       json={"model": wrong, "messages": MESSAGES})  # fmt: skip
         assert response.status_code == 404, wrong
         assert served.client.get(f"/v1/models/{wrong}", headers=headers).status_code == 404
+
+@pytest.mark.parametrize("status", ["cancelled", "failed"])
+def test_a_stopped_jobs_last_checkpoint_is_served_and_downloaded(
+    served: Service, tiny: tuple[Any, Any, Path, Any], status: str
+) -> None:
+    """A job that never exported a model: its checkpoint is served on the base the job trained on."""
+    headers = served.new_key("ada")
+    with session_scope() as session:
+        user = session.query(User).filter(User.name == "ada").one()
+        job = Job(user_id=user.id, model="tiny", training_file="file-x", seed=0, status=status,
+                  hyperparameters={"lora_r": 4, "lora_alpha": 8.0, "quantization": "rtn", "bits": 4,
+                                   "group_size": 128})  # fmt: skip
+        session.add(job)
+        session.flush()
+        folder = served.home / "jobs" / job.id / "checkpoints" / "step-7"
+        folder.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in trainable_parameters(tiny[3]).items()},
+                  str(folder / "adapter.safetensors"))  # fmt: skip
+        checkpoint = Checkpoint(job_id=job.id, step=7, path=str(folder.relative_to(served.home)))
+        session.add(checkpoint)
+        session.flush()
+        checkpoint_id = checkpoint.id
+    base_only = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+    body = base_only | {"model": checkpoint_id}
+    response = served.client.post("/v1/chat/completions", headers=headers, json=body)
+    assert response.status_code == 200, response.text
+    register_adapter(served, tiny[2], "ada", f"ft:tiny:ada:{status}")  # the same adapter, exported
+    exported = served.client.post("/v1/chat/completions", headers=headers,
+                                  json=base_only | {"model": f"ft:tiny:ada:{status}"})  # fmt: skip
+    assert response.json()["choices"][0]["message"] == exported.json()["choices"][0]["message"]
+
+    download = served.client.get(f"/v1/dashboard/checkpoints/{checkpoint_id}/download", headers=headers)
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(download.content))
+    assert archive.namelist() == [f"{checkpoint_id}/adapter.safetensors"]

@@ -103,11 +103,14 @@ class Stack:
         response.raise_for_status()
         return response.json()
 
-    def create_job(self, training_file: str, **hyperparameters: object) -> dict:
+    def create_job(
+        self, training_file: str, validation_file: str | None = None, **hyperparameters: object
+    ) -> dict:
         """A job on the native GGUF base (no quantization step), small enough for a CPU."""
         body = {
             "model": BASE_MODEL,
             "training_file": training_file,
+            "validation_file": validation_file,
             "suffix": hyperparameters.pop("suffix", None),
             "hyperparameters": {
                 "quantization": "gguf",
@@ -360,16 +363,14 @@ def phone(browser, stack: Stack) -> Iterator[Dashboard]:
     yield from _dashboard(browser, stack, viewport=PHONE, is_mobile=True, has_touch=True)
 
 
-@pytest.fixture(scope="session")
-def chat_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 Alpaca rows from the shared datasets, as chat `messages` (the format the template shows)."""
+def _alpaca_chat(tmp_path_factory: pytest.TempPathFactory, name: str, rows: slice) -> Path:
+    """Alpaca rows from the shared datasets as chat `messages` (the format the template shows)."""
     source = SHARED / "datasets" / "alpaca" / "alpaca_data_first5k.json"
     if not source.is_file():
         pytest.fail(f"the shared datasets are missing at {source}")
-    rows = json.loads(source.read_text())[:16]
-    path = tmp_path_factory.mktemp("data") / "alpaca-chat.jsonl"
+    path = tmp_path_factory.mktemp("data") / name
     with path.open("w") as f:
-        for row in rows:
+        for row in json.loads(source.read_text())[rows]:
             prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
             f.write(
                 json.dumps(
@@ -383,6 +384,18 @@ def chat_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 + "\n"
             )
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 16 Alpaca rows, for training."""
+    return _alpaca_chat(tmp_path_factory, "alpaca-chat.jsonl", slice(0, 16))
+
+
+@pytest.fixture(scope="session")
+def validation_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The next 2 Alpaca rows, held out for validation."""
+    return _alpaca_chat(tmp_path_factory, "alpaca-chat-val.jsonl", slice(16, 18))
 
 
 @pytest.fixture(scope="session")

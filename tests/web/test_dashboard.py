@@ -13,14 +13,13 @@ import io
 import json
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from conftest import Dashboard, Stack
 
 pytestmark = pytest.mark.slow
@@ -33,12 +32,12 @@ def points(dashboard: Dashboard, chart_id: str, page: object = None) -> int:
     return int((page or dashboard.page).get_attribute(f"#{chart_id}", "data-points") or 0)
 
 
-def final_status(dashboard: Dashboard, page: object = None) -> str:
+def final_status(dashboard: Dashboard, page: object = None, timeout_s: float = JOB_TIMEOUT_S) -> str:
     """Wait until the job page shows a final status; return it (with the job's error, if any)."""
     page = page or dashboard.page
     badge = page.wait_for_selector(
         "#job-status .status-succeeded, #job-status .status-failed, #job-status .status-cancelled",
-        timeout=JOB_TIMEOUT_S * 1000,
+        timeout=timeout_s * 1000,
     )
     status = badge.get_attribute("data-status")
     error = page.locator("#job-error")
@@ -238,9 +237,10 @@ def test_new_job_form_estimates_memory_and_time_and_presets_reset_what_they_do_n
     dashboard.screenshot("new-job")
 
 
-def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboard: Dashboard) -> None:
+def test_the_job_page_and_the_jobs_list_show_a_phase_as_the_worker_reports_it(dashboard: Dashboard) -> None:
     """The contract for the worker's phase reports (docs/dashboard.md): a stream event `phase`
-    with {phase, done, total, unit, eta_s, message}; served here by the browser itself."""
+    with {phase, done, total, unit, eta_s, message}, and the job object's `phase`; served here by
+    the browser itself (a real job's phases: the validation-file test below)."""
     job_id = "ftjob-phasedemo"
     job = {
         "id": job_id,
@@ -262,8 +262,16 @@ def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboar
         "metadata": None,
     }
     phase = {"phase": "quantizing", "done": 3, "total": 30, "unit": "layer", "eta_s": 42, "message": "q"}
+    job["phase"] = phase
     page = dashboard.page
     dashboard.sign_in()
+    page.route(
+        on_path("/v1/fine_tuning/jobs"),
+        fulfill("application/json", json.dumps({"object": "list", "data": [job]})),
+    )
+    row = page.wait_for_selector(f"tr[data-job-id='{job_id}'] .phase-note")
+    assert row.inner_text().strip() == "Quantizing: layer 3 of 30 (10%)"
+    dashboard.audit()
     empty = '{"object": "list", "data": []}'
     served = {
         f"/v1/fine_tuning/jobs/{job_id}": ("application/json", json.dumps(job)),
@@ -277,7 +285,7 @@ def test_the_job_page_shows_a_phase_in_the_shape_the_worker_will_report(dashboar
     for path, (content_type, body) in served.items():
         page.route(on_path(path), fulfill(content_type, body))
     dashboard.open(f"jobs/{job_id}")
-    page.wait_for_selector("#job-phase:has-text('Quantizing: layer 3 of 30')")
+    page.wait_for_selector("#job-phase:has-text('Quantizing: layer 3 of 30 (10%)')")
     assert page.inner_text("#job-phase").endswith("ETA 42s")
     assert page.get_attribute("#job-phase", "data-phase") == "quantizing"
     assert page.evaluate("document.getElementById('phase-progress').value") == pytest.approx(0.1)
@@ -401,6 +409,80 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
     page.select_option("#filter-status", "")
     dashboard.audit()
     dashboard.screenshot("jobs")
+
+
+# Every phase the job page shows, in order, once this runs in the (single-page) app: a
+# MutationObserver with old values sees each value of #job-phase's data-phase, even several set in
+# one task.
+RECORD_PHASES = """() => {
+  window.phasesShown = [];
+  new MutationObserver((records) => {
+    for (const r of records) window.phasesShown.push(r.oldValue);
+  }).observe(document, {
+    subtree: true, attributes: true, attributeOldValue: true, attributeFilter: ["data-phase"],
+  });
+}"""
+
+
+def phases_shown(page: object) -> list[str]:
+    """The phases #job-phase has shown so far, consecutive repeats merged."""
+    values = [*page.evaluate("window.phasesShown"), page.get_attribute("#job-phase", "data-phase")]
+    shown: list[str] = []
+    for value in values:
+        if value and (not shown or shown[-1] != value):
+            shown.append(value)
+    return shown
+
+
+def test_a_job_with_a_validation_file_shows_its_phases_an_eval_curve_and_keeps_the_best_checkpoints(
+    dashboard: Dashboard, stack: Stack, training_file: dict, validation_dataset: Path
+) -> None:
+    validation_file = stack.upload(validation_dataset)
+    job = stack.create_job(
+        training_file["id"], validation_file["id"], max_steps=2, checkpoint_every=1,
+        eval_every=1, keep_checkpoints=1, suffix="validated",
+    )  # fmt: skip
+    page = dashboard.page
+    dashboard.sign_in()
+    page.evaluate(RECORD_PHASES)  # the route changes below keep this document
+    dashboard.open(f"jobs/{job['id']}")
+    phase = page.wait_for_selector(
+        "#job-phase[data-phase='training'], #job-phase[data-phase='failed']", timeout=JOB_TIMEOUT_S * 1000
+    )
+    # "Training: step n of 2 (p%)", or the error of a job that failed before training
+    assert phase.inner_text().startswith("Training: step "), page.inner_text("#job-error-box")
+    assert final_status(dashboard, timeout_s=2 * JOB_TIMEOUT_S) == "succeeded"  # two evaluations too
+    assert phases_shown(page) == ["queued", "validating", "training", "evaluating", "exporting", "succeeded"]
+    page.wait_for_selector("#stream-state:has-text('ended')")
+
+    # The eval curve: a validation point at every step, beside the training points.
+    summary = page.inner_text("#chart-loss-summary")
+    assert "train: 2 values" in summary and "validation: 2 values" in summary
+
+    # Checkpoints: the newest (step 2) plus the best by validation loss, each with both losses,
+    # the same on the page, in the API and on disk.
+    with stack.api() as client:
+        listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+        hp = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["hyperparameters"]
+    assert (hp["eval_every"], hp["keep_checkpoints"]) == (1, 1)
+    valid = {c["step_number"]: c["metrics"]["valid_loss"] for c in listed}
+    assert 2 in valid and all(v is not None for v in valid.values())
+    assert valid.keys() == {2} or valid[1] < valid[2]  # step 1 stays only as the best
+    home = Path(stack.env["MODULORA_HOME"])  # the storage root the worker writes under
+    on_disk = {int(p.name[5:]) for p in (home / "jobs" / job["id"] / "checkpoints").glob("step-*")}
+    assert on_disk == set(valid)
+    for checkpoint in listed:
+        row = page.wait_for_selector(f"#checkpoint-rows tr[data-step='{checkpoint['step_number']}']")
+        assert row.query_selector("[data-label='Train loss']").inner_text() != "–"
+        assert row.query_selector("[data-label='Valid loss']").inner_text() != "–"
+    assert page.locator("#checkpoint-rows tr").count() == len(listed)
+    hyperparameters = {
+        row.get_attribute("data-key"): row.query_selector("td").inner_text()
+        for row in page.query_selector_all("#hyperparameters tr")
+    }
+    assert (hyperparameters["eval_every"], hyperparameters["keep_checkpoints"]) == ("1", "1")
+    dashboard.audit()
+    dashboard.screenshot("job-validation")
 
 
 PROXY_PAGE = (

@@ -59,8 +59,9 @@ def model_folder() -> Path:
 
 
 def _copy_model_files(model_folder: Path, target: Path) -> None:
-    """Copy as a conversion writes: under a temporary name, renamed into place when complete."""
-    tmp = target.with_name(f"{target.name}.tmp")
+    """What a conversion leaves, written as it writes it: under a temporary name, then renamed (a
+    folder filled in place is "prepared" at its config.json, before its tokenizer is there)."""
+    tmp = target.with_name(f".{target.name}.tmp")
     tmp.mkdir(parents=True)
     for name in MODEL_FILES:
         if (model_folder / name).is_file():

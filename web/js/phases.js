@@ -1,9 +1,9 @@
 // What a job is doing now, for the top of its page: queued → quantizing → validating → training →
 // evaluating → exporting, each with its progress where known.
 //
-// The worker will report phases itself (a metrics-stream event `phase` and a log event whose
-// `data` is {phase, done, total, unit, eta_s}); until it does, the phase is read from the job's
-// status, its log messages and its step metrics.
+// The worker reports phases itself (a metrics-stream event `phase` and a log event whose `data` is
+// {phase, done, total, unit, eta_s, message}, `core/phases.py`); for jobs that ran before it did,
+// the phase is read from the job's status, its log messages and its step metrics.
 
 export const PHASES = [
   { name: "queued", label: "Queued" },
@@ -14,7 +14,7 @@ export const PHASES = [
   { name: "exporting", label: "Exporting" },
 ];
 const INDEX = new Map(PHASES.map((p, i) => [p.name, i]));
-const UNITS = { quantizing: "layer", validating: "row", training: "step", evaluating: "batch" };
+const UNITS = { quantizing: "layer", validating: "file", training: "step", evaluating: "example" };
 
 /** A phase report from the worker, as the stream or a log event carries it; null if `data` is none. */
 export function readPhase(data) {
@@ -77,13 +77,14 @@ export function currentPhase(job, reported, metrics) {
   return reported ?? { phase: "queued", message: "Waiting for the worker's first report" };
 }
 
-/** "Quantizing layer 3 of 30", "Training step 4 of 10", or the phase's message. */
+/** "Quantizing: layer 3 of 30 (10%)", "Training: step 4 of 10 (40%)", or the phase's message. */
 export function phaseText(current) {
   if (current.final) return null;
   const label = PHASES[INDEX.get(current.phase)]?.label ?? current.phase;
   if (current.done !== null && current.done !== undefined && current.total) {
     const unit = current.unit ?? UNITS[current.phase] ?? "";
-    return `${label}: ${unit} ${current.done} of ${current.total}`.replace(":  ", ": ");
+    const percent = Math.floor((100 * current.done) / current.total);
+    return `${label}: ${unit} ${current.done} of ${current.total} (${percent}%)`.replace(":  ", ": ");
   }
   return current.message ?? label;
 }

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,12 +23,14 @@ from core import lifecycle
 from core.bases import base_model_source, check_base_model, job_base, job_quant_config
 from core.config import BASE_LEARNING_RATE, get_settings
 from core.db.events import record_event
-from core.db.models import Checkpoint, File, Job, JobEvent, Model, utcnow
+from core.db.models import File, Job, JobEvent, Model, utcnow
 from core.db.session import session_scope
+from core.phases import record_phase
 from core.tasks import TRAIN_TASK
 from modulora import memory, training_defaults
 from modulora.settings import relative_to_home
 from worker.celery_app import app
+from worker.checkpoints import register_checkpoints
 
 if TYPE_CHECKING:
     from modulora.tracking import RunLog
@@ -55,16 +58,24 @@ def run_job(job_id: str, worker: str) -> None:
     try:
         _run(job_id, heartbeat)
     except JobFailure as e:
-        lifecycle.finish(job_id, "failed", error=e.error, message=f"Job failed: {e.error['message']}")
+        _fail(job_id, e.error, f"Job failed: {e.error['message']}")
     except Exception as e:  # anything unexpected still ends the job, with the reason recorded
-        lifecycle.finish(
+        _fail(
             job_id,
-            "failed",
-            error={"code": "training_error", "message": f"{type(e).__name__}: {e}", "param": None},
-            message=f"Job failed: {type(e).__name__}: {e}",
+            {"code": "training_error", "message": f"{type(e).__name__}: {e}", "param": None},
+            f"Job failed: {type(e).__name__}: {e}",
         )
     finally:
         heartbeat.stop()
+
+
+def _fail(job_id: str, error: dict[str, Any], message: str) -> None:
+    """End the job `failed`, its checkpoints on disk registered first (the last one can still be
+    served and downloaded); it ends `failed` even if that registration fails."""
+    try:
+        register_checkpoints(job_id)
+    finally:
+        lifecycle.finish(job_id, "failed", error=error, message=message)
 
 
 def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
@@ -77,6 +88,8 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
     _event(job_id, f"Started on {heartbeat.worker} (attempt {job.attempts})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = _prepare_base(job, device)
+    files = 1 + (validation is not None)
+    _phase(job_id, "validating", "Loading the base model", done=0, total=files, unit="file")
     model, tokenizer = load_model(base, device=device)
     examples = _load_examples(job, training, validation, tokenizer)
     lora_config = _add_lora(model, job.hyperparameters, job.seed)
@@ -92,7 +105,8 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
         )
         return
     train_loss = result.losses[-1] if result.losses else None
-    val_loss = _evaluate(job, model, tokenizer, examples.validation, device)
+    val_loss = _evaluate(job, model, tokenizer, examples.validation, device, result)
+    _phase(job_id, "exporting", "Exporting the adapter (PEFT files and manifest)")
     adapter_dir = _export(job, model, tokenizer, base, lora_config, training, train_loss, val_loss)
     _register_model(job, base, adapter_dir)
     lifecycle.finish(
@@ -108,6 +122,12 @@ def _run(job_id: str, heartbeat: lifecycle.Heartbeat) -> None:
 def _event(job_id: str, message: str, **kwargs: Any) -> None:
     with session_scope() as session:
         record_event(session, job_id, message, **kwargs)
+
+
+def _phase(job_id: str, phase: str, message: str, **progress: Any) -> None:
+    """Report what the job is doing now (`core.phases`): on its log and its metrics stream."""
+    with session_scope() as session:
+        record_phase(session, job_id, phase, message, **progress)
 
 
 def _load_job(job_id: str) -> tuple[Job, File, File | None]:
@@ -169,17 +189,38 @@ def ensure_base(job: Job, source: str) -> str:
     )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    def progress(done: int, total: int) -> None:  # the dashboard shows "Quantizing: layer k of n"
-        data = {"phase": "quantizing", "done": done, "total": total, "unit": "layer"}
-        _event(job.id, f"Quantized layer {done} of {total}", data=data)
-
-    quantize_model(source, config, tmp, progress)
+    quantize_model(source, config, tmp, progress=QuantizeProgress(job.id))
     try:
         tmp.rename(folder)
     except OSError:  # another worker cached the same base first
         shutil.rmtree(tmp, ignore_errors=True)
     return ref
+
+
+class QuantizeProgress:
+    """The quantizer's progress(done, total) callback as `quantizing` phase reports: the first and
+    last layer always, the ones between at most every `every_s` seconds, with the time left at the
+    pace so far."""
+
+    def __init__(self, job_id: str, every_s: float = 2.0) -> None:
+        self.job_id, self.every_s = job_id, every_s
+        self.started = self.reported = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done not in (1, total) and now - self.reported < self.every_s:
+            return
+        self.reported = now
+        eta_s = (now - self.started) / done * (total - done)
+        _phase(
+            self.job_id,
+            "quantizing",
+            f"Quantizing layer {done} of {total}",
+            done=done,
+            total=total,
+            unit="layer",
+            eta_s=eta_s,
+        )
 
 
 def gpu_available_bytes(device: Any) -> int:
@@ -231,9 +272,12 @@ def _load_examples(job: Job, training: File, validation: File | None, tokenizer:
     """The job's files validated and tokenized with the base's tokenizer."""
     files_dir, max_len = get_settings().files_dir, job.hyperparameters["max_seq_len"]
     packing = job.hyperparameters.get("packing", training_defaults.PACKING)
+    files = 1 + (validation is not None)
+    _phase(job.id, "validating", f"Validating {training.filename}", done=0, total=files, unit="file")
     train = _examples(files_dir / training.id, tokenizer, max_len, "training_file", packing)
     val = None
     if validation is not None:
+        _phase(job.id, "validating", f"Validating {validation.filename}", done=1, total=files, unit="file")
         val = _examples(files_dir / validation.id, tokenizer, max_len, "validation_file", packing)
     _event(job.id, f"Files validated: {len(train)} training and {len(val or [])} validation examples")
     return Examples(train, val)
@@ -277,7 +321,7 @@ def _train(
     checkpoint on disk is registered when training ends (cancelled or not)."""
     output_dir = get_settings().jobs_dir / job.id
     with _run_log(job, output_dir) as run_log:
-        recorder = MetricsRecorder(job, output_dir, run_log)
+        recorder = MetricsRecorder(job, run_log)
         result = _finetune_with_oom_retry(
             job,
             model,
@@ -289,9 +333,7 @@ def _train(
             recorder,
             should_stop,
         )
-    recorder.register_checkpoints(
-        {"step": result.step, "train_loss": result.losses[-1] if result.losses else None}
-    )
+    register_checkpoints(job.id)
     return result
 
 
@@ -318,8 +360,8 @@ class MetricsRecorder:
     """The finetune callback: one metrics event per step, progress on the job, new checkpoints, and
     the step's numbers in the run log (TensorBoard, W&B)."""
 
-    def __init__(self, job: Job, output_dir: Path, run_log: RunLog) -> None:
-        self.job, self.output_dir, self.run_log = job, output_dir, run_log
+    def __init__(self, job: Job, run_log: RunLog) -> None:
+        self.job, self.run_log = job, run_log
 
     def __call__(self, m: Any) -> None:
         data = {
@@ -353,27 +395,7 @@ class MetricsRecorder:
             assert job is not None
             job.trained_tokens = m.trained_tokens
             job.estimated_finish = utcnow() + timedelta(seconds=m.eta_s)
-        self.register_checkpoints({"step": m.step, "train_loss": m.loss})
-
-    def register_checkpoints(self, metrics: dict[str, Any]) -> None:
-        root = self.output_dir / "checkpoints"
-        steps = (
-            sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
-            if root.is_dir()
-            else []
-        )
-        with session_scope() as session:
-            known = set(session.scalars(select(Checkpoint.step).where(Checkpoint.job_id == self.job.id)))
-            for step in steps:
-                if step not in known:
-                    session.add(
-                        Checkpoint(
-                            job_id=self.job.id,
-                            step=step,
-                            path=relative_to_home(root / f"step-{step}"),
-                            metrics=metrics if metrics["step"] == step else {"step": step},
-                        )
-                    )
+        register_checkpoints(self.job.id)  # those written since the last step (a step's own comes after it)
 
 
 def checkpoint_layers_for_budget(job: Job, micro_batch: int, budget_bytes: int) -> int:
@@ -420,7 +442,8 @@ def _train_config(job: Job, output_dir: Path, device: Any, micro_batch: int) -> 
         weight_decay=hp.get("weight_decay", training_defaults.WEIGHT_DECAY),
         packing=hp.get("packing", training_defaults.PACKING),
         save_every=hp["checkpoint_every"],
-        keep_checkpoints=0,
+        eval_every=hp.get("eval_every", 0),  # jobs created before the setting: only after the last step
+        keep_checkpoints=0,  # the worker prunes (worker.checkpoints): it also keeps the best
         output_dir=str(output_dir),
         dtype="bf16" if device.type == "cuda" else "fp32",
     )
@@ -440,7 +463,7 @@ def _finetune_with_oom_retry(
     """Out of memory once: halve the micro-batch, double accumulation (same batch), resume."""
     import torch
 
-    from modulora.train import finetune, latest_checkpoint
+    from modulora.train import finetune, latest_checkpoint, total_steps_for
 
     micro = job.hyperparameters["micro_batch_size"]
     for attempt in (1, 2):
@@ -448,6 +471,9 @@ def _finetune_with_oom_retry(
         if resume is not None:
             _event(job.id, f"Resuming from checkpoint {resume.name}")
         config = _train_config(job, output_dir, device, micro)
+        first = int(resume.name[5:]) if resume is not None else 0
+        total = total_steps_for(len(train_examples), config)
+        _phase(job.id, "training", f"Training: {total} steps", done=first, total=total, unit="step")
         try:
             return finetune(
                 model,
@@ -481,15 +507,24 @@ def _finetune_with_oom_retry(
     raise AssertionError("unreachable")
 
 
-def _evaluate(job: Job, model: Any, tokenizer: Any, val_examples: Any, device: Any) -> float | None:
-    """Validation loss of the trained adapter, when the job has a validation file."""
+def _evaluate(
+    job: Job, model: Any, tokenizer: Any, val_examples: Any, device: Any, result: Any
+) -> float | None:
+    """Validation loss of the trained adapter, when the job has a validation file. Training has
+    computed it after its last step, unless that step was taken before a resume."""
     from modulora.eval.tasks import validation_loss
 
     if not val_examples:
         return None
-    val_loss = validation_loss(
-        model, tokenizer, val_examples, dtype="bf16" if device.type == "cuda" else "fp32"
-    )
+    val_loss = result.val_losses.get(result.step)
+    n = len(val_examples)
+    message = f"Evaluating the adapter on {n} validation examples"
+    # Progress only when it is known: the evaluation itself reports none.
+    _phase(job.id, "evaluating", message, done=n if val_loss is not None else None, total=n, unit="example")
+    if val_loss is None:
+        val_loss = validation_loss(
+            model, tokenizer, val_examples, dtype="bf16" if device.type == "cuda" else "fp32"
+        )
     _event(job.id, f"Validation loss: {val_loss:.4f}", data={"valid_loss": val_loss})
     return val_loss
 

@@ -9,6 +9,7 @@ import time
 from core.db.events import record_event
 from core.db.models import Job
 from core.db.session import session_scope
+from core.phases import record_phase
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 
 
@@ -92,3 +93,50 @@ def test_stream_follows_live_steps_with_heartbeats(service: Service) -> None:
     assert [m["data"]["step"] for m in messages if m.get("event") == "metrics"] == [1, 2]
     assert {"comment": "heartbeat"} in messages
     assert messages[-1]["data"] == {"status": "cancelled"}
+
+
+def test_stream_carries_phases_in_order_with_the_steps_and_replays_them(service: Service) -> None:
+    alice = service.new_key("alice")
+    job_id = new_job(service, alice)  # creation reports `queued`
+    set_status(job_id, "running")
+    with session_scope() as session:
+        record_phase(session, job_id, "quantizing", "Quantizing layer 3 of 30", done=3, total=30,
+                     unit="layer", eta_s=41.5)  # fmt: skip
+        record_event(session, job_id, "A log line without a phase")
+        record_phase(session, job_id, "training", "Training: 2 steps", done=0, total=2, unit="step")
+    add_steps(job_id, range(1, 3))
+    set_status(job_id, "succeeded")
+
+    messages = [m for m in read_stream(service, alice, job_id) if "event" in m]
+    kinds = [(m["event"], m["data"].get("phase", m["data"].get("step"))) for m in messages]
+    assert kinds == [("phase", "queued"), ("phase", "quantizing"), ("phase", "training"),
+                     ("metrics", 1), ("metrics", 2), ("done", None)]  # fmt: skip
+    quantizing = messages[1]["data"]
+    assert {k: quantizing[k] for k in ("done", "total", "unit", "eta_s")} == {
+        "done": 3, "total": 30, "unit": "layer", "eta_s": 41.5}  # fmt: skip
+    resumed = read_stream(service, {**alice, "Last-Event-ID": messages[1]["id"]}, job_id)
+    assert [m["event"] for m in resumed if "event" in m] == ["phase", "metrics", "metrics", "done"]
+
+
+def test_the_job_object_says_its_phase_while_it_runs(service: Service) -> None:
+    alice = service.new_key("alice")
+    job_id = new_job(service, alice)
+
+    def phase() -> dict | None:
+        return service.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=alice).json()["phase"]
+
+    assert phase()["phase"] == "queued"
+    set_status(job_id, "running")
+    with session_scope() as session:
+        record_phase(
+            session, job_id, "quantizing", "Quantizing layer 7 of 30", done=7, total=30, unit="layer"
+        )
+    assert (phase()["phase"], phase()["done"], phase()["total"]) == ("quantizing", 7, 30)
+    with session_scope() as session:
+        record_phase(session, job_id, "training", "Training: 4 steps", done=0, total=4, unit="step")
+    add_steps(job_id, range(1, 3))  # the training phase's progress is the latest step's
+    assert (phase()["phase"], phase()["done"]) == ("training", 2)
+    listed = service.client.get("/v1/fine_tuning/jobs", headers=alice).json()["data"][0]
+    assert listed["phase"]["phase"] == "training"
+    set_status(job_id, "succeeded")
+    assert phase() is None

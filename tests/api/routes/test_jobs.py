@@ -85,6 +85,8 @@ def test_create_job_with_same_idempotency_key_returns_first_job(
         ({"hyperparameters": {"warmup_ratio": 1}}, "hyperparameters.warmup_ratio"),
         ({"integrations": [{"type": "mlflow", "mlflow": {}}]}, "integrations.0.type"),
         ({"integrations": [{"type": "wandb", "wandb": {"name": "x"}}]}, "integrations.0.wandb.project"),
+        ({"hyperparameters": {"keep_checkpoints": 0}}, "hyperparameters.keep_checkpoints"),
+        ({"hyperparameters": {"eval_every": -2}}, "hyperparameters.eval_every"),
     ],
 )
 def test_create_job_with_bad_parameter_is_400_naming_it(
@@ -243,3 +245,13 @@ def test_create_job_rejects_bits_the_method_does_not_support() -> None:
     with pytest.raises(ValidationError, match="bits: quip# supports \\[2\\], not 4"):
         Hyperparameters(quantization="quip#", bits=4)
     assert Hyperparameters(quantization="quip#", bits=2).bits == 2
+
+
+def test_validation_runs_at_every_checkpoint_and_three_checkpoints_are_kept_unless_told(
+    service: Service, alice: dict[str, str], training_file: str
+) -> None:
+    hp = create(service, alice, training_file)["hyperparameters"]  # 3 epochs of 10 steps
+    assert (hp["checkpoint_every"], hp["eval_every"], hp["keep_checkpoints"]) == (3, 3, 3)
+    told = {"eval_every": 5, "keep_checkpoints": 1}
+    hp = create(service, alice, training_file, hyperparameters=told)["hyperparameters"]
+    assert (hp["eval_every"], hp["keep_checkpoints"]) == (5, 1)

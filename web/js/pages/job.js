@@ -34,6 +34,8 @@ const HYPERPARAMETERS = [
   ["max_seq_len", "Max sequence length"],
   ["max_steps", "Max steps"],
   ["checkpoint_every", "Checkpoint every (steps)"],
+  ["eval_every", "Validate every (steps)"],
+  ["keep_checkpoints", "Checkpoints kept (newest, plus the best)"],
   ["gradient_checkpointing", "Gradient checkpointing"],
   ["quantization", "Quantization"],
   ["bits", "Bits"],
@@ -92,6 +94,7 @@ export function renderJob(main, jobId) {
   let files = {};
   let metrics = null; // the latest step's readMetrics()
   let reportedPhase = null; // the latest phase the worker reported or a log message implied
+  let reportedPhaseAt = 0; // its event number: the stream and the log poll may deliver it in either order
   let lastMessage = 0;
   let streamDone = false;
   let cancelRequested = false;
@@ -175,12 +178,16 @@ export function renderJob(main, jobId) {
     );
   }
 
-  function onPhase(data) {
-    const phase = readPhase(data);
-    if (phase) {
-      reportedPhase = phase;
-      renderProgress();
-    }
+  /** A phase report, kept only if no later one (by event number) has arrived by the other route. */
+  function notePhase(phase, eventNumber) {
+    if (!phase || eventNumber < reportedPhaseAt) return false;
+    reportedPhase = phase;
+    reportedPhaseAt = eventNumber;
+    return true;
+  }
+
+  function onPhase(data, id) {
+    if (notePhase(readPhase(data), Number(id) || reportedPhaseAt)) renderProgress();
   }
 
   // Read the stream until the server says the job is done; after any failure (a dropped
@@ -201,7 +208,7 @@ export function renderJob(main, jobId) {
           onEvent: ({ event, data, id }) => {
             if (id) lastEventId = id;
             if (event === "done") streamDone = true;
-            else if (event === "phase") onPhase(data);
+            else if (event === "phase") onPhase(data, id);
             else if (event === "metrics") onMetrics(data);
           },
         });
@@ -428,8 +435,7 @@ export function renderJob(main, jobId) {
   function addMessages(newMessages) {
     for (const m of newMessages) {
       lastMessage = Math.max(lastMessage, m.n);
-      const phase = readPhase(m.data) ?? (reportedPhase?.explicit ? null : phaseFromMessage(m.message));
-      if (phase) reportedPhase = phase;
+      notePhase(readPhase(m.data) ?? (reportedPhase?.explicit ? null : phaseFromMessage(m.message)), m.n);
       eventsList.append(h("li", { class: `event level-${m.level}` }, h("time", {}, formatTime(m.created_at)), " ", m.message));
     }
     if (newMessages.length) renderProgress();

@@ -1,8 +1,10 @@
-// Jobs list: base and fine-tuned model, suffix, status, progress and ETA, refreshed every two
-// seconds; filters by status, base model and text; pick two or more runs to compare.
+// Jobs list: base and fine-tuned model, suffix, status, progress (or the phase before and after
+// training) and ETA, refreshed every two seconds; filters by status, base model and text; pick two
+// or more runs to compare.
 
 import * as api from "../api.js";
 import { fill, formatDuration, formatTime, h, statusBadge } from "../dom.js";
+import { phaseText, readPhase } from "../phases.js";
 
 const REFRESH_MS = 2000;
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -132,6 +134,7 @@ export function renderJobs(main) {
 
 function jobRow(job, progress, selected, onSelect) {
   const fraction = job.status === "succeeded" ? 1 : progress?.progress ?? 0;
+  const phase = job.phase?.phase !== "training" ? readPhase(job.phase) : null;
   const eta = job.status === "running" && progress?.eta_s !== null && progress?.eta_s !== undefined ? formatDuration(progress.eta_s) : "–";
   const checkbox = h("input", {
     type: "checkbox",
@@ -154,7 +157,9 @@ function jobRow(job, progress, selected, onSelect) {
       "Progress",
       h("progress", { max: 1, value: fraction, "aria-label": `Progress of ${job.id}` }),
       ` ${Math.round(100 * fraction)}%`,
-      progress?.total_steps ? h("span", { class: "muted" }, ` step ${progress.step}/${progress.total_steps}`) : null,
+      // Before and after training the job's own phase says more than the step count.
+      phase ? h("span", { class: "muted phase-note" }, ` ${phaseText(phase)}`)
+        : progress?.total_steps ? h("span", { class: "muted" }, ` step ${progress.step}/${progress.total_steps}`) : null,
     ),
     h("td", { class: "eta", dataset: { label: "ETA" } }, eta),
     cell("Created", formatTime(job.created_at)),

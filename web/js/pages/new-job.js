@@ -18,7 +18,7 @@ const DEFAULTS = {
   lora_r: 16, lora_alpha: 16, lora_dropout: 0.05, lora_targets: "all-linear",
   n_epochs: 3, batch_size: 8, micro_batch_size: 4, learning_rate_multiplier: 1, max_seq_len: 512, max_steps: 0,
   schedule: "cosine", warmup_ratio: 0.03, weight_decay: 0, packing: false,
-  gradient_checkpointing: true,
+  gradient_checkpointing: true, eval_every: 0, keep_checkpoints: 3,
 };  // prettier-ignore
 const SHARED_DEFAULTS = ["n_epochs", "lora_r", "lora_alpha", "lora_dropout", "max_seq_len", "schedule", "warmup_ratio",
   "weight_decay", "packing"];  // prettier-ignore
@@ -115,7 +115,10 @@ export function renderNewJob(main) {
         field("Warmup ratio", "warmup_ratio", number({ min: 0, max: 0.99, step: 0.01 }), "fraction of the steps"),
         field("Weight decay", "weight_decay", number({ min: 0, max: 1, step: 0.01 })),
         field("Packing", "packing", h("input", { type: "checkbox" }), "concatenate rows into full sequences"),
-        field("Gradient checkpointing", "gradient_checkpointing", h("input", { type: "checkbox" }))),
+        field("Gradient checkpointing", "gradient_checkpointing", h("input", { type: "checkbox" })),
+        field("Validate every (steps)", "eval_every", number({ min: 0, max: 1000000 }),
+          "with a validation file; 0: at every checkpoint (ten per run)"),
+        field("Checkpoints kept", "keep_checkpoints", number({ min: 1, max: 100 }), "the newest, plus the best by validation loss")),
       h("fieldset", {}, h("legend", {}, "Fit and time"),
         field("GPU", "gpu", select(options.gpus.map((g) => [g.name, g.label]))),
         estimateBox),
@@ -206,6 +209,8 @@ export function renderNewJob(main) {
       weight_decay: Number(el.weight_decay.value),
       packing: el.packing.checked,
       gradient_checkpointing: el.gradient_checkpointing.checked,
+      eval_every: Number(el.eval_every.value),
+      keep_checkpoints: Number(el.keep_checkpoints.value),
       gpu: el.gpu.value,
     };
   }
@@ -358,6 +363,8 @@ export function jobBody(v) {
       weight_decay: v.weight_decay,
       packing: v.packing,
       gradient_checkpointing: v.gradient_checkpointing,
+      eval_every: v.eval_every || undefined,
+      keep_checkpoints: v.keep_checkpoints,
     },
     metadata: { gpu: v.gpu },
   };
