@@ -18,6 +18,7 @@ from core.db.models import Checkpoint, Job, JobEvent
 from core.db.session import session_scope
 from modulora.data import build_examples
 from modulora.lora import LoraConfig, add_lora_
+from modulora.tracking import RunLog
 from modulora.train import finetune
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 from tests.utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokenizer  # noqa: F401
@@ -87,8 +88,9 @@ def test_each_checkpoint_keeps_its_own_steps_train_and_validation_loss(
     add_lora_(model, LoraConfig(r=4, alpha=8))
     output_dir = get_settings().jobs_dir / job.id
     config = train._train_config(job, output_dir, torch.device("cpu"), micro_batch=4)  # the worker's
-    recorder = train.MetricsRecorder(job)
-    finetune(model, tokenizer, examples[:12], config, examples[12:], callback=recorder)
+    with RunLog(output_dir / "tensorboard") as run_log:
+        recorder = train.MetricsRecorder(job, run_log)
+        finetune(model, tokenizer, examples[:12], config, examples[12:], callback=recorder)
     register_checkpoints(job.id)  # what the worker does when training returns
 
     with session_scope() as session:

@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import ConflictError, NotFoundError, OpenAI
 
 from tests.worker.conftest import LiveService
 
@@ -71,20 +71,19 @@ def test_openai_sdk_uploads_trains_pages_cancels_and_reads_checkpoints(live_serv
 
     held_out = "".join(json.dumps(row) + "\n" for row in ROWS[:2]).encode()
     validation = client.files.create(file=("valid.jsonl", io.BytesIO(held_out)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
+    request = dict(
         model="smollm2-135m-instruct",
         training_file=training.id,
         validation_file=validation.id,
         suffix="e2e",
-        hyperparameters={**TINY, "max_steps": 2},  # type: ignore[typeddict-unknown-key]
+        hyperparameters={**TINY, "max_steps": 2},
         extra_headers={"Idempotency-Key": "e2e-job-a"},
     )
-    again = client.fine_tuning.jobs.create(
-        model="smollm2-135m-instruct",
-        training_file=training.id,
-        extra_headers={"Idempotency-Key": "e2e-job-a"},
-    )
+    job = client.fine_tuning.jobs.create(**request)  # type: ignore[arg-type]
+    again = client.fine_tuning.jobs.create(**request)  # type: ignore[arg-type]  # a retry: the same job
     assert again.id == job.id and job.status == "queued"
+    with pytest.raises(ConflictError, match="Idempotency-Key"):  # the key with another body
+        client.fine_tuning.jobs.create(**{**request, "suffix": "other"})  # type: ignore[arg-type]
 
     stream: list[dict] = []
     url = f"{live_service.base_url}/v1/fine_tuning/jobs/{job.id}/metrics/stream"
