@@ -386,12 +386,15 @@ def run_job(
 
 
 def _quantize_seconds(events: list[Any], seen: dict[str, float]) -> float | None:
-    """From the worker's "Quantizing ..." event to its next one (the base written and loaded), as
-    this poll saw them (±0.5 s); None when the base needed no quantizing."""
-    for this, following in zip(events, events[1:], strict=False):
-        if this.message.startswith("Quantizing") and this.id in seen and following.id in seen:
-            return round(seen[following.id] - seen[this.id], 1)
-    return None
+    """From the worker's first "Quantizing ..." event to the first event after it that is not one
+    (its per-layer progress events also start so), as this poll saw them (±0.5 s); None when the
+    base needed no quantizing."""
+    started = next((e for e in events if e.message.startswith("Quantizing")), None)
+    if started is None or started.id not in seen:
+        return None
+    after = events[events.index(started) + 1 :]
+    ended = next((e for e in after if not e.message.startswith("Quantizing") and e.id in seen), None)
+    return round(seen[ended.id] - seen[started.id], 1) if ended else None
 
 
 def _training_summary(events: list[Any]) -> dict:
