@@ -488,6 +488,19 @@ def chat_accuracy(client: OpenAI, model: str, rows: list[tuple[list[dict], str]]
 # -------------------------------------------------------------------------------- library run
 
 
+def _schedule_options(hp: dict) -> list[str]:
+    """`modulora finetune` options for the job's schedule. A service whose jobs do not name them
+    trains with TrainConfig's own defaults (linear, no warmup), which these then spell out."""
+    options = ["--schedule", hp.get("schedule", "linear"), "--warmup-ratio", str(hp.get("warmup_ratio", 0.0))]
+    if "weight_decay" in hp:
+        options += ["--weight-decay", str(hp["weight_decay"])]
+    if hp.get("packing"):
+        options.append("--packing")
+    if hp.get("eval_every"):
+        options += ["--eval-every", str(hp["eval_every"])]
+    return options
+
+
 def library_accuracy(
     home: Path, job: dict, paths: dict[str, Path], out: Path, device: str, max_tokens: int
 ) -> dict:
@@ -507,7 +520,7 @@ def library_accuracy(
         "--learning-rate", str(BASE_LEARNING_RATE * hp["learning_rate_multiplier"]),
         "--micro-batch-size", str(hp["micro_batch_size"]),
         "--gradient-accumulation", str(hp["batch_size"] // hp["micro_batch_size"]),
-        "--max-seq-len", str(hp["max_seq_len"]), "--warmup-ratio", "0", "--schedule", "linear",
+        "--max-seq-len", str(hp["max_seq_len"]), *_schedule_options(hp),
         "--dtype", "bf16" if device == "cuda" else "fp32", "--seed", str(job["seed"]), "--out", str(out),
         *(["--gradient-checkpointing"] if hp["gradient_checkpointing"] else []),
     ]  # fmt: skip
