@@ -81,6 +81,10 @@ BURST_TOPICS = [
     "camera",
 ]
 
+# This bench is one user with 16 requests in flight at once; the service's per-user limit (8 by
+# default, where it has one) would answer half of them with 429.
+ONE_USER = {"MODULORA_USER_MAX_CONCURRENT_REQUESTS": "16"}
+
 # Each SmolLM2 job's base, as the job's hyperparameters name it (group size: the service's default).
 BASES = {
     "gguf": {"quantization": "gguf", "bits": 4},
@@ -245,7 +249,7 @@ class Service:
         inherited = {
             k: v for k, v in os.environ.items() if not k.startswith("MODULORA_") and k not in service_urls
         }
-        self.env = inherited | {"MODULORA_HOME": str(home), "MODULORA_PORT": str(self.port)} | env
+        self.env = inherited | {"MODULORA_HOME": str(home), "MODULORA_PORT": str(self.port)} | ONE_USER | env
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.client: OpenAI | None = None
@@ -382,12 +386,15 @@ def run_job(
 
 
 def _quantize_seconds(events: list[Any], seen: dict[str, float]) -> float | None:
-    """From the worker's "Quantizing ..." event to its next one (the base written and loaded), as
-    this poll saw them (±0.5 s); None when the base needed no quantizing."""
-    for this, following in zip(events, events[1:], strict=False):
-        if this.message.startswith("Quantizing") and this.id in seen and following.id in seen:
-            return round(seen[following.id] - seen[this.id], 1)
-    return None
+    """From the worker's first "Quantizing ..." event to the first event after it that is not one
+    (its per-layer progress events also start so), as this poll saw them (±0.5 s); None when the
+    base needed no quantizing."""
+    started = next((e for e in events if e.message.startswith("Quantizing")), None)
+    if started is None or started.id not in seen:
+        return None
+    after = events[events.index(started) + 1 :]
+    ended = next((e for e in after if not e.message.startswith("Quantizing") and e.id in seen), None)
+    return round(seen[ended.id] - seen[started.id], 1) if ended else None
 
 
 def _training_summary(events: list[Any]) -> dict:
@@ -481,6 +488,19 @@ def chat_accuracy(client: OpenAI, model: str, rows: list[tuple[list[dict], str]]
 # -------------------------------------------------------------------------------- library run
 
 
+def _schedule_options(hp: dict) -> list[str]:
+    """`modulora finetune` options for the job's schedule. A service whose jobs do not name them
+    trains with TrainConfig's own defaults (linear, no warmup), which these then spell out."""
+    options = ["--schedule", hp.get("schedule", "linear"), "--warmup-ratio", str(hp.get("warmup_ratio", 0.0))]
+    if "weight_decay" in hp:
+        options += ["--weight-decay", str(hp["weight_decay"])]
+    if hp.get("packing"):
+        options.append("--packing")
+    if hp.get("eval_every"):
+        options += ["--eval-every", str(hp["eval_every"])]
+    return options
+
+
 def library_accuracy(
     home: Path, job: dict, paths: dict[str, Path], out: Path, device: str, max_tokens: int
 ) -> dict:
@@ -500,7 +520,7 @@ def library_accuracy(
         "--learning-rate", str(BASE_LEARNING_RATE * hp["learning_rate_multiplier"]),
         "--micro-batch-size", str(hp["micro_batch_size"]),
         "--gradient-accumulation", str(hp["batch_size"] // hp["micro_batch_size"]),
-        "--max-seq-len", str(hp["max_seq_len"]), "--warmup-ratio", "0", "--schedule", "linear",
+        "--max-seq-len", str(hp["max_seq_len"]), *_schedule_options(hp),
         "--dtype", "bf16" if device == "cuda" else "fp32", "--seed", str(job["seed"]), "--out", str(out),
         *(["--gradient-checkpointing"] if hp["gradient_checkpointing"] else []),
     ]  # fmt: skip

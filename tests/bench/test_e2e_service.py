@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
-from bench.e2e_service import TREC_LABELS, TreeSampler, read_chat_rows, write_trec_chat
+from bench.e2e_service import TREC_LABELS, TreeSampler, _quantize_seconds, read_chat_rows, write_trec_chat
 
 GIB = 2**30
 
@@ -65,3 +66,12 @@ def test_sampler_counts_the_worker_tree_apart_from_the_api_tree(tmp_path) -> Non
         os.killpg(process.pid, signal.SIGKILL)
     assert peaks["worker_rss"] >= 300 * 2**20 / GIB
     assert 0 < peaks["api_rss"] < 200 * 2**20 / GIB  # two idle interpreters
+
+
+def test_quantize_time_runs_from_the_quantizing_event_past_its_layer_progress() -> None:
+    messages = ["Started on w", "Quantizing m with optq to 4 bits", "Quantizing layer 1 of 2",
+                "Quantizing layer 2 of 2", "Loading the base model", "Files validated"]  # fmt: skip
+    events = [SimpleNamespace(id=str(i), message=m) for i, m in enumerate(messages)]
+    seen = {"0": 0.0, "1": 1.0, "2": 2.0, "3": 7.5, "4": 9.0, "5": 12.0}
+    assert _quantize_seconds(events, seen) == 8.0
+    assert _quantize_seconds([events[0], events[4]], seen) is None  # a cached or GGUF-native base
