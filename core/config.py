@@ -45,8 +45,9 @@ class ServiceSettings(Settings):
     """Seconds between SSE heartbeat comments on an idle metrics stream."""
     max_upload_rows: int = 1_000_000
     """Uploads with more rows than this are refused with 400."""
-    user_max_concurrent_requests: int = 8
-    """Inference requests one user may have in flight at once; more get 429 with Retry-After."""
+    user_max_concurrent_requests: int = 16
+    """Inference requests one user may have in flight at once (the engine's default batch: a client
+    may fill it); more get 429 with Retry-After."""
     user_max_tokens_in_flight: int = 65536
     """`n` x `max_tokens` summed over one user's in-flight inference requests; more gets 429."""
     shutdown_grace_s: float = 5.0
