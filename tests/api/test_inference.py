@@ -194,16 +194,17 @@ def test_requests_waiting_for_the_engine_hold_no_database_connection(service: Se
     connection, then failed with a 500)."""
     engine = HeldEngine()
     service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
-    headers = service.new_key("ada")
+    # Two users, so that neither reaches the per-user limit on requests in flight.
+    users = [service.new_key("ada"), service.new_key("bob")]
 
-    def chat(stream: bool) -> int:
-        body = {"model": "tiny", "messages": MESSAGES, "stream": stream}
+    def chat(stream: bool, headers: dict[str, str]) -> int:
+        body = {"model": "tiny", "messages": MESSAGES, "stream": stream, "max_tokens": 8}
         with service.client.stream("POST", "/v1/chat/completions", headers=headers, json=body) as response:
             response.read()
             return response.status_code
 
     with ThreadPoolExecutor(20) as pool:
-        statuses = [pool.submit(chat, stream=i % 2 == 0) for i in range(20)]
+        statuses = [pool.submit(chat, i % 2 == 0, users[i // 10]) for i in range(20)]
         deadline = time.monotonic() + 20  # the pool's timeout is 30 s
         while len(engine.submitted) < 20 and time.monotonic() < deadline:
             time.sleep(0.05)
