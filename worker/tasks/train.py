@@ -545,6 +545,9 @@ def _export(
 
     hp = job.hyperparameters
     adapter_dir = get_settings().adapters_dir / job.id
+    # A worker killed mid-export left its temporary folder (named by its pid); the job is ours now.
+    for stale in adapter_dir.parent.glob(f".{adapter_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     quant = (
         None if hp["quantization"] == "gguf" else {k: hp[k] for k in ("quantization", "bits", "group_size")}
     )
