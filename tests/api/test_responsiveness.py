@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jinja2.sandbox
 import pytest
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from api.tokenizer import load_light_tokenizer
 from modulora import data
@@ -23,6 +24,7 @@ def test_upload_compiles_the_chat_template_once(monkeypatch: pytest.MonkeyPatch,
         return from_string(self, source, *args, **kwargs)
 
     monkeypatch.setattr(jinja2.sandbox.ImmutableSandboxedEnvironment, "from_string", counting)
+    _compile_jinja_template.cache_clear()  # transformers' renderer keeps compiled templates per process
     tokenizer = load_light_tokenizer(resolve_model("smollm2-135m-instruct"))
     path = tmp_path / "train.jsonl"
     path.write_bytes(jsonl([CHAT_ROW], copies=50))

@@ -14,16 +14,6 @@ from tests.api.conftest import CHAT_ROW, Service, jsonl
 MODEL = "smollm2-135m-instruct"
 
 
-@pytest.fixture
-def alice(service: Service) -> dict[str, str]:
-    return service.new_key("alice")
-
-
-@pytest.fixture
-def training_file(service: Service, alice: dict[str, str]) -> str:
-    return service.upload(alice, jsonl([CHAT_ROW], copies=20))["id"]
-
-
 def stored_files(service: Service) -> list[str]:
     folder = service.home / "files"
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []

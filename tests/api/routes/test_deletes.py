@@ -62,11 +62,6 @@ def _count(table: type, **where: str) -> int:
         return session.scalar(stmt) or 0
 
 
-@pytest.fixture
-def alice(service: Service) -> dict[str, str]:
-    return service.new_key("alice")
-
-
 def test_delete_finished_job_removes_events_checkpoints_model_and_their_files(
     service: Service, alice: dict[str, str]
 ) -> None:

@@ -11,16 +11,6 @@ from core.db.session import session_scope
 from tests.api.conftest import CHAT_ROW, Service, jsonl
 
 
-@pytest.fixture
-def alice(service: Service) -> dict[str, str]:
-    return service.new_key("alice")
-
-
-@pytest.fixture
-def training_file(service: Service, alice: dict[str, str]) -> str:
-    return service.upload(alice, jsonl([CHAT_ROW], copies=20))["id"]
-
-
 def create(service: Service, headers: dict[str, str], training_file: str, **body: object) -> dict:
     response = service.client.post(
         "/v1/fine_tuning/jobs",
