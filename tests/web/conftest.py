@@ -326,6 +326,17 @@ class Dashboard:
         violations = page.evaluate(_AXE_RUN)
         assert violations == [], f"axe-core on {page.url}:\n{json.dumps(violations, indent=1)}"
 
+    def wait_until(self, expression: str, timeout: float = 30_000, page: object = None) -> None:
+        """Poll a JavaScript expression until it is truthy (`timeout` in ms). Playwright's own
+        `wait_for_function` compiles its predicate with eval, which the dashboard's Content Security
+        Policy forbids; `evaluate` goes through the DevTools protocol, which the policy does not govern."""
+        page = page or self.page
+        deadline = time.monotonic() + timeout / 1000
+        while not page.evaluate(f"Boolean({expression})"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{expression!r} still false after {timeout / 1000:.0f} s")
+            time.sleep(0.2)
+
     def overflow(self, page: object = None) -> dict[str, int]:
         return (page or self.page).evaluate(
             "({scrollWidth: document.documentElement.scrollWidth, viewport: window.innerWidth})"

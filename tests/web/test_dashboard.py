@@ -329,7 +329,7 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
     )
     assert phase.inner_text().strip() and "Loading" not in phase.inner_text()
 
-    page.wait_for_function(
+    dashboard.wait_until(
         "Number(document.getElementById('chart-loss').dataset.points) >= 2"
         " || document.querySelector('#job-status .status-failed')",
         timeout=JOB_TIMEOUT_S * 1000,
@@ -518,7 +518,7 @@ def test_job_page_survives_a_server_restart_and_ends_on_the_final_step(
     page = dashboard.page
     dashboard.sign_in()
     dashboard.open(f"jobs/{job['id']}")
-    page.wait_for_function(
+    dashboard.wait_until(
         "Number(document.getElementById('chart-loss').dataset.points) >= 1"
         " || document.querySelector('#job-status .status-failed')",
         timeout=JOB_TIMEOUT_S * 1000,
@@ -561,7 +561,7 @@ def test_compare_overlays_two_runs_on_one_loss_chart(dashboard: Dashboard, runs:
     dashboard.audit()
     page.click("#compare-selected")
     page.wait_for_url(f"**/#/compare/{first},{second}")
-    page.wait_for_function("document.getElementById('chart-compare').dataset.series === '2'")
+    dashboard.wait_until("document.getElementById('chart-compare').dataset.series === '2'")
     assert points(dashboard, "chart-compare") == 3  # both runs' steps, 1 to 3, on one axis
     legend = page.inner_text("#chart-compare .u-legend")
     assert "web-ui" in legend and "restart" in legend
@@ -611,7 +611,7 @@ def test_playground_chats_with_enter_a_system_prompt_and_stop_then_compares(
     page.select_option("#compare-adapter-1", "")
     page.fill("#compare-prompt", "Name a primary colour.")
     page.click("#compare-run")
-    page.wait_for_function(
+    dashboard.wait_until(
         "document.querySelectorAll('#compare-columns .column[data-done]').length === 2",
         timeout=JOB_TIMEOUT_S * 1000,
     )
@@ -639,7 +639,7 @@ def test_cancel_asks_first_then_stops_a_running_job(
     page = dashboard.page
     dashboard.sign_in()
     dashboard.open(f"jobs/{job['id']}")
-    page.wait_for_function(
+    dashboard.wait_until(
         "Number(document.getElementById('chart-loss').dataset.points) >= 1"
         " || document.querySelector('#job-status .status-failed')",
         timeout=JOB_TIMEOUT_S * 1000,
@@ -701,7 +701,7 @@ def test_every_page_fits_a_phone_without_horizontal_overflow(
     chart = page.locator("#chart-loss canvas").bounding_box()
     assert chart and chart["x"] + chart["width"] <= width
     phone.open(f"compare/{first},{second}")
-    page.wait_for_function("document.getElementById('chart-compare').dataset.series === '2'")
+    phone.wait_until("document.getElementById('chart-compare').dataset.series === '2'")
     check("compare", "#compare-table")
     phone.open("playground")
     check("playground", "#chat-log")

@@ -373,7 +373,7 @@ export function renderJob(main, jobId) {
           onclick: () => downloadOrSay(`/v1/dashboard/models/${encodeURIComponent(name)}/download`, `${name.replace(/[^\w.-]+/g, "_")}.zip`) },
         "Download adapter (.zip)"),
         // For other stacks: dense bf16 weights with the adapter merged, and llama.cpp's LoRA for a GGUF base.
-        h("button", { type: "button", id: "export-merged", class: "secondary", "aria-label": `Download ${name} merged into its base (bf16, .zip)`,
+        h("button", { type: "button", id: "export-merged", class: "secondary", "aria-label": `Download merged (bf16): ${name} merged into its base, as a .zip`,
           onclick: () => downloadOrSay(`/v1/models/${encodeURIComponent(name)}/export?format=merged`, `${name.replaceAll(":", "_")}-merged.zip`) },
         "Download merged (bf16)"),
         // OpenAI's step-metrics CSV, the job's result file.
@@ -383,7 +383,7 @@ export function renderJob(main, jobId) {
           "Step metrics (.csv)")
           : null,
         job.hyperparameters?.quantization === "gguf"
-          ? h("button", { type: "button", id: "export-gguf-lora", class: "secondary", "aria-label": `Download ${name} as a llama.cpp LoRA (.gguf)`,
+          ? h("button", { type: "button", id: "export-gguf-lora", class: "secondary", "aria-label": `Download llama.cpp LoRA (.gguf) of ${name}`,
             onclick: () => downloadOrSay(`/v1/models/${encodeURIComponent(name)}/export?format=gguf-lora`, `${name.replaceAll(":", "_")}.gguf`) },
           "Download llama.cpp LoRA (.gguf)")
           : null,
