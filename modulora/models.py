@@ -382,30 +382,41 @@ def _native_gguf_copy(gguf: Path, dense_dir: Path, target: Path) -> Path:
 
 
 def _load_native_gguf(gguf: Path, dense_dir: Path) -> nn.Module:
-    """The dequantized model with its decoder linears replaced by the GGUF file's own blocks."""
+    """The model with its decoder linears as the GGUF file's own blocks and every other weight read
+    from the dequantized copy one tensor at a time, onto a skeleton on the meta device (the dense
+    model is never in memory)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from modulora.quant.gguf import GGUFLinear
+    from modulora.weights import SafetensorsSource, tied_aliases
 
-    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    config = model.config
+    config = AutoConfig.from_pretrained(dense_dir)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    source = SafetensorsSource(dense_dir, tied_aliases(config))
     for tensor in GGUFReader(gguf).tensors:
         parts = tensor.name.split(".")  # blk.<i>.<name>.weight
         if parts[0] != "blk" or parts[2] not in _GGUF_LINEARS:
             continue
         qtype = tensor.tensor_type.name.lower()
-        name = f"model.layers.{parts[1]}.{_GGUF_LINEARS[parts[2]]}"
-        dense = model.get_submodule(name)
         if qtype not in ("q4_0", "q4_1", "q8_0"):
             continue  # other ggml types stay dense (dequantized)
+        name = f"model.layers.{parts[1]}.{_GGUF_LINEARS[parts[2]]}"
+        dense = model.get_submodule(name)
         layer = GGUFLinear.from_ggml(tensor.data, qtype, dense.in_features)
         if parts[2] in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
             layer.permute_rows_(unpermute_rotary_rows(dense.out_features, heads))
         if dense.bias is not None:
-            layer.bias = dense.bias.detach().clone()
+            layer.bias = source.get(f"{name}.bias")
         _set_module(model, name, layer)
+    for key, parameter in model.named_parameters():  # a tied head is listed once, as the embedding
+        if parameter.is_meta:
+            set_module_tensor_to_device(model, key, "cpu", value=source.get(key), clear_cache=False)
+    model.tie_weights()
     return model
 
 
