@@ -9,7 +9,8 @@ A model reference (`ref`) is one of:
   checkpoint from the hub (zero-point formats v1 and v2).
 
 A GGUF model is dequantized once into a cached safetensors folder under
-`get_settings().models_dir` (transformers' GGUF loader takes ~35 s), which then loads in a second.
+`get_settings().models_dir`, one decoder block at a time (one shard each), which then loads in a
+second.
 
 Native GGUF base: a GGUF reference with the suffix `:gguf` (e.g. `smollm2-135m-instruct:gguf`)
 loads the file's own Q4_0/Q4_1/Q8_0 linear weights as `GGUFLinear` layers, without
@@ -120,30 +121,93 @@ def _cache_name(gguf: Path) -> str:
 
 
 def _dequantized_copy(gguf: Path, target: Path) -> Path:
-    """Dequantize a GGUF into a safetensors folder once; later calls return the cached folder."""
+    """Dequantize a GGUF into a sharded fp32 safetensors folder once; later calls return it.
+
+    Tensor by tensor: each decoder block's tensors are dequantized, written as one shard and freed
+    before the next block is read, so host memory holds one block, never the model (the file itself
+    is memory-mapped; the kernel drops its pages as needed). Names and q/k row order are
+    transformers' own (its GGUF name map and tensor processor), so the folder holds exactly what
+    `AutoModelForCausalLM.from_pretrained(gguf_file=...)` would load, in float32.
+    """
     if (target / "config.json").is_file():
         return target
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        LlamaTensorProcessor,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are plain fp32 now; the GGUF marker would make transformers refuse to save them.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain fp32 once written
+    config.dtype = torch.float32
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    reader = GGUFReader(gguf)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    processor_class = TENSOR_PROCESSORS.get(architecture, TensorProcessor)
+    if processor_class not in (TensorProcessor, LlamaTensorProcessor):  # MoE ones merge tensors
+        raise ValueError(f"model: {gguf.name} is a {architecture!r} GGUF; only LLaMA-family GGUFs convert")
+    processor = processor_class(config=config.to_dict())
+    hf_names = get_gguf_hf_weights_map(skeleton, processor)
+
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    save_model(model, str(tmp / WEIGHTS_FILE))  # drops the tied lm_head copy
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
+    try:
+        written = _write_blocks(reader, processor, hf_names, tmp)
+        _check_every_weight_written(skeleton, written, gguf)
+        config.save_pretrained(tmp)
+        skeleton.generation_config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_blocks(reader: Any, processor: Any, hf_names: dict[str, str], folder: Path) -> set[str]:
+    """Dequantize the GGUF's tensors into `folder`, one shard per decoder block (and one for the
+    tensors outside the blocks); returns the transformers names written."""
+    from gguf import dequantize
+
+    from modulora.weights import ShardWriter
+
+    writer, written = ShardWriter(folder), set()
+    block: str | None = None
+    shard: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        processed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name)
+        if processed.name not in hf_names:
+            continue  # e.g. rope_freqs: the model computes it
+        tensor_block = tensor.name.split(".")[1] if tensor.name.startswith("blk.") else None
+        if tensor_block != block:
+            writer.write(shard)
+            block, shard = tensor_block, {}
+        name = hf_names[processed.name]
+        weights = processed.weights  # dequantized: a new array; F32/F16 tensors: a view of the file
+        shard[name] = torch.from_numpy(weights if weights.flags.writeable else weights.copy()).float()
+        written.add(name)
+    writer.write(shard)
+    writer.close()
+    return written
+
+
+def _check_every_weight_written(model: nn.Module, written: set[str], gguf: Path) -> None:
+    """Every parameter the model loads came from the file (a tied head is the embedding)."""
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(model.state_dict()) - written - tied)
+    if missing:
+        raise ValueError(f"model: {gguf.name} has no tensors for {', '.join(missing[:5])}")
 
 
 def _read_quantize_config(path: Path) -> dict[str, Any] | None:
@@ -318,30 +382,41 @@ def _native_gguf_copy(gguf: Path, dense_dir: Path, target: Path) -> Path:
 
 
 def _load_native_gguf(gguf: Path, dense_dir: Path) -> nn.Module:
-    """The dequantized model with its decoder linears replaced by the GGUF file's own blocks."""
+    """The model with its decoder linears as the GGUF file's own blocks and every other weight read
+    from the dequantized copy one tensor at a time, onto a skeleton on the meta device (the dense
+    model is never in memory)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from modulora.quant.gguf import GGUFLinear
+    from modulora.weights import SafetensorsSource, tied_aliases
 
-    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    config = model.config
+    config = AutoConfig.from_pretrained(dense_dir)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    source = SafetensorsSource(dense_dir, tied_aliases(config))
     for tensor in GGUFReader(gguf).tensors:
         parts = tensor.name.split(".")  # blk.<i>.<name>.weight
         if parts[0] != "blk" or parts[2] not in _GGUF_LINEARS:
             continue
         qtype = tensor.tensor_type.name.lower()
-        name = f"model.layers.{parts[1]}.{_GGUF_LINEARS[parts[2]]}"
-        dense = model.get_submodule(name)
         if qtype not in ("q4_0", "q4_1", "q8_0"):
             continue  # other ggml types stay dense (dequantized)
+        name = f"model.layers.{parts[1]}.{_GGUF_LINEARS[parts[2]]}"
+        dense = model.get_submodule(name)
         layer = GGUFLinear.from_ggml(tensor.data, qtype, dense.in_features)
         if parts[2] in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
             layer.permute_rows_(unpermute_rotary_rows(dense.out_features, heads))
         if dense.bias is not None:
-            layer.bias = dense.bias.detach().clone()
+            layer.bias = source.get(f"{name}.bias")
         _set_module(model, name, layer)
+    for key, parameter in model.named_parameters():  # a tied head is listed once, as the embedding
+        if parameter.is_meta:
+            set_module_tensor_to_device(model, key, "cpu", value=source.get(key), clear_cache=False)
+    model.tie_weights()
     return model
 
 

@@ -47,7 +47,7 @@ from modulora.models import (
 )
 from modulora.quant import QuantConfig, QuantizedLinear, get_quantizer
 from modulora.targets import ALL_LINEAR
-from modulora.weights import SafetensorsSource, ShardWriter
+from modulora.weights import SafetensorsSource, ShardWriter, tied_aliases
 
 # 512 C4 documents shipped in the package (ODC-BY; calibration/ATTRIBUTION.md).
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "c4_sample.jsonl.gz"
@@ -413,7 +413,7 @@ def quantize_model(
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    source, writer = SafetensorsSource(folder, _tied_aliases(model)), ShardWriter(tmp)
+    source, writer = SafetensorsSource(folder, tied_aliases(model.config)), ShardWriter(tmp)
     quantize_(model, config, ids, progress, device, StreamedLayers(source, writer, dtype))
     layer_prefix = "model.layers."
     for key in model.state_dict():  # embeddings, final norm and head: one tensor at a time
@@ -432,13 +432,6 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     with init_empty_weights(include_buffers=False):  # rotary buffers real: computed, not loaded
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """A tied embedding and head are one tensor, which a checkpoint may store under either name."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return {}
-    return {"model.embed_tokens.weight": "lm_head.weight", "lm_head.weight": "model.embed_tokens.weight"}
 
 
 def _is_tied_head(model: nn.Module, key: str) -> bool:

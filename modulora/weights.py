@@ -19,6 +19,13 @@ import torch
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def tied_aliases(config: object) -> dict[str, str]:
+    """A tied embedding and head are one tensor, which a checkpoint may store under either name."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    return {"model.embed_tokens.weight": "lm_head.weight", "lm_head.weight": "model.embed_tokens.weight"}
+
+
 class SafetensorsSource:
     """The tensors of a folder of `*.safetensors` files (one, or shards with or without an index).
 

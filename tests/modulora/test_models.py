@@ -1,13 +1,17 @@
 """Models: HF folders (GQA, Qwen2 biases), quantized folders for every format, the built-in SmolLM2."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from modulora.models import is_quantized_dir, load_model, resolve_model, save_quantized
+from modulora.models import builtin_gguf, is_quantized_dir, load_model, resolve_model, save_quantized
 from modulora.quant import QuantConfig, QuantizedLinear
 from modulora.quant.gguf import GGUFLinear
 from modulora.quantize import quantize_
+from modulora.weights import SafetensorsSource
 from tests.utils.tiny_lm import tiny_llama, tiny_tokenizer
 
 FORMAT_CONFIGS = [
@@ -92,6 +96,57 @@ def test_builtin_smollm2_loads_and_answers(smollm2) -> None:
     with torch.no_grad():
         next_token = model(ids).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"
+
+
+@pytest.mark.slow
+def test_gguf_converts_block_by_block_into_what_transformers_loads(smollm2) -> None:
+    """The built-in GGUF's converted folder (the `smollm2` fixture) holds, one shard per decoder block,
+    exactly the float32 weights transformers' own GGUF loader builds the model with."""
+    gguf = builtin_gguf("smollm2-135m-instruct")
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    assert len(list(smollm2.glob("model-*-of-00032.safetensors"))) == 32  # 30 blocks, embedding, norm
+    streamed = SafetensorsSource(smollm2, aliases={"lm_head.weight": "model.embed_tokens.weight"})
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(streamed.get(name), tensor), name
+
+
+# Peak RSS while the tensors are dequantized and written, over the RSS just before (the metadata,
+# the tokenizer and the model's skeleton are already in memory), in MiB.
+_CONVERSION_RSS = """
+import tempfile
+from pathlib import Path
+from accelerate import init_empty_weights
+from gguf import GGUFReader
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
+from modulora.models import _write_blocks, builtin_gguf
+
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+gguf = builtin_gguf("smollm2-135m-instruct")
+config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+with init_empty_weights():
+    skeleton = AutoModelForCausalLM.from_config(config)
+reader = GGUFReader(gguf)
+processor = LlamaTensorProcessor(config=config.to_dict())
+names = get_gguf_hf_weights_map(skeleton, processor)
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the RSS now
+before = kib("VmRSS:")
+_write_blocks(reader, processor, names, Path(tempfile.mkdtemp()))
+print((kib("VmHWM:") - before) >> 10)
+"""
+
+
+@pytest.mark.slow
+def test_gguf_conversion_never_holds_the_dequantized_model(smollm2) -> None:
+    """The float32 model is 513 MiB; its largest block (the embedding) 108 MiB. Written block by
+    block, the conversion's peak stays near two copies of a block (the block and its serialized
+    shard), well under the model."""
+    model_mib = sum(f.stat().st_size for f in smollm2.glob("*.safetensors")) >> 20
+    run = subprocess.run([sys.executable, "-c", _CONVERSION_RSS], capture_output=True, text=True, check=True)
+    growth_mib = int(run.stdout.split()[-1])
+    assert growth_mib < 0.65 * model_mib, f"peak RSS grew {growth_mib} MiB for a {model_mib} MiB model"
 
 
 @pytest.mark.slow
