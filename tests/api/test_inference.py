@@ -4,7 +4,6 @@ then over the real engine (tiny quantized model, per-user adapters)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import json
 import shutil
@@ -27,8 +26,9 @@ from modulora.checkpoint import trainable_parameters
 from modulora.models import load_tokenizer
 from modulora.serve.engine import InferenceEngine
 from modulora.serve.events import DoneEvent, ErrorEvent, FinishEvent, GenerationEvent, TextEvent
-from modulora.serve.types import EngineConfig, EngineError, ModelSpec, Prompt, SamplingParams
+from modulora.serve.types import EngineConfig, EngineError, ModelSpec, SamplingParams
 from tests.api.conftest import Service
+from tests.api.engines import FakeEngine, held_engine, scripted_engine
 from tests.modulora.serve.factories import export_random_adapter, random_adapter, tiny_quantized_llama
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -49,30 +49,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path, Any]
     )
 
 
-@dataclasses.dataclass
-class ScriptedEngine:
-    """An `EngineClient` that answers every request with `events`, from a thread of its own."""
-
-    events: list[GenerationEvent]
-    config: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(max_seq_len=64))
-    submitted: list[tuple[ModelSpec, SamplingParams, Prompt]] = dataclasses.field(default_factory=list)
-    cancels: int = 0
-
-    def submit(
-        self,
-        spec: ModelSpec,
-        params: SamplingParams,
-        prompt: Prompt,
-        on_event: Callable[[GenerationEvent], None],
-    ) -> ScriptedEngine:
-        self.submitted.append((spec, params, prompt))
-        threading.Thread(target=lambda: [on_event(event) for event in self.events]).start()
-        return self
-
-    def cancel(self) -> None:
-        self.cancels += 1
-
-
 TWO_CHOICES = [TextEvent(0, "Hel"), TextEvent(1, "Bon"), TextEvent(0, "lo"), FinishEvent(1, "stop"),
                FinishEvent(0, "length"), DoneEvent(prompt_tokens=7, completion_tokens=5)]  # fmt: skip
 
@@ -80,13 +56,13 @@ TWO_CHOICES = [TextEvent(0, "Hel"), TextEvent(1, "Bon"), TextEvent(0, "lo"), Fin
 @pytest.fixture
 def scripted(
     service: Service, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[list[GenerationEvent]], ScriptedEngine]:
-    """Serve base `tiny` from a `ScriptedEngine` with the given events."""
+) -> Callable[[list[GenerationEvent]], FakeEngine]:
+    """Serve base `tiny` from a scripted engine with the given events."""
     monkeypatch.setenv("MODULORA_BASE_MODELS", '["tiny"]')
     get_settings.cache_clear()
 
-    def serve(events: list[GenerationEvent]) -> ScriptedEngine:
-        engine = ScriptedEngine(events)
+    def serve(events: list[GenerationEvent]) -> FakeEngine:
+        engine = scripted_engine(events)
         service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
         return engine
 
@@ -159,40 +135,12 @@ def test_engine_errors_keep_their_code_in_the_openai_envelope(
     assert response.json()["error"] == {"message": "no room", "type": kind, "param": "model", "code": code}
 
 
-@dataclasses.dataclass
-class HeldEngine:
-    """An `EngineClient` that counts its requests and answers each only once `release` is set."""
-
-    config: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(max_seq_len=64))
-    release: threading.Event = dataclasses.field(default_factory=threading.Event)
-    submitted: list[Prompt] = dataclasses.field(default_factory=list)
-
-    def submit(
-        self,
-        spec: ModelSpec,
-        params: SamplingParams,
-        prompt: Prompt,
-        on_event: Callable[[GenerationEvent], None],
-    ) -> HeldEngine:
-        self.submitted.append(prompt)
-
-        def answer() -> None:
-            self.release.wait()
-            for event in (TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(1, 1)):
-                on_event(event)
-
-        threading.Thread(target=answer).start()
-        return self
-
-    def cancel(self) -> None:
-        pass
-
-
 def test_requests_waiting_for_the_engine_hold_no_database_connection(service: Service, scripted) -> None:
     """More concurrent generations than the database pool has connections (5 + 10 overflow), streamed
     or not, all reach the engine (issue 22: the 16th of 16 concurrent streams waited for a
     connection, then failed with a 500)."""
-    engine = HeldEngine()
+    release = threading.Event()
+    engine = held_engine(release)
     service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
     # Two users, so that neither reaches the per-user limit on requests in flight.
     users = [service.new_key("ada"), service.new_key("bob")]
@@ -209,7 +157,7 @@ def test_requests_waiting_for_the_engine_hold_no_database_connection(service: Se
         while len(engine.submitted) < 20 and time.monotonic() < deadline:
             time.sleep(0.05)
         reached = len(engine.submitted)
-        engine.release.set()
+        release.set()
         assert [status.result() for status in statuses] == [200] * 20
     assert reached == 20
 
@@ -385,6 +333,7 @@ def test_checkpoint_id_serves_the_checkpoint_like_the_exported_model(
                                       json={"model": wrong, "messages": MESSAGES})  # fmt: skip
         assert response.status_code == 404, wrong
         assert served.client.get(f"/v1/models/{wrong}", headers=headers).status_code == 404
+
 
 @pytest.mark.parametrize("status", ["cancelled", "failed"])
 def test_a_stopped_jobs_last_checkpoint_is_served_and_downloaded(

@@ -3,10 +3,8 @@ abandoned requests cancelled in the engine, streamed or not, on a live server (r
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -14,44 +12,19 @@ import pytest
 from api.inference.service import get_inference_engine
 from api.main import create_app
 from core.config import get_settings
-from modulora.serve.events import GenerationEvent, TextEvent
-from modulora.serve.types import EngineConfig, ModelSpec, Prompt, SamplingParams
 from tests.api.conftest import Service, live_server
+from tests.api.engines import FakeEngine, hanging_engine
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100}
 
 
-@dataclasses.dataclass
-class HangingEngine:
-    """An `EngineClient` whose requests send one text event and then never finish until cancelled."""
-
-    config: EngineConfig = dataclasses.field(default_factory=lambda: EngineConfig(max_seq_len=64))
-    cancelled: threading.Semaphore = dataclasses.field(default_factory=lambda: threading.Semaphore(0))
-
-    def submit(
-        self,
-        spec: ModelSpec,
-        params: SamplingParams,
-        prompt: Prompt,
-        on_event: Callable[[GenerationEvent], None],
-    ) -> HangingEngine:
-        on_event(TextEvent(0, "Hel"))
-        return self
-
-    def cancel(self) -> None:
-        self.cancelled.release()
-
-    def wait_cancelled(self, count: int, timeout: float = 5.0) -> bool:
-        return all(self.cancelled.acquire(timeout=timeout) for _ in range(count))
-
-
 @pytest.fixture
-def hanging(service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, HangingEngine, dict]]:
+def hanging(service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, FakeEngine, dict]]:
     monkeypatch.setenv("MODULORA_BASE_MODELS", '["tiny"]')
     monkeypatch.setenv("MODULORA_USER_MAX_CONCURRENT_REQUESTS", "2")
     monkeypatch.setenv("MODULORA_USER_MAX_TOKENS_IN_FLIGHT", "1000")
     get_settings.cache_clear()
-    engine = HangingEngine()
+    engine = hanging_engine()
     app = create_app()
     app.dependency_overrides[get_inference_engine] = lambda: engine
     with live_server(app) as url:

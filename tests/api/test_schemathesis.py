@@ -21,7 +21,7 @@ from api.main import create_app
 from core.config import get_settings
 from modulora.serve.events import DoneEvent, FinishEvent, TextEvent
 from tests.api.conftest import Service, live_server
-from tests.api.test_inference import ScriptedEngine
+from tests.api.engines import scripted_engine
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -39,7 +39,7 @@ def live_api(service: Service, smollm2: Path) -> Iterator[str]:
         if (smollm2 / name).is_file():
             shutil.copy(smollm2 / name, prepared / name)
     app = create_app()
-    engine = ScriptedEngine([TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(3, 1)])
+    engine = scripted_engine([TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(3, 1)])
     app.dependency_overrides[get_inference_engine] = lambda: engine
     with live_server(app) as url:
         yield url

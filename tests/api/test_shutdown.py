@@ -19,7 +19,7 @@ from api import stopping
 from api.inference.service import get_inference_engine
 from core.config import get_settings
 from tests.api.conftest import CHAT_ROW, Service, jsonl
-from tests.api.test_limits import HangingEngine
+from tests.api.engines import hanging_engine
 
 GRACE_S = 5.0
 
@@ -110,7 +110,7 @@ def test_a_streamed_chat_gets_an_error_chunk_and_done_when_the_server_stops(
 ) -> None:  # noqa: ANN001
     monkeypatch.setenv("MODULORA_BASE_MODELS", '["tiny"]')
     get_settings.cache_clear()
-    engine = HangingEngine()
+    engine = hanging_engine()
     service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
     with service.client.stream(

@@ -10,19 +10,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
+from tests.utils.services import postgres_schema, wait_for_health
 from tests.worker.conftest import REDIS_URL, LiveService, _free_port
 
 REPO = Path(__file__).resolve().parents[2]
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @dataclasses.dataclass
@@ -36,14 +33,7 @@ class FaultStack(LiveService):
             [sys.executable, "-m", "api.cli", "serve", "--port", port],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        pytest.fail(f"the API did not start: {(self.logs / 'api.log').read_text()[-2000:]}")
+        wait_for_health(self.base_url, self.logs / "api.log")
 
     def kill_api(self) -> None:
         assert self.api is not None
@@ -62,19 +52,8 @@ class FaultStack(LiveService):
 
 @pytest.fixture(scope="package")
 def postgres_url() -> Iterator[str]:
-    schema = f"faults_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE SCHEMA {schema}"))
-    except Exception as e:  # noqa: BLE001 - the reason is the failure message
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 (database 'test') is required: {e}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema("faults") as url:
+        yield url
 
 
 @pytest.fixture(scope="package")

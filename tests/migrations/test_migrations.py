@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 
 from core.db import migrate
 from core.db.models import Base
+from tests.utils.services import postgres_schema
 
-POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TABLES = {"users", "api_keys", "files", "jobs", "events", "checkpoints", "models"}
 
 
@@ -26,19 +25,8 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh schema in the `test` database, dropped afterwards (search_path points at it)."""
-    schema = f"mig_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE SCHEMA {schema}"))
-    except Exception as e:  # noqa: BLE001 - the reason is shown in the skip/fail message
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 (database 'test') is required: {e}")
-    try:
-        yield f"{POSTGRES_ADMIN}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema("mig") as url:
+        yield url
 
 
 def _tables(url: str) -> set[str]:

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokenizer  # noqa: F401
+from utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokenizer, with_trained_lora_  # noqa: F401
 
 from modulora.export import dequantize_model, export_adapter, load_adapter, read_manifest
 from modulora.lora import LoraConfig, add_lora_
@@ -25,13 +25,7 @@ def quantized_base():
 
 @pytest.fixture(scope="module")
 def trained(quantized_base):
-    model = copy.deepcopy(quantized_base)
-    add_lora_(model, LORA)
-    torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if ".lora_B." in name:  # a trained adapter has non-zero B
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
+    return with_trained_lora_(copy.deepcopy(quantized_base), LORA, seed=0)
 
 
 @pytest.fixture(scope="module")

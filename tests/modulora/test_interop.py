@@ -11,10 +11,10 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM
-from utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokenizer  # noqa: F401
+from utils.tiny_lm import quantize_rtn_, single_thread, tiny_llama, tiny_tokenizer, with_trained_lora_  # noqa: F401
 
 from modulora.export import export_adapter, export_gguf_lora, export_merged
-from modulora.lora import LoraConfig, add_lora_
+from modulora.lora import LoraConfig
 from modulora.models import load_model, save_quantized
 from modulora.quant import QuantConfig, get_quantizer
 
@@ -24,12 +24,7 @@ HAS_GPTQ_BACKEND = importlib.util.find_spec("gptqmodel") is not None
 
 
 def _with_trained_lora(model: torch.nn.Module) -> torch.nn.Module:
-    add_lora_(model, LORA)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if ".lora_B." in name:  # a trained adapter has non-zero B
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
+    return with_trained_lora_(model, LORA, seed=1)
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

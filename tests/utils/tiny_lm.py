@@ -79,6 +79,18 @@ def quantize_rtn_(model: torch.nn.Module, bits: int = 4, group_size: int = 32) -
     return model
 
 
+def with_trained_lora_(model: torch.nn.Module, lora: object, seed: int) -> torch.nn.Module:
+    """Add LoRA adapters as a trained run leaves them: B non-zero (a fresh adapter's B is zero)."""
+    from modulora.lora import add_lora_
+
+    add_lora_(model, lora)
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def single_thread() -> Iterator[None]:
     """Tiny matmuls on a shared, oversubscribed CPU run tens of times faster on one thread."""

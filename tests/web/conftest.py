@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.utils.services import wait_for_health
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -152,14 +154,7 @@ class Stack:
             self.env,
             self.tmp / "api.log",
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError(f"the API did not start:\n{(self.tmp / 'api.log').read_text()[-3000:]}")
+        wait_for_health(self.url, self.tmp / "api.log")
 
     def kill_api(self) -> None:
         """Stop the API at once, as a crash or a host restart would (the worker keeps training)."""

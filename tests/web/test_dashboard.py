@@ -32,6 +32,15 @@ def points(dashboard: Dashboard, chart_id: str, page: object = None) -> int:
     return int((page or dashboard.page).get_attribute(f"#{chart_id}", "data-points") or 0)
 
 
+def wait_for_loss_points(dashboard: Dashboard, count: int) -> None:
+    """Wait until the job page's loss chart has `count` points, or the job has failed."""
+    dashboard.wait_until(
+        f"Number(document.getElementById('chart-loss')?.dataset.points) >= {count}"
+        " || document.querySelector('#job-status .status-failed')",
+        timeout=JOB_TIMEOUT_S * 1000,
+    )
+
+
 def final_status(dashboard: Dashboard, page: object = None, timeout_s: float = JOB_TIMEOUT_S) -> str:
     """Wait until the job page shows a final status; return it (with the job's error, if any)."""
     page = page or dashboard.page
@@ -329,11 +338,7 @@ def test_start_job_streams_metrics_and_the_page_says_what_was_trained(
     )
     assert phase.inner_text().strip() and "Loading" not in phase.inner_text()
 
-    dashboard.wait_until(
-        "Number(document.getElementById('chart-loss')?.dataset.points) >= 2"
-        " || document.querySelector('#job-status .status-failed')",
-        timeout=JOB_TIMEOUT_S * 1000,
-    )
+    wait_for_loss_points(dashboard, 2)
     dashboard.screenshot("job-running")
     assert final_status(dashboard) == "succeeded"
     runs["form"] = job_id
@@ -518,11 +523,7 @@ def test_job_page_survives_a_server_restart_and_ends_on_the_final_step(
     page = dashboard.page
     dashboard.sign_in()
     dashboard.open(f"jobs/{job['id']}")
-    dashboard.wait_until(
-        "Number(document.getElementById('chart-loss')?.dataset.points) >= 1"
-        " || document.querySelector('#job-status .status-failed')",
-        timeout=JOB_TIMEOUT_S * 1000,
-    )
+    wait_for_loss_points(dashboard, 1)
     seen = points(dashboard, "chart-loss")
     assert seen < RESTART_JOB_STEPS, "the job finished before the restart: make it longer"
     other = dashboard.new_tab()  # a second tab, on another page while the server is up
@@ -641,11 +642,7 @@ def test_cancel_asks_first_then_stops_a_running_job(
     page = dashboard.page
     dashboard.sign_in()
     dashboard.open(f"jobs/{job['id']}")
-    dashboard.wait_until(
-        "Number(document.getElementById('chart-loss')?.dataset.points) >= 1"
-        " || document.querySelector('#job-status .status-failed')",
-        timeout=JOB_TIMEOUT_S * 1000,
-    )
+    wait_for_loss_points(dashboard, 1)
     assert "ETA" in page.inner_text("#job-progress-text")
     dashboard.dismiss_dialogs = 1
     page.click("#cancel-job")

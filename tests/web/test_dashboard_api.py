@@ -185,12 +185,17 @@ def _job(user_headers: dict[str, str], client: TestClient, file_id: str) -> str:
     return response.json()["id"]
 
 
-def test_jobs_progress_reports_the_latest_step(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def _queued_job(client: TestClient, monkeypatch: pytest.MonkeyPatch, headers: dict[str, str]) -> str:
+    """A job on 10 rows that no worker picks up (the tests write its events themselves)."""
     from core import tasks
 
     monkeypatch.setattr(tasks, "enqueue_training", lambda job_id: None)
+    return _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+
+
+def test_jobs_progress_reports_the_latest_step(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     headers = _key("ann")
-    job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+    job_id = _queued_job(client, monkeypatch, headers)
     with session_scope() as session:
         for step in (1, 2):
             record_event(
@@ -209,11 +214,8 @@ def test_jobs_progress_reports_the_latest_step(client: TestClient, monkeypatch: 
 def test_downloads_zip_the_adapter_and_checkpoint_folders(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core import tasks
-
-    monkeypatch.setattr(tasks, "enqueue_training", lambda job_id: None)
     headers = _key("ann")
-    job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+    job_id = _queued_job(client, monkeypatch, headers)
     home = get_settings().home
     for folder in ("adapters/a1", "jobs/j1/checkpoints/step-2"):
         (home / folder).mkdir(parents=True)
@@ -402,11 +404,8 @@ def test_time_estimate_scales_with_steps_and_the_card(client: TestClient) -> Non
 def test_job_loss_messages_and_checkpoints_for_the_job_page(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core import tasks
-
-    monkeypatch.setattr(tasks, "enqueue_training", lambda job_id: None)
     headers = _key("ann")
-    job_id = _job(headers, client, _upload(client, headers, [ROW] * 10)["id"])
+    job_id = _queued_job(client, monkeypatch, headers)
     with session_scope() as session:
         record_event(session, job_id, "Quantizing", data={"phase": "quantizing", "done": 3, "total": 30})
         for step, loss in ((1, 2.5), (2, 2.0)):

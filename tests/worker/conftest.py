@@ -14,15 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.api.conftest import service  # noqa: F401 - the in-process service fixture, for unit tests here
+from tests.utils.services import wait_for_health
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -105,15 +104,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{live.base_url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        pytest.fail(f"the API did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+    wait_for_health(live.base_url, tmp / "server.log")
     try:
         yield live
     finally:

@@ -24,7 +24,7 @@ from modulora.serve.engine import InferenceEngine, size_from_files
 from modulora.serve.events import DoneEvent, FinishEvent, TextEvent
 from modulora.serve.types import EngineConfig
 from tests.api.conftest import CHAT_ROW, Service, jsonl
-from tests.api.test_inference import ScriptedEngine
+from tests.api.engines import scripted_engine
 from tests.utils.model_folders import LLAMA_7B_CONFIG, write_hf_cache_entry, write_sharded_model
 
 NAME = "acme/llama:v1"
@@ -123,7 +123,7 @@ def test_a_model_over_the_gpu_budget_is_a_400_before_any_work(
 def test_chat_with_a_base_named_with_slash_and_colon_serves_its_folder(
     service: Service, models: dict[str, Path]
 ) -> None:
-    engine = ScriptedEngine([TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(3, 1)])
+    engine = scripted_engine([TextEvent(0, "Hi"), FinishEvent(0, "stop"), DoneEvent(3, 1)])
     service.client.app.dependency_overrides[get_inference_engine] = lambda: engine
     body = {"model": NAME, "messages": [{"role": "user", "content": "Hello"}]}
     response = service.client.post("/v1/chat/completions", headers=service.new_key("ada"), json=body)
