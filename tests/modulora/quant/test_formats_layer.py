@@ -6,7 +6,7 @@ import torch
 from modulora.quant import QuantConfig, QuantizedLinear, get_quantizer
 
 CASES = [
-    *[("optq", bits, group) for bits in (2, 3, 4, 8) for group in (32, -1)],
+    *[(method, bits, group) for method in ("rtn", "optq") for bits in (2, 3, 4, 8) for group in (32, -1)],
     ("nf4", 4, 64),
     *[("gguf", bits, 32) for bits in (4, 8)],
 ]
