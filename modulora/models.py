@@ -21,6 +21,7 @@ and the head come from the dequantized copy. The result is cached once as a quan
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -131,9 +132,45 @@ def _dequantized_copy(gguf: Path, target: Path) -> Path:
     """
     if (target / "config.json").is_file():
         return target
+    from transformers import AutoTokenizer
+
+    source = _open_gguf(gguf)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        written = _write_blocks(source, tmp)
+        _check_every_weight_written(source.skeleton, written, gguf)
+        source.config.save_pretrained(tmp)
+        source.skeleton.generation_config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclasses.dataclass
+class _GGUFSource:
+    """A GGUF file opened for conversion: its float32 transformers config, the model on the meta
+    device, its tensors (memory-mapped), and transformers' processor and name map for them."""
+
+    config: Any
+    skeleton: nn.Module
+    reader: Any
+    processor: Any
+    hf_names: dict[str, str]
+
+
+def _open_gguf(gguf: Path) -> _GGUFSource:
     from accelerate import init_empty_weights
     from gguf import GGUFReader
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         LlamaTensorProcessor,
@@ -153,29 +190,10 @@ def _dequantized_copy(gguf: Path, target: Path) -> Path:
     if processor_class not in (TensorProcessor, LlamaTensorProcessor):  # MoE ones merge tensors
         raise ValueError(f"model: {gguf.name} is a {architecture!r} GGUF; only LLaMA-family GGUFs convert")
     processor = processor_class(config=config.to_dict())
-    hf_names = get_gguf_hf_weights_map(skeleton, processor)
-
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        written = _write_blocks(reader, processor, hf_names, tmp)
-        _check_every_weight_written(skeleton, written, gguf)
-        config.save_pretrained(tmp)
-        skeleton.generation_config.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _GGUFSource(config, skeleton, reader, processor, get_gguf_hf_weights_map(skeleton, processor))
 
 
-def _write_blocks(reader: Any, processor: Any, hf_names: dict[str, str], folder: Path) -> set[str]:
+def _write_blocks(source: _GGUFSource, folder: Path) -> set[str]:
     """Dequantize the GGUF's tensors into `folder`, one shard per decoder block (and one for the
     tensors outside the blocks); returns the transformers names written."""
     from gguf import dequantize
@@ -185,15 +203,16 @@ def _write_blocks(reader: Any, processor: Any, hf_names: dict[str, str], folder:
     writer, written = ShardWriter(folder), set()
     block: str | None = None
     shard: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        processed = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name)
-        if processed.name not in hf_names:
+    for tensor in source.reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        processed = source.processor.process(weights=weights, name=tensor.name)
+        if processed.name not in source.hf_names:
             continue  # e.g. rope_freqs: the model computes it
         tensor_block = tensor.name.split(".")[1] if tensor.name.startswith("blk.") else None
         if tensor_block != block:
             writer.write(shard)
             block, shard = tensor_block, {}
-        name = hf_names[processed.name]
+        name = source.hf_names[processed.name]
         weights = processed.weights  # dequantized: a new array; F32/F16 tensors: a view of the file
         shard[name] = torch.from_numpy(weights if weights.flags.writeable else weights.copy()).float()
         written.add(name)
@@ -204,8 +223,7 @@ def _write_blocks(reader: Any, processor: Any, hf_names: dict[str, str], folder:
 
 def _check_every_weight_written(model: nn.Module, written: set[str], gguf: Path) -> None:
     """Every parameter the model loads came from the file (a tied head is the embedding)."""
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(model.state_dict()) - written - tied)
+    missing = sorted(k for k in model.state_dict() if k not in written and not _is_tied(model, k))
     if missing:
         raise ValueError(f"model: {gguf.name} has no tensors for {', '.join(missing[:5])}")
 

@@ -40,7 +40,12 @@ class FakeEngine:
 
 def scripted_engine(events: list[GenerationEvent]) -> FakeEngine:
     """Every request is answered with `events`."""
-    return FakeEngine(lambda on_event: [on_event(event) for event in events])
+
+    def answer(on_event: OnEvent) -> None:
+        for event in events:
+            on_event(event)
+
+    return FakeEngine(answer)
 
 
 def held_engine(release: threading.Event) -> FakeEngine:

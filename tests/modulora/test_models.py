@@ -110,30 +110,20 @@ def test_gguf_converts_block_by_block_into_what_transformers_loads(smollm2) -> N
         assert torch.equal(streamed.get(name), tensor), name
 
 
-# Peak RSS while the tensors are dequantized and written, over the RSS just before (the metadata,
-# the tokenizer and the model's skeleton are already in memory), in MiB.
+# Peak RSS while the tensors are dequantized and written, over the RSS just before (the metadata
+# and the model's skeleton already in memory), in MiB.
 _CONVERSION_RSS = """
 import tempfile
 from pathlib import Path
-from accelerate import init_empty_weights
-from gguf import GGUFReader
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
-from modulora.models import _write_blocks, builtin_gguf
+from modulora.models import _open_gguf, _write_blocks, builtin_gguf
 
 def kib(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 
-gguf = builtin_gguf("smollm2-135m-instruct")
-config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-with init_empty_weights():
-    skeleton = AutoModelForCausalLM.from_config(config)
-reader = GGUFReader(gguf)
-processor = LlamaTensorProcessor(config=config.to_dict())
-names = get_gguf_hf_weights_map(skeleton, processor)
+source = _open_gguf(builtin_gguf("smollm2-135m-instruct"))
 Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the RSS now
 before = kib("VmRSS:")
-_write_blocks(reader, processor, names, Path(tempfile.mkdtemp()))
+_write_blocks(source, Path(tempfile.mkdtemp()))
 print((kib("VmHWM:") - before) >> 10)
 """
 
